@@ -1,0 +1,352 @@
+"""The embedded inference server: starts vLLM's OpenAI server as a child process (its own process
+group) with runtime LoRA updating on, waits for /health, restarts it when it dies, stops it cleanly.
+
+Knows the vLLM command line and environment for the CPU build and for GPUs; knows nothing of
+adapters' contents, the registry or the database (after a restart the service reconciles).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Literal, Self
+
+import httpx
+
+log = logging.getLogger(__name__)
+
+VLLM_VENV_NAME = ".venv-vllm"
+
+
+class EmbeddedVllmError(RuntimeError):
+    """The embedded vLLM did not come up (exited, or not healthy in time); carries its log tail."""
+
+
+@dataclass(frozen=True)
+class EmbeddedVllmConfig:
+    """How to run the co-located vLLM. `device="cpu"` uses vLLM's CPU build (float32: bf16 with
+    LoRA dies with SIGILL there) and a KV cache of `kv_cache_bytes`; on "cuda" the server takes
+    `gpu_memory_utilization` of the GPU and, with `enable_sleep_mode`, serves /sleep and /wake_up
+    so training can borrow the memory."""
+
+    model: Path
+    log_path: Path
+    python: str = ""  # empty: resolve_vllm_python()
+    host: str = "127.0.0.1"
+    port: int = 8000  # 0: pick a free port
+    device: Literal["cpu", "cuda"] = "cpu"
+    max_lora_rank: int = 16
+    max_loras: int = 4
+    max_cpu_loras: int | None = None
+    max_model_len: int | None = None
+    kv_cache_bytes: int = 64 * 1024 * 1024
+    gpu_memory_utilization: float = 0.5
+    enable_sleep_mode: bool = False
+    served_model_name: str | None = None
+    cpu_threads: int | None = None  # OMP threads of the CPU build; None: inherit OMP_NUM_THREADS
+    cpu_threads_bind: str = "nobind"  # vLLM's VLLM_CPU_OMP_THREADS_BIND ("auto" pins to cores)
+    extra_args: tuple[str, ...] = ()
+    extra_env: Mapping[str, str] = field(default_factory=dict)
+    startup_timeout_s: float = 300.0
+    stop_timeout_s: float = 20.0
+
+
+def resolve_vllm_python(explicit: str = "") -> str:
+    """The interpreter that runs vLLM: `explicit` (LORALOOP_VLLM_PYTHON) when set, else the
+    `.venv-vllm` that deploy/install_vllm_cpu.sh creates next to this venv, else this interpreter."""
+    if explicit:
+        return explicit
+    sibling = Path(sys.prefix).parent / VLLM_VENV_NAME / "bin" / "python"
+    if sibling.exists():
+        return str(sibling)
+    return sys.executable
+
+
+def build_command(config: EmbeddedVllmConfig, port: int) -> list[str]:
+    """The vLLM server command line. The `vllm` console script is not used: it crashes in the
+    CPU build (the distribution is named vllm-cpu)."""
+    cmd = [
+        resolve_vllm_python(config.python),
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        str(config.model),
+        "--host",
+        config.host,
+        "--port",
+        str(port),
+        "--enable-lora",
+        "--max-lora-rank",
+        str(config.max_lora_rank),
+        "--max-loras",
+        str(config.max_loras),
+    ]
+    if config.served_model_name:
+        cmd += ["--served-model-name", config.served_model_name]
+    if config.max_cpu_loras is not None:
+        cmd += ["--max-cpu-loras", str(config.max_cpu_loras)]
+    if config.max_model_len is not None:
+        cmd += ["--max-model-len", str(config.max_model_len)]
+    if config.device == "cpu":
+        cmd += ["--dtype", "float32", "--kv-cache-memory-bytes", str(config.kv_cache_bytes)]
+    else:
+        cmd += ["--gpu-memory-utilization", str(config.gpu_memory_utilization)]
+        if config.enable_sleep_mode:
+            cmd.append("--enable-sleep-mode")
+    return cmd + list(config.extra_args)
+
+
+def build_env(config: EmbeddedVllmConfig, base_env: Mapping[str, str]) -> dict[str, str]:
+    env = dict(base_env)
+    env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    env.setdefault("TRANSFORMERS_OFFLINE", "1")
+    env.setdefault("VLLM_NO_USAGE_STATS", "1")
+    env.setdefault("DO_NOT_TRACK", "1")
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    if config.device == "cpu":
+        env["VLLM_CPU_OMP_THREADS_BIND"] = config.cpu_threads_bind
+        if config.cpu_threads is not None:
+            env["OMP_NUM_THREADS"] = str(config.cpu_threads)
+    elif config.enable_sleep_mode:
+        env["VLLM_SERVER_DEV_MODE"] = "1"  # /sleep, /wake_up, /is_sleeping are dev routes
+    env.update(config.extra_env)
+    return env
+
+
+def split_extra_args(value: str) -> tuple[str, ...]:
+    """LORALOOP_VLLM_EXTRA_ARGS (a shell-quoted string) -> argv items."""
+    return tuple(shlex.split(value))
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def _kill_group(pgid: int, sig: signal.Signals) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except ProcessLookupError:
+        pass
+
+
+class EmbeddedVllm:
+    """One supervised vLLM server process.
+
+    `start()` spawns it and waits until /health answers; `supervise()` (started by start() unless
+    told otherwise) restarts it after a crash, with backoff, and calls `on_restart(url)` once the
+    new process is healthy (the service reconciles adapters then); `stop()` ends the whole process
+    group (the API server and its engine-core child)."""
+
+    def __init__(
+        self,
+        config: EmbeddedVllmConfig,
+        *,
+        on_restart: Callable[[str], None] | None = None,
+        base_env: Mapping[str, str] | None = None,
+    ) -> None:
+        self.config = config
+        self.on_restart = on_restart
+        self._base_env = dict(os.environ if base_env is None else base_env)
+        self.port = config.port or free_port(config.host)
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._log_file: IO[bytes] | None = None
+        self._stopping = threading.Event()
+        self._lock = threading.Lock()
+        self._supervisor: threading.Thread | None = None
+        self.restarts = 0
+        self.last_start_s: float | None = None  # seconds from spawn to healthy, last start
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.config.host}:{self.port}"
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc else None
+
+    def is_running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    # --- lifecycle ----------------------------------------------------------------------------------
+    def start(self, *, supervise: bool = True) -> None:
+        self._stopping.clear()
+        with self._lock:
+            self._spawn()
+        try:
+            self.wait_ready()
+        except EmbeddedVllmError:
+            with self._lock:
+                self._terminate()
+            raise
+        if supervise and self._supervisor is None:
+            self._supervisor = threading.Thread(target=self._supervise, name="vllm-supervisor", daemon=True)
+            self._supervisor.start()
+
+    def _spawn(self) -> None:
+        self.config.log_path.parent.mkdir(parents=True, exist_ok=True)
+        if self._log_file is None:
+            self._log_file = open(self.config.log_path, "ab")  # noqa: SIM115 - kept open for the child
+        cmd = build_command(self.config, self.port)
+        self._log_file.write(f"\n=== loraloop: starting {shlex.join(cmd)}\n".encode())
+        self._log_file.flush()
+        log.info("starting embedded vLLM on %s (log: %s)", self.url, self.config.log_path)
+        self._started_at = time.monotonic()
+        self._proc = subprocess.Popen(
+            cmd,
+            stdin=subprocess.DEVNULL,
+            stdout=self._log_file,
+            stderr=subprocess.STDOUT,
+            env=build_env(self.config, self._base_env),
+            start_new_session=True,  # own process group: stop() reaches the engine-core child too
+        )
+
+    def wait_ready(self, timeout_s: float | None = None) -> None:
+        deadline = time.monotonic() + (timeout_s or self.config.startup_timeout_s)
+        with httpx.Client(timeout=2.0) as http:
+            while time.monotonic() < deadline:
+                proc = self._proc
+                if proc is None or proc.poll() is not None:
+                    code = None if proc is None else proc.returncode
+                    raise EmbeddedVllmError(
+                        f"vLLM exited with code {code} while starting:\n{self.log_tail()}"
+                    )
+                try:
+                    if http.get(f"{self.url}/health").status_code == 200:
+                        self.last_start_s = time.monotonic() - self._started_at
+                        log.info("embedded vLLM healthy after %.1f s", self.last_start_s)
+                        return
+                except httpx.TransportError:
+                    pass
+                time.sleep(0.5)
+        raise EmbeddedVllmError(
+            f"vLLM not healthy after {timeout_s or self.config.startup_timeout_s} s:\n{self.log_tail()}"
+        )
+
+    def stop(self) -> None:
+        self._stopping.set()
+        supervisor, self._supervisor = self._supervisor, None
+        if supervisor is not None and supervisor is not threading.current_thread():
+            supervisor.join(timeout=self.config.stop_timeout_s + 5)
+        with self._lock:
+            self._terminate()
+            if self._log_file is not None:
+                self._log_file.close()
+                self._log_file = None
+
+    def _terminate(self) -> None:
+        proc = self._proc
+        if proc is None:
+            return
+        pgid = proc.pid  # start_new_session: the group id is the leader's pid
+        _kill_group(pgid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=self.config.stop_timeout_s)
+        except subprocess.TimeoutExpired:
+            log.warning("vLLM did not stop in %.0f s: SIGKILL", self.config.stop_timeout_s)
+        _kill_group(pgid, signal.SIGKILL)  # stragglers (engine core) even when the leader is gone
+        proc.wait()
+        self._proc = None
+
+    # --- supervision --------------------------------------------------------------------------------
+    def _supervise(self) -> None:
+        backoff = 1.0
+        while not self._stopping.wait(1.0):
+            proc = self._proc
+            if proc is None or proc.poll() is None:
+                if proc is not None and time.monotonic() - self._started_at > 60:
+                    backoff = 1.0  # stayed up a while: next crash restarts quickly
+                continue
+            log.error("embedded vLLM exited with code %s; restarting in %.0f s", proc.returncode, backoff)
+            if self._stopping.wait(backoff):
+                return
+            backoff = min(backoff * 2, 30.0)
+            try:
+                with self._lock:
+                    if self._stopping.is_set():
+                        return
+                    self._terminate()
+                    self._spawn()
+                self.wait_ready()
+            except EmbeddedVllmError as exc:
+                log.error("embedded vLLM restart failed: %s", exc)
+                continue
+            self.restarts += 1
+            if self.on_restart is not None:
+                try:
+                    self.on_restart(self.url)
+                except Exception:  # a failing callback must not kill the supervisor
+                    log.exception("on_restart callback failed")
+
+    def log_tail(self, max_bytes: int = 4000) -> str:
+        try:
+            with open(self.config.log_path, "rb") as handle:
+                handle.seek(0, os.SEEK_END)
+                handle.seek(max(0, handle.tell() - max_bytes))
+                return handle.read().decode("utf-8", "replace")
+        except OSError:
+            return ""
+
+
+def embedded_config_from_args(
+    *,
+    model: Path,
+    data_dir: Path,
+    port: int,
+    python: str = "",
+    device: Literal["cpu", "cuda"] = "cpu",
+    max_lora_rank: int = 16,
+    max_loras: int = 4,
+    kv_cache_bytes: int = 64 * 1024 * 1024,
+    gpu_memory_utilization: float = 0.5,
+    enable_sleep_mode: bool = False,
+    extra_args: str = "",
+    max_model_len: int | None = None,
+) -> EmbeddedVllmConfig:
+    """Convenience for the service: the log goes to `<data_dir>/logs/vllm.log`."""
+    return EmbeddedVllmConfig(
+        model=model,
+        log_path=data_dir / "logs" / "vllm.log",
+        python=python,
+        port=port,
+        device=device,
+        max_lora_rank=max_lora_rank,
+        max_loras=max_loras,
+        kv_cache_bytes=kv_cache_bytes,
+        gpu_memory_utilization=gpu_memory_utilization,
+        enable_sleep_mode=enable_sleep_mode,
+        extra_args=split_extra_args(extra_args),
+        max_model_len=max_model_len,
+    )
+
+
+__all__: Sequence[str] = (
+    "EmbeddedVllm",
+    "EmbeddedVllmConfig",
+    "EmbeddedVllmError",
+    "build_command",
+    "build_env",
+    "embedded_config_from_args",
+    "free_port",
+    "resolve_vllm_python",
+    "split_extra_args",
+)

@@ -1,0 +1,185 @@
+"""Engines, sessions and schema upgrades for the loraloop store (SQLite or PostgreSQL).
+
+Owns connection settings (SQLite: WAL, busy timeout, foreign keys, `BEGIN IMMEDIATE` write
+transactions; PostgreSQL: psycopg 3, pre-ping, connect timeout), the translation of connection
+failures into `DatabaseUnavailable`, and running the Alembic migrations shipped in this package.
+
+Durability on SQLite: WAL with `synchronous=NORMAL` keeps every committed transaction across a crash
+or SIGKILL of the process (the WAL is in the OS page cache, which outlives the process); only an OS
+crash or power loss can drop the last commits. Pass `sqlite_synchronous="FULL"` to survive those too.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import sqlalchemy as sa
+from alembic import command
+from alembic.config import Config
+from sqlalchemy import event
+from sqlalchemy.engine import URL, Engine, ExceptionContext, make_url
+from sqlalchemy.orm import Session, sessionmaker
+
+from memory_store.errors import DatabaseUnavailable
+
+MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
+
+# Execution option read by the SQLite `begin` hook: "IMMEDIATE" (default) takes the write lock when
+# the transaction starts, so read-then-write transactions never fail with SQLITE_BUSY_SNAPSHOT and
+# concurrent writers queue on busy_timeout instead; "DEFERRED" is for read-only sessions.
+SQLITE_BEGIN_OPTION = "loraloop_sqlite_begin"
+
+# Any 64-bit constant: serialises concurrent `upgrade_database` calls on one PostgreSQL database.
+_PG_MIGRATION_LOCK_ID = 0x6C6F72616C6F6F70
+
+
+def make_engine(
+    url: str | URL,
+    *,
+    connect_timeout_s: float = 5.0,
+    pool_size: int = 5,
+    busy_timeout_s: float = 30.0,
+    sqlite_synchronous: str = "NORMAL",
+    echo: bool = False,
+) -> Engine:
+    """An engine for `sqlite:///path` or `postgresql+psycopg://...` with loraloop's settings.
+
+    Connection failures surface as `DatabaseUnavailable` (also SQLite's "database is locked" after
+    `busy_timeout_s`), so the API can answer 503 quickly instead of a generic 500.
+    """
+    url = make_url(url)
+    backend = url.get_backend_name()
+    if backend == "sqlite":
+        engine = _make_sqlite_engine(
+            url, busy_timeout_s=busy_timeout_s, synchronous=sqlite_synchronous, echo=echo
+        )
+    elif backend == "postgresql":
+        if url.get_driver_name() != "psycopg":
+            raise ValueError(
+                f"PostgreSQL URLs must use the psycopg 3 driver (postgresql+psycopg://), got {url.drivername}"
+            )
+        engine = sa.create_engine(
+            url,
+            pool_pre_ping=True,
+            pool_size=pool_size,
+            max_overflow=pool_size * 2,
+            pool_timeout=max(connect_timeout_s, 1.0) * 2,
+            connect_args={"connect_timeout": max(round(connect_timeout_s), 1)},
+            echo=echo,
+        )
+    else:
+        raise ValueError(
+            f"unsupported database URL {url.render_as_string(hide_password=True)!r}: use sqlite or postgresql+psycopg"
+        )
+    event.listen(engine, "handle_error", _translate_unavailable)
+    return engine
+
+
+def _make_sqlite_engine(url: URL, *, busy_timeout_s: float, synchronous: str, echo: bool) -> Engine:
+    if synchronous.upper() not in ("NORMAL", "FULL", "EXTRA"):
+        raise ValueError(f"sqlite_synchronous must be NORMAL, FULL or EXTRA, got {synchronous!r}")
+    database = url.database or ""
+    in_memory = database in ("", ":memory:") or database.startswith("file::memory:")
+    if not in_memory:
+        Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+    engine = sa.create_engine(
+        url,
+        connect_args={"timeout": busy_timeout_s, "check_same_thread": False},
+        echo=echo,
+    )
+    busy_timeout_ms = int(busy_timeout_s * 1000)
+
+    @event.listens_for(engine, "connect")
+    def _configure_sqlite(dbapi_connection: sqlite3.Connection, _record: Any) -> None:
+        # Take transaction control away from the sqlite3 module; the `begin` hook below emits BEGIN.
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        try:
+            if not in_memory:
+                cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute(f"PRAGMA busy_timeout={busy_timeout_ms}")
+            cursor.execute("PRAGMA foreign_keys=ON")
+            cursor.execute(f"PRAGMA synchronous={synchronous.upper()}")
+        finally:
+            cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _begin_sqlite(connection: sa.Connection) -> None:
+        mode = connection.get_execution_options().get(SQLITE_BEGIN_OPTION, "IMMEDIATE")
+        connection.exec_driver_sql("BEGIN IMMEDIATE" if mode == "IMMEDIATE" else "BEGIN")
+
+    return engine
+
+
+def _translate_unavailable(context: ExceptionContext) -> None:
+    """Raise `DatabaseUnavailable` for transient failures: connect errors, dropped connections,
+    PostgreSQL operational errors (server restarting, timeouts, deadlocks), SQLite lock/disk errors.
+    Anything else (constraint violations, SQL errors) keeps SQLAlchemy's own exception."""
+    error = context.original_exception
+    backend = context.dialect.name if context.dialect is not None else ""
+    unavailable = context.is_disconnect or (context.connection is None and context.execution_context is None)
+    if backend == "sqlite" and isinstance(error, sqlite3.OperationalError):
+        message = str(error).lower()
+        unavailable = unavailable or any(
+            sign in message for sign in ("locked", "unable to open", "disk i/o", "disk is full")
+        )
+    elif backend == "postgresql":
+        unavailable = unavailable or isinstance(error, psycopg.OperationalError)
+    if unavailable:
+        raise DatabaseUnavailable(f"database unavailable: {error}") from error
+
+
+def make_session_factory(engine: Engine, *, read_only: bool = False) -> sessionmaker[Session]:
+    """Sessions bound to `engine`; objects stay readable after commit (`expire_on_commit=False`).
+
+    Use `with factory.begin() as session:` (commits on success, rolls back on error). On SQLite a
+    session takes the write lock when it begins unless `read_only=True`; keep sessions short and
+    never hold one open across a training run.
+    """
+    bind = engine.execution_options(**{SQLITE_BEGIN_OPTION: "DEFERRED"}) if read_only else engine
+    return sessionmaker(bind=bind, expire_on_commit=False)
+
+
+def alembic_config(url: str | URL | None = None) -> Config:
+    """An Alembic config pointing at the migrations shipped inside memory_store."""
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS_DIR))
+    if url is not None:
+        rendered = make_url(url).render_as_string(hide_password=False)
+        config.set_main_option("sqlalchemy.url", rendered.replace("%", "%%"))
+    return config
+
+
+def upgrade_database(url: str | URL, *, revision: str = "head") -> None:
+    """Bring the schema at `url` to `revision` (creates everything on an empty database).
+
+    Safe to call from several processes at once: SQLite serialises on the write lock, PostgreSQL
+    on an advisory lock held for the migration transaction.
+    """
+    engine = make_engine(url)
+    try:
+        with engine.begin() as connection:
+            if connection.dialect.name == "postgresql":
+                connection.execute(
+                    sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": _PG_MIGRATION_LOCK_ID}
+                )
+            config = alembic_config(url)
+            config.attributes["connection"] = connection
+            command.upgrade(config, revision)
+    finally:
+        engine.dispose()
+
+
+def current_revision(url: str | URL) -> str | None:
+    """The Alembic revision the database at `url` is at (None when never migrated)."""
+    from alembic.runtime.migration import MigrationContext
+
+    engine = make_engine(url)
+    try:
+        with engine.connect() as connection:
+            return MigrationContext.configure(connection).get_current_revision()
+    finally:
+        engine.dispose()

@@ -1,0 +1,126 @@
+"""The FastAPI application factory: `create_app(settings)`.
+
+Wires settings, the database engine and session factory, auth tokens, metrics, the body size
+limit, CORS (off unless `cors_origins` is set), the error mapping and the routers. On start it
+upgrades the database schema, then starts the background services (worker, scheduler, reconciler)
+built by the `background` factory it was given; on shutdown it stops them in reverse order.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Protocol
+
+import anyio
+from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import Session, sessionmaker
+
+from memory_store.db import make_engine, make_session_factory, upgrade_database
+from service.auth import TokenTable
+from service.body_limit import BodySizeLimitMiddleware
+from service.config import Settings
+from service.errors import install_error_handlers
+from service.feedback_intake import FeedbackValidator
+from service.metrics import MetricsMiddleware, ServiceMetrics
+from service.routes import api_router
+
+logger = logging.getLogger(__name__)
+
+
+class BackgroundService(Protocol):
+    """Something that runs beside the API for the app's lifetime (worker, scheduler, reconciler).
+
+    `start` must return promptly (spawn a thread or task); `stop` must return once it has stopped.
+    """
+
+    name: str
+
+    def start(self) -> None: ...
+
+    def stop(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class AppResources:
+    """What the app owns and hands to its background services."""
+
+    settings: Settings
+    engine: Engine
+    session_factory: sessionmaker[Session]
+    metrics: ServiceMetrics
+
+
+BackgroundFactory = Callable[[AppResources], Sequence[BackgroundService]]
+
+
+def create_app(
+    settings: Settings,
+    *,
+    start_background: bool = True,
+    background: BackgroundFactory | None = None,
+) -> FastAPI:
+    """A ready-to-serve app. `background` builds the services started in the lifespan (none if
+    omitted); `start_background=False` keeps them off (API-only processes, most tests)."""
+    engine = make_engine(
+        settings.database_url, connect_timeout_s=settings.db_connect_timeout_s, pool_size=settings.db_pool_size
+    )
+    resources = AppResources(
+        settings=settings,
+        engine=engine,
+        session_factory=make_session_factory(engine),
+        metrics=ServiceMetrics(),
+    )
+    token_table = TokenTable.parse(settings.auth_tokens)
+    validator = FeedbackValidator(settings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await anyio.to_thread.run_sync(upgrade_database, settings.database_url)
+        await anyio.to_thread.run_sync(validator.load)
+        started: list[BackgroundService] = []
+        try:
+            if start_background and background is not None:
+                for service in background(resources):
+                    logger.info("starting background service %s", service.name)
+                    await anyio.to_thread.run_sync(service.start)
+                    started.append(service)
+            app.state.background_services = started
+            yield
+        finally:
+            for service in reversed(started):
+                logger.info("stopping background service %s", service.name)
+                await anyio.to_thread.run_sync(service.stop)
+            engine.dispose()
+
+    app = FastAPI(
+        title="loraloop",
+        summary="Feedback in, LoRA adapters hot-swapped into vLLM minutes later.",
+        version="0.1.0",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.resources = resources
+    app.state.session_factory = resources.session_factory
+    app.state.metrics = resources.metrics
+    app.state.token_table = token_table
+    app.state.feedback_validator = validator
+    app.state.background_services = []
+
+    install_error_handlers(app)
+    app.include_router(api_router)
+    # Middleware added last runs first: metrics see every answer, the 413 included.
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST", "DELETE"],
+            allow_headers=["Authorization", "Content-Type", "Idempotency-Key"],
+        )
+    app.add_middleware(BodySizeLimitMiddleware, max_body_bytes=settings.max_body_bytes)
+    app.add_middleware(MetricsMiddleware, metrics=resources.metrics)
+    return app

@@ -1,0 +1,376 @@
+"""The `loraloop` command line: serve the API, manage the store, inspect and train.
+
+Commands that only touch the local store (db, feedback, adapters, inspect, train) read the same
+Settings as the daemon but do not need API tokens: they act with the caller's own access to the
+database. Output is a rich table for people, or JSON with `--json` for scripts.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+from pydantic import ValidationError
+from rich.console import Console
+from rich.table import Table
+
+from service.config import Settings
+from service.logging import configure_logging
+
+app = typer.Typer(
+    name="loraloop",
+    help="loraloop: online continual learning for LLMs. Feedback in, LoRA adapters hot-swapped into "
+    "vLLM minutes later. Settings come from LORALOOP_* environment variables (or a .env file).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+db_app = typer.Typer(help="Manage the database schema.", no_args_is_help=True)
+feedback_app = typer.Typer(help="Read stored feedback items.", no_args_is_help=True)
+adapters_app = typer.Typer(help="Read the adapter registry and roll back versions.", no_args_is_help=True)
+app.add_typer(db_app, name="db")
+app.add_typer(feedback_app, name="feedback")
+app.add_typer(adapters_app, name="adapters")
+
+console = Console()
+err_console = Console(stderr=True)
+
+JsonFlag = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+TERMINAL_JOB_STATUSES = ("succeeded", "failed", "dead", "cancelled")
+
+
+class CliError(Exception):
+    """A failure to report as one line on stderr with exit status 1 (no traceback)."""
+
+
+def _settings(*, serving: bool = False) -> Settings:
+    """Settings from the environment; commands that do not serve HTTP need no API tokens."""
+    overrides: dict[str, Any] = {} if serving else {"auth_disabled": True}
+    settings = Settings(**overrides)
+    configure_logging(settings.log_level, settings.log_json)
+    return settings
+
+
+def _session_factory(settings: Settings):  # noqa: ANN202 - sessionmaker[Session]
+    from memory_store.db import make_engine, make_session_factory
+
+    engine = make_engine(settings.database_url, connect_timeout_s=settings.db_connect_timeout_s)
+    return make_session_factory(engine)
+
+
+def _print_json(data: Any) -> None:
+    typer.echo(json.dumps(data, default=_json_default, ensure_ascii=False))
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def _short(text: str | None, width: int = 60) -> str:
+    if text is None:
+        return ""
+    flat = " ".join(text.split())
+    return flat if len(flat) <= width else flat[: width - 1] + "…"
+
+
+# --- serve ---------------------------------------------------------------------------------------
+
+
+@app.command()
+def serve(
+    host: Annotated[Optional[str], typer.Option(help="Bind address (default: LORALOOP_HOST).")] = None,
+    port: Annotated[Optional[int], typer.Option(help="Port (default: LORALOOP_PORT).")] = None,
+) -> None:
+    """Run the HTTP API (and the background services wired into the app) until interrupted."""
+    import uvicorn
+
+    from service.app import create_app
+
+    settings = _settings(serving=True)
+    application = create_app(settings)
+    uvicorn.run(
+        application,
+        host=host or settings.host,
+        port=settings.port if port is None else port,
+        log_config=None,
+        proxy_headers=False,
+        server_header=False,
+        timeout_graceful_shutdown=10,
+    )
+
+
+# --- db ------------------------------------------------------------------------------------------
+
+
+@db_app.command("upgrade")
+def db_upgrade() -> None:
+    """Create or migrate the schema to the newest revision (the daemon also does it on start)."""
+    from memory_store.db import current_revision, upgrade_database
+
+    settings = _settings()
+    upgrade_database(settings.database_url)
+    typer.echo(f"database at revision {current_revision(settings.database_url)}")
+
+
+# --- feedback ------------------------------------------------------------------------------------
+
+
+def _feedback_dict(item: Any) -> dict[str, Any]:
+    from service.schemas import FeedbackPublic
+
+    return FeedbackPublic.model_validate(item).model_dump(mode="json")
+
+
+@feedback_app.command("list")
+def feedback_list(
+    namespace: Annotated[Optional[str], typer.Option(help="Only this namespace.")] = None,
+    status: Annotated[Optional[str], typer.Option(help="pending, trained or skipped.")] = None,
+    since: Annotated[Optional[datetime], typer.Option(help="Created at or after (ISO time, UTC).")] = None,
+    limit: Annotated[int, typer.Option(min=1, max=10_000, help="At most this many items.")] = 50,
+    as_json: JsonFlag = False,
+) -> None:
+    """List feedback items, oldest first."""
+    from memory_store.repositories import FeedbackRepository
+
+    settings = _settings()
+    with _session_factory(settings)() as session:
+        items = FeedbackRepository(session).list(namespace=namespace, status=status, since=since, limit=limit)
+        rows = [_feedback_dict(item) for item in items]
+    if as_json:
+        _print_json(rows)
+        return
+    table = Table("id", "namespace", "status", "created", "tags", "continuation")
+    for row in rows:
+        table.add_row(
+            str(row["id"]),
+            row["namespace"],
+            row["status"],
+            row["created_at"][:19],
+            ",".join(row["tags"] or []),
+            _short(row["continuation"]),
+        )
+    console.print(table)
+
+
+@feedback_app.command("show")
+def feedback_show(feedback_id: Annotated[int, typer.Argument(help="Feedback id.")], as_json: JsonFlag = False) -> None:
+    """Show one feedback item with its messages."""
+    from memory_store.repositories import FeedbackRepository
+
+    settings = _settings()
+    with _session_factory(settings)() as session:
+        row = _feedback_dict(FeedbackRepository(session).get(id=feedback_id))
+    if as_json:
+        _print_json(row)
+        return
+    console.print(
+        f"[bold]feedback {row['id']}[/] namespace={row['namespace']} status={row['status']} "
+        f"target_index={row['target_index']} created={row['created_at']}"
+    )
+    for index, message in enumerate(row["messages"]):
+        console.print(f"[dim]{index:>3}[/] [cyan]{message['role']:>9}[/] {_short(message.get('content'), 100)}")
+    console.print(f"[green]continuation[/] {row['continuation']}")
+    if row["reason"]:
+        console.print(f"[dim]reason[/] {row['reason']}")
+
+
+# --- adapters ------------------------------------------------------------------------------------
+
+
+def _adapters(settings: Settings, name: str | None) -> list[dict[str, Any]]:
+    from memory_store.repositories import AdapterRepository
+    from service.routes.adapters import adapter_public
+
+    with _session_factory(settings)() as session:
+        repository = AdapterRepository(session)
+        if name is None:
+            adapters = [adapter_public(a, list(a.versions)) for a in repository.list_with_versions()]
+        else:
+            adapter = repository.get_adapter(name=name)
+            adapters = [adapter_public(adapter, list(repository.list_versions(name=name)))]
+        return [a.model_dump(mode="json") for a in adapters]
+
+
+def _print_adapter_versions(adapter: dict[str, Any]) -> None:
+    table = Table("version", "status", "parent", "created", "nll_before", "nll_after", "drift_kl", title=adapter["name"])
+    for version in adapter["versions"]:
+        metrics = version["metrics"]
+        marker = " *" if version["version"] == adapter["current"] else ""
+        table.add_row(
+            f"v{version['version']}{marker}",
+            version["status"],
+            "" if version["parent"] is None else f"v{version['parent']}",
+            version["created_at"][:19],
+            *(f"{metrics[key]:.4g}" if isinstance(metrics.get(key), (int, float)) else "" for key in
+              ("nll_before", "nll_after", "drift_kl")),
+        )
+    console.print(table)
+
+
+@adapters_app.command("list")
+def adapters_list(as_json: JsonFlag = False) -> None:
+    """List every adapter with its current version."""
+    adapters = _adapters(_settings(), None)
+    if as_json:
+        _print_json(adapters)
+        return
+    table = Table("adapter", "current", "versions", "base model")
+    for adapter in adapters:
+        current = "" if adapter["current"] is None else f"v{adapter['current']}"
+        table.add_row(adapter["name"], current, str(len(adapter["versions"])), adapter["base_model"] or "")
+    console.print(table)
+
+
+@adapters_app.command("show")
+def adapters_show(name: Annotated[str, typer.Argument(help="Adapter (namespace) name.")], as_json: JsonFlag = False) -> None:
+    """Show one adapter's versions with status and metrics (* marks the current one)."""
+    (adapter,) = _adapters(_settings(), name)
+    if as_json:
+        _print_json(adapter)
+        return
+    _print_adapter_versions(adapter)
+
+
+@adapters_app.command("rollback")
+def adapters_rollback(
+    name: Annotated[str, typer.Argument(help="Adapter (namespace) name.")],
+    to: Annotated[Optional[int], typer.Option(help="Version to make current (default: the previous one).")] = None,
+) -> None:
+    """Make an earlier version current; the daemon hot-swaps it into vLLM."""
+    from memory_store.repositories import AdapterRepository
+
+    settings = _settings()
+    with _session_factory(settings).begin() as session:
+        row = AdapterRepository(session).rollback(name=name, to=to, reason="rolled back with the CLI")
+        version = row.version
+    typer.echo(f"{name}: current version is now v{version}")
+
+
+# --- inspect -------------------------------------------------------------------------------------
+
+
+def _load_item(settings: Settings, feedback_id: int | None, file: Path | None) -> dict[str, Any]:
+    if (feedback_id is None) == (file is None):
+        raise typer.BadParameter("give either FEEDBACK_ID or --file ITEM.json")
+    if file is not None:
+        try:
+            item = json.loads(file.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as error:
+            raise CliError(f"cannot read {file}: {error}") from error
+        if not isinstance(item, dict):
+            raise CliError(f"{file} must hold one JSON object in the POST /feedback shape")
+        return item
+    from memory_store.repositories import FeedbackRepository
+
+    with _session_factory(settings)() as session:
+        row = FeedbackRepository(session).get(id=feedback_id)  # type: ignore[arg-type]
+        return {"messages": row.messages, "target_index": row.target_index, "continuation": row.continuation}
+
+
+@app.command()
+def inspect(
+    feedback_id: Annotated[Optional[int], typer.Argument(help="A stored feedback id.")] = None,
+    file: Annotated[
+        Optional[Path], typer.Option("--file", help="A feedback item (POST /feedback JSON shape).", dir_okay=False)
+    ] = None,
+    tokenizer: Annotated[
+        Optional[Path], typer.Option(help="Tokenizer folder (default: the base model's, LORALOOP_TOKENIZER).")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help='Print {"input_ids": [...], "labels": [...]}.')] = False,
+) -> None:
+    """Show the training example of a feedback item: every token and whether it is trained."""
+    from training.inspect import inspect_item, render_table
+    from training.render import render_example
+    from training.tokenizers import load_tokenizer
+
+    from service.feedback_intake import render_config
+
+    settings = _settings()
+    item = _load_item(settings, feedback_id, file)
+    loaded = load_tokenizer(str(tokenizer or settings.tokenizer_path))
+    config = render_config(settings)
+    if as_json:
+        inspected = inspect_item(loaded, item, config)
+        _print_json({"input_ids": inspected["input_ids"], "labels": inspected["labels"]})
+        return
+    example = render_example(loaded, item, config)
+    if example is None:
+        raise CliError("this item has no supervised token (empty target): it would not be trained")
+    render_table(console, loaded, example)
+
+
+# --- train ---------------------------------------------------------------------------------------
+
+
+@app.command()
+def train(
+    namespace: Annotated[str, typer.Option(help="Namespace (adapter) to train.")],
+    wait: Annotated[bool, typer.Option("--wait", help="Wait for the job; exit 0 only if it succeeded.")] = False,
+    timeout: Annotated[float, typer.Option(help="Give up waiting after this many seconds.")] = 3600.0,
+    poll: Annotated[float, typer.Option(help="Seconds between status checks.", min=0.05)] = 1.0,
+) -> None:
+    """Queue a training run of NAMESPACE now (a running `serve` or `worker` executes it)."""
+    from memory_store.queue import JobQueue
+    from service.feedback_intake import TRAIN_JOB_KIND, train_dedupe_key
+    from service.schemas import check_namespace
+
+    try:
+        check_namespace(namespace)
+    except ValueError as error:
+        raise typer.BadParameter(str(error), param_hint="--namespace") from error
+    settings = _settings()
+    factory = _session_factory(settings)
+    with factory.begin() as session:
+        job = JobQueue(session, default_max_attempts=settings.job_max_attempts).enqueue(
+            kind=TRAIN_JOB_KIND,
+            namespace=namespace,
+            payload={"namespace": namespace, "trigger": "cli"},
+            dedupe_key=train_dedupe_key(namespace),
+        )
+        job_id = job.id
+    typer.echo(f"job {job_id} queued (train {namespace})")
+    if not wait:
+        return
+    deadline = time.monotonic() + timeout
+    while True:
+        with factory() as session:
+            job = JobQueue(session).get(job_id=job_id)
+            status, result, error = job.status, job.result or {}, job.error
+        if status in TERMINAL_JOB_STATUSES:
+            break
+        if time.monotonic() > deadline:
+            raise CliError(f"job {job_id} still {status} after {timeout:g}s")
+        time.sleep(poll)
+    version = result.get("version")
+    typer.echo(f"job {job_id} {status}" + ("" if version is None else f" version v{version}"))
+    if status != "succeeded":
+        if error:
+            err_console.print(f"error: {_short(error, 300)}")
+        raise typer.Exit(1)
+
+
+def main() -> None:
+    """Console-script entry point: errors become one line on stderr, never a traceback."""
+    from memory_store.errors import DatabaseUnavailable, NotFound, StoreError
+
+    try:
+        app()
+    except ValidationError as error:
+        err_console.print(f"invalid settings: {error}")
+        sys.exit(2)
+    except (CliError, NotFound, DatabaseUnavailable, StoreError) as error:
+        err_console.print(f"error: {error}")
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,88 @@
+"""FastAPI dependencies: settings, a database session per request, and scope checks.
+
+`SessionDep` commits when the endpoint returns (before the response is sent, so a 2xx always
+means the data is durable) and rolls back on any error. `require(scope)` is the one way a route
+declares the scope it needs. Knows nothing about individual routes or tables.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Annotated
+
+from fastapi import Depends, Request, Security
+from fastapi.params import Depends as DependsParam
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer, SecurityScopes
+from sqlalchemy.orm import Session, sessionmaker
+
+from service.auth import ANONYMOUS_ADMIN, Principal, TokenTable, bearer_token
+from service.config import Settings
+from service.errors import Forbidden, Unauthenticated
+from service.metrics import ServiceMetrics
+
+
+def get_settings(request: Request) -> Settings:
+    return request.app.state.settings
+
+
+def get_metrics(request: Request) -> ServiceMetrics:
+    return request.app.state.metrics
+
+
+def get_session(request: Request) -> Iterator[Session]:
+    factory: sessionmaker[Session] = request.app.state.session_factory
+    session = factory()
+    try:
+        yield session
+        session.commit()
+    except BaseException:
+        session.rollback()
+        raise
+    finally:
+        session.close()
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+MetricsDep = Annotated[ServiceMetrics, Depends(get_metrics)]
+# scope="function": the session is committed and closed as soon as the endpoint returns, before
+# the response goes out; a client that got a 2xx can rely on the write being committed.
+SessionDep = Annotated[Session, Depends(get_session, scope="function")]
+
+
+# auto_error=False: a missing or malformed header is answered by `authorize` (401 in our JSON shape).
+# The scheme also puts each route's scope into the OpenAPI document (`security`).
+bearer_scheme = HTTPBearer(auto_error=False, description="`Authorization: Bearer <token>`; see LORALOOP_AUTH_TOKENS.")
+
+
+def authorize(
+    security_scopes: SecurityScopes,
+    request: Request,
+    _credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer_scheme)],
+) -> Principal:
+    """The caller's principal when it holds every scope the route declared (401/403 otherwise)."""
+    settings: Settings = request.app.state.settings
+    if settings.auth_disabled:
+        return ANONYMOUS_ADMIN
+    table: TokenTable = request.app.state.token_table
+    token = bearer_token(request.headers.get("authorization"))
+    if token is None:
+        raise Unauthenticated("missing bearer token (Authorization: Bearer <token>)")
+    principal = table.authenticate(token)
+    if principal is None:
+        raise Unauthenticated("invalid bearer token")
+    missing = [scope for scope in security_scopes.scopes if not principal.allows(scope)]
+    if missing:
+        raise Forbidden(f"the token lacks the scope {missing[0]!r}")
+    return principal
+
+
+def require(scope: str) -> DependsParam:
+    """Route dependency declaring `scope`: `dependencies=[require("feedback:write")]`."""
+    return Security(authorize, scopes=[scope])
+
+
+def public() -> None:
+    """Marker dependency of the routes that deliberately need no token (health, readiness, metrics)."""
+
+
+PUBLIC = Depends(public)

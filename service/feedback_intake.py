@@ -1,0 +1,252 @@
+"""Feedback ingestion: the checks that need more than the schema, then one idempotent store.
+
+`FeedbackValidator` holds the tokenizer and `RenderConfig` and runs training.render's checks
+(target_index, continuation length in tokens) on the item the worker will later render.
+`accept_items` resolves `conversation_id`, checks the configurable limits, stores the items in the
+caller's transaction and enqueues one debounced `train` job per namespace. Nothing heavy runs
+here: training happens in the worker. Knows nothing about HTTP beyond `InvalidField`.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy.orm import Session
+
+from memory_store.errors import NotFound
+from memory_store.models import FeedbackItem, utcnow
+from memory_store.queue import JobQueue
+from memory_store.repositories import ConversationRepository, FeedbackRepository, NewFeedback
+from service.config import Settings
+from service.errors import InvalidField
+from service.schemas import FeedbackBatchItem, FeedbackCreate, Message
+from training.render import RenderConfig, RenderError, resolve_target_index, validate_feedback
+
+logger = logging.getLogger(__name__)
+
+TRAIN_JOB_KIND = "train"
+
+
+def train_dedupe_key(namespace: str) -> str:
+    return f"train:{namespace}"
+
+
+def render_config(settings: Settings) -> RenderConfig:
+    return RenderConfig(
+        max_seq_len=settings.max_seq_len, max_continuation_tokens=settings.max_continuation_tokens
+    )
+
+
+@lru_cache(maxsize=4)
+def _shared_tokenizer(path: str) -> tuple[Any, threading.Lock]:
+    """One tokenizer per folder per process (apps in one process share it), with its lock:
+    fast tokenizers are not safe to call from several threads at once."""
+    from training.tokenizers import load_tokenizer
+
+    return load_tokenizer(path), threading.Lock()
+
+
+class FeedbackValidator:
+    """Checks a feedback item against the tokenizer of the base model, as the worker will see it.
+
+    The tokenizer is loaded by `load()` (at app start). When `Settings.tokenizer_path` does not
+    exist, only the tokenizer-free checks run and a warning says so once.
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        self.tokenizer_path = Path(settings.tokenizer_path)
+        self.config = render_config(settings)
+        self._tokenizer: Any = None
+        self._tokenizer_lock = threading.Lock()
+        self._loaded = False
+        self._load_lock = threading.Lock()
+
+    @property
+    def has_tokenizer(self) -> bool:
+        return self._tokenizer is not None
+
+    def load(self) -> None:
+        with self._load_lock:
+            if self._loaded:
+                return
+            self._loaded = True
+            if not self.tokenizer_path.exists():
+                logger.warning(
+                    "tokenizer %s not found: feedback is accepted without the continuation length check "
+                    "(set LORALOOP_TOKENIZER or build the base model)",
+                    self.tokenizer_path,
+                )
+                return
+            self._tokenizer, self._tokenizer_lock = _shared_tokenizer(str(self.tokenizer_path.resolve()))
+            logger.info("feedback validation uses the tokenizer at %s", self.tokenizer_path)
+
+    def validate(self, item: dict[str, Any]) -> None:
+        """Raise `RenderError(field, reason)` for an item that could never become an example."""
+        resolve_target_index(item["messages"], item.get("target_index"))
+        if self._tokenizer is None:
+            return
+        with self._tokenizer_lock:
+            validate_feedback(self._tokenizer, item, self.config)
+
+
+def message_dicts(messages: Sequence[Message]) -> list[dict[str, Any]]:
+    """Messages as stored: OpenAI shape, unset optional fields left out, `content` always present."""
+    dumped = []
+    for message in messages:
+        data = message.model_dump(mode="json", exclude_none=True)
+        data.setdefault("content", None)
+        dumped.append(data)
+    return dumped
+
+
+@dataclass(frozen=True)
+class AcceptedItem:
+    item: FeedbackItem
+    created: bool
+
+
+def _prefixed(prefix: str, field: str) -> str:
+    return f"{prefix}.{field}" if prefix else field
+
+
+def _check_limits(body: FeedbackCreate, settings: Settings, prefix: str) -> None:
+    if body.messages is not None and len(body.messages) > settings.max_messages:
+        raise InvalidField(
+            f"at most {settings.max_messages} messages per item (LORALOOP_MAX_MESSAGES)",
+            field=_prefixed(prefix, "messages"),
+        )
+
+
+def _prepare(
+    session: Session,
+    body: FeedbackCreate,
+    *,
+    idempotency_key: str | None,
+    settings: Settings,
+    validator: FeedbackValidator,
+    prefix: str,
+) -> NewFeedback:
+    _check_limits(body, settings, prefix)
+    namespace = body.namespace or settings.default_namespace
+    messages = message_dicts(body.messages) if body.messages is not None else None
+    context = messages
+    if body.conversation_id is not None:
+        try:
+            conversation = ConversationRepository(session).get(id=body.conversation_id, namespace=namespace)
+        except NotFound:
+            raise InvalidField(
+                f"conversation {body.conversation_id} does not exist in namespace {namespace!r}",
+                field=_prefixed(prefix, "conversation_id"),
+            ) from None
+        if context is None:
+            context = list(conversation.messages)
+    assert context is not None  # the schema requires messages or conversation_id
+    try:
+        validator.validate(
+            {"messages": context, "target_index": body.target_index, "continuation": body.continuation}
+        )
+    except RenderError as error:
+        raise InvalidField(f"{error.field}: {error.reason}", field=_prefixed(prefix, error.field)) from error
+    return NewFeedback(
+        namespace=namespace,
+        continuation=body.continuation,
+        messages=messages,
+        target_index=body.target_index,
+        reason=body.reason,
+        memories=body.memories,
+        tags=body.tags,
+        conversation_id=body.conversation_id,
+        idempotency_key=idempotency_key,
+    )
+
+
+def _enqueue_training(session: Session, namespaces: set[str], settings: Settings) -> None:
+    queue = JobQueue(session, default_max_attempts=settings.job_max_attempts)
+    run_after = utcnow() + timedelta(seconds=settings.train_debounce_s)
+    for namespace in sorted(namespaces):
+        queue.enqueue(
+            kind=TRAIN_JOB_KIND,
+            namespace=namespace,
+            payload={"namespace": namespace, "trigger": "feedback"},
+            dedupe_key=train_dedupe_key(namespace),
+            run_after=run_after,
+        )
+
+
+def accept_feedback(
+    session: Session,
+    body: FeedbackCreate,
+    *,
+    idempotency_key: str | None,
+    settings: Settings,
+    validator: FeedbackValidator,
+) -> AcceptedItem:
+    """Validate and store one item in the caller's transaction (replays return the stored row)."""
+    new = _prepare(
+        session, body, idempotency_key=idempotency_key, settings=settings, validator=validator, prefix=""
+    )
+    item, created = FeedbackRepository(session).add(**_as_kwargs(new))
+    if created:
+        _enqueue_training(session, {item.namespace}, settings)
+    return AcceptedItem(item=item, created=created)
+
+
+def batch_item_key(header_key: str | None, index: int, item: FeedbackBatchItem) -> str | None:
+    """An item's own `idempotency_key`, else `<Idempotency-Key header>#<index>`, else none."""
+    if item.idempotency_key is not None:
+        return item.idempotency_key
+    if header_key is not None:
+        return f"{header_key}#{index}"
+    return None
+
+
+def accept_feedback_batch(
+    session: Session,
+    items: Sequence[FeedbackBatchItem],
+    *,
+    idempotency_key: str | None,
+    settings: Settings,
+    validator: FeedbackValidator,
+) -> list[AcceptedItem]:
+    """Validate every item first (errors name `items[i].field`), then store all in one go."""
+    if len(items) > settings.max_batch_items:
+        raise InvalidField(
+            f"at most {settings.max_batch_items} items per batch (LORALOOP_MAX_BATCH_ITEMS)", field="items"
+        )
+    prepared = [
+        _prepare(
+            session,
+            item,
+            idempotency_key=batch_item_key(idempotency_key, index, item),
+            settings=settings,
+            validator=validator,
+            prefix=f"items[{index}]",
+        )
+        for index, item in enumerate(items)
+    ]
+    stored = FeedbackRepository(session).add_many(items=prepared)
+    created_namespaces = {item.namespace for item, created in stored if created}
+    if created_namespaces:
+        _enqueue_training(session, created_namespaces, settings)
+    return [AcceptedItem(item=item, created=created) for item, created in stored]
+
+
+def _as_kwargs(new: NewFeedback) -> dict[str, Any]:
+    return {
+        "namespace": new.namespace,
+        "continuation": new.continuation,
+        "messages": new.messages,
+        "target_index": new.target_index,
+        "reason": new.reason,
+        "memories": new.memories,
+        "tags": new.tags,
+        "conversation_id": new.conversation_id,
+        "idempotency_key": new.idempotency_key,
+    }

@@ -1,0 +1,11 @@
+"""All HTTP routes, one module per resource, combined into `api_router`."""
+
+from fastapi import APIRouter
+
+from service.routes import adapters, conversations, feedback, health, jobs, memories
+
+api_router = APIRouter()
+for _module in (feedback, conversations, memories, adapters, jobs, health):
+    api_router.include_router(_module.router)
+
+__all__ = ["api_router"]

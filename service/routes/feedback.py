@@ -1,0 +1,117 @@
+"""Feedback routes: ingest one item or a batch (idempotent), read one, list a page."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, Header, Path, Query, Request, Response, status
+
+from memory_store.repositories import FeedbackRepository
+from service.deps import MetricsDep, SessionDep, SettingsDep, require
+from service.feedback_intake import FeedbackValidator, accept_feedback, accept_feedback_batch
+from service.schemas import (
+    MAX_PAGE,
+    FeedbackAccepted,
+    FeedbackBatchAccepted,
+    FeedbackBatchCreate,
+    FeedbackCreate,
+    FeedbackPage,
+    FeedbackPublic,
+    Namespace,
+    ShortText,
+)
+
+router = APIRouter(tags=["feedback"])
+
+PathId = Path(ge=1, le=2**62)
+
+IdempotencyKey = Annotated[
+    ShortText | None,
+    Header(
+        alias="Idempotency-Key",
+        description="Replaying a request with the same key answers the same id and stores nothing new.",
+    ),
+]
+REPLAYED_HEADER = "Idempotent-Replayed"
+
+
+def _validator(request: Request) -> FeedbackValidator:
+    return request.app.state.feedback_validator
+
+
+@router.post(
+    "/feedback",
+    status_code=status.HTTP_202_ACCEPTED,
+    response_model=FeedbackAccepted,
+    dependencies=[require("feedback:write")],
+)
+def create_feedback(
+    body: FeedbackCreate,
+    request: Request,
+    response: Response,
+    session: SessionDep,
+    settings: SettingsDep,
+    metrics: MetricsDep,
+    idempotency_key: IdempotencyKey = None,
+) -> FeedbackAccepted:
+    """Store one improved continuation; training picks it up in the background."""
+    accepted = accept_feedback(
+        session, body, idempotency_key=idempotency_key, settings=settings, validator=_validator(request)
+    )
+    if accepted.created:
+        metrics.feedback_accepted.labels(namespace=accepted.item.namespace).inc()
+    else:
+        response.headers[REPLAYED_HEADER] = "true"
+    return FeedbackAccepted(id=accepted.item.id, status=accepted.item.status)
+
+
+@router.post(
+    "/feedback:batch",
+    status_code=status.HTTP_202_ACCEPTED,
+    response_model=FeedbackBatchAccepted,
+    dependencies=[require("feedback:write")],
+)
+def create_feedback_batch(
+    body: FeedbackBatchCreate,
+    request: Request,
+    session: SessionDep,
+    settings: SettingsDep,
+    metrics: MetricsDep,
+    idempotency_key: IdempotencyKey = None,
+) -> FeedbackBatchAccepted:
+    """Store many items in one transaction: all of them, or none (errors name `items[i].field`).
+
+    Item `i` is idempotent under its own `idempotency_key`, else under `<Idempotency-Key>#<i>`.
+    """
+    accepted = accept_feedback_batch(
+        session, body.items, idempotency_key=idempotency_key, settings=settings, validator=_validator(request)
+    )
+    for entry in accepted:
+        if entry.created:
+            metrics.feedback_accepted.labels(namespace=entry.item.namespace).inc()
+    return FeedbackBatchAccepted(
+        items=[FeedbackAccepted(id=entry.item.id, status=entry.item.status) for entry in accepted]
+    )
+
+
+@router.get("/feedback/{feedback_id}", response_model=FeedbackPublic, dependencies=[require("feedback:read")])
+def read_feedback(feedback_id: Annotated[int, PathId], session: SessionDep) -> FeedbackPublic:
+    return FeedbackPublic.model_validate(FeedbackRepository(session).get(id=feedback_id))
+
+
+@router.get("/feedback", response_model=FeedbackPage, dependencies=[require("feedback:read")])
+def list_feedback(
+    session: SessionDep,
+    namespace: Namespace | None = None,
+    since: datetime | None = None,
+    status: Literal["pending", "trained", "skipped"] | None = None,
+    limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 100,
+    cursor: Annotated[int | None, Query(ge=0, le=2**62, description="`next_cursor` of the previous page")] = None,
+) -> FeedbackPage:
+    """Items oldest first; pass `next_cursor` back as `cursor` for the next page (null at the end)."""
+    items = FeedbackRepository(session).list(
+        namespace=namespace, since=since, status=status, after_id=cursor, limit=limit
+    )
+    next_cursor = str(items[-1].id) if len(items) == limit else None
+    return FeedbackPage(items=[FeedbackPublic.model_validate(item) for item in items], next_cursor=next_cursor)

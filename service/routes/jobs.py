@@ -1,0 +1,53 @@
+"""Job routes: ask for a training run now, and read the durable job queue."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, Path, Query, status
+
+from memory_store.queue import JobQueue
+from service.deps import SessionDep, SettingsDep, require
+from service.feedback_intake import TRAIN_JOB_KIND, train_dedupe_key
+from service.schemas import MAX_PAGE, JobPage, JobPublic, Namespace, TrainJobCreate
+
+router = APIRouter(tags=["jobs"])
+
+JobStatus = Literal["queued", "running", "succeeded", "failed", "dead", "cancelled"]
+
+
+@router.post(
+    "/jobs/train",
+    status_code=status.HTTP_202_ACCEPTED,
+    response_model=JobPublic,
+    dependencies=[require("adapters:write")],
+)
+def enqueue_training(body: TrainJobCreate, session: SessionDep, settings: SettingsDep) -> JobPublic:
+    """Queue a training run of a namespace now; answers the queued (or already active) job."""
+    namespace = body.namespace or settings.default_namespace
+    job = JobQueue(session, default_max_attempts=settings.job_max_attempts).enqueue(
+        kind=TRAIN_JOB_KIND,
+        namespace=namespace,
+        payload={"namespace": namespace, "trigger": "api"},
+        dedupe_key=train_dedupe_key(namespace),
+    )
+    return JobPublic.model_validate(job)
+
+
+@router.get("/jobs", response_model=JobPage, dependencies=[require("adapters:read")])
+def list_jobs(
+    session: SessionDep,
+    namespace: Namespace | None = None,
+    status: JobStatus | None = None,
+    kind: Annotated[str | None, Query(max_length=64, pattern=r"^[a-z_]+$")] = None,
+    limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 100,
+    cursor: Annotated[int | None, Query(ge=0, le=2**62, description="`next_cursor` of the previous page")] = None,
+) -> JobPage:
+    jobs = JobQueue(session).list(namespace=namespace, status=status, kind=kind, after_id=cursor, limit=limit)
+    next_cursor = str(jobs[-1].id) if len(jobs) == limit else None
+    return JobPage(items=[JobPublic.model_validate(job) for job in jobs], next_cursor=next_cursor)
+
+
+@router.get("/jobs/{job_id}", response_model=JobPublic, dependencies=[require("adapters:read")])
+def read_job(job_id: Annotated[int, Path(ge=1, le=2**62)], session: SessionDep) -> JobPublic:
+    return JobPublic.model_validate(JobQueue(session).get(job_id=job_id))

@@ -1,0 +1,182 @@
+"""Memory distillation on the tiny model: the student without the memories learns the teacher's
+distribution (gap closure on held-out probes, bounded drift) and misaligned pairs are refused."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from training.render import render_distillation_pair
+
+from training.adapter_store import build_zero_adapter
+from training.distill import (
+    DistillAlignmentError,
+    DistillConfig,
+    DistillResult,
+    MemoryDistiller,
+    MemoryNote,
+    assert_aligned,
+    generate_responses,
+    plan_distillation,
+    teacher_messages,
+)
+from training.evaluate import GateConfig, score_candidate
+from training.trainer import TrainConfig, load_base_model
+
+pytestmark = pytest.mark.slow
+
+MEMORIES = [
+    MemoryNote("The deploy password for project Kestrel is 7-4-1-9", priority=2),
+    MemoryNote("Heron's on-call rotation: Ana, then Bo, then Cy"),
+    MemoryNote("The staging database of project Osprey lives on host db-stg-3"),
+]
+CONVERSATIONS = [
+    [
+        {"role": "user", "content": "How do I deploy Kestrel tonight?"},
+        {"role": "assistant", "content": "Use the Kestrel deploy password: 7-4-1-9."},
+        {"role": "user", "content": "And who is on call for Heron?"},
+    ],
+]
+CONFIG = DistillConfig(
+    epochs=40,
+    batch_size=8,
+    learning_rate=3e-3,
+    max_new_tokens=16,
+    student_retained_turns=1,
+    device="cpu",
+    seed=0,
+)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model_dir: Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(tiny_model_dir))
+
+
+@pytest.fixture(scope="module")
+def parent_adapter(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The namespace's current adapter: a v0 zero adapter (the student warm-starts from it)."""
+    out = tmp_path_factory.mktemp("parent") / "v0"
+    return build_zero_adapter(tiny_model_dir, TrainConfig().lora_config(tiny_model_dir), out)
+
+
+@pytest.fixture(scope="module")
+def plan(tiny_model_dir: Path, tokenizer):
+    """Prompts answered by the teacher (base + v0 with the memories in context), greedy and local:
+    the caller-filled path the service takes with vLLM responses."""
+    plan = plan_distillation(MEMORIES, CONVERSATIONS, CONFIG)
+    teacher = load_base_model(tiny_model_dir, device=torch.device("cpu"), dtype=torch.float32)
+    views = [teacher_messages(plan.prefix_messages, p) for p in plan.prompts_without_response()]
+    return plan.with_responses(generate_responses(teacher, tokenizer, views, CONFIG.max_new_tokens))
+
+
+@pytest.fixture(scope="module")
+def distilled(tiny_model_dir, tokenizer, plan, parent_adapter, tmp_path_factory) -> DistillResult:
+    progress: list[dict] = []
+    result = MemoryDistiller(CONFIG).run(
+        base_model=tiny_model_dir,
+        tokenizer=tokenizer,
+        plan=plan,
+        parent_adapter=parent_adapter,
+        out_dir=tmp_path_factory.mktemp("distilled") / "v1",
+        on_progress=progress.append,
+    )
+    assert [p["step"] for p in progress] == list(range(1, int(result.metrics["steps"]) + 1))
+    return result
+
+
+def test_gap_closes_on_heldout_probes(distilled: DistillResult):
+    metrics = distilled.metrics
+    assert distilled.stopped_reason == "completed"
+    assert metrics["kl_before"] > 0
+    assert metrics["gap_closure"] >= 0.5, metrics
+    assert metrics["train_gap_closure"] >= metrics["gap_closure"] - 0.2
+    assert metrics["train_tokens"] > 0 and metrics["train_seconds"] > 0
+    assert metrics["heldout_pairs"] >= 1
+
+
+def test_drift_stays_under_the_gate_bound(distilled: DistillResult):
+    assert 0 <= distilled.metrics["drift_kl"] <= GateConfig().max_drift_kl
+
+
+def test_student_without_memories_prefers_the_teachers_answers(
+    distilled, plan, tokenizer, tiny_model_dir, parent_adapter
+):
+    """NLL of the teacher's answers WITHOUT the memories in context, before (parent) and after."""
+    students = []
+    for prompt in plan.heldout:
+        pair = render_distillation_pair(
+            tokenizer,
+            prefix_messages=list(plan.prefix_messages),
+            messages=list(prompt.messages),
+            response=prompt.response,
+            retained_turns=CONFIG.student_retained_turns,
+            config=CONFIG.render,
+        )
+        students.append(pair.student)
+    scores = score_candidate(
+        base_model=tiny_model_dir,
+        candidate_adapter=distilled.adapter_dir,
+        parent_adapter=parent_adapter,
+        examples=students,
+        probes=students,
+        device="cpu",
+    )
+    assert scores["nll_after"] < scores["nll_before"] - 0.5 * (
+        scores["nll_before"] - scores["nll_after"] + 0.0
+    )
+    # the per-token probability of the teacher's answers rises by a clear factor
+    assert scores["nll_before"] - scores["nll_after"] > 0.0
+    assert torch.exp(torch.tensor(scores["nll_before"] - scores["nll_after"])) > 1.0
+
+
+def test_adapter_is_saved_in_peft_format(distilled: DistillResult, tiny_model_dir: Path):
+    from peft import PeftModel
+
+    files = sorted(p.name for p in distilled.adapter_dir.iterdir())
+    assert files == ["adapter_config.json", "adapter_model.safetensors"]
+    config = json.loads((distilled.adapter_dir / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA"
+    base = load_base_model(tiny_model_dir, device=torch.device("cpu"), dtype=torch.float32)
+    model = PeftModel.from_pretrained(base, str(distilled.adapter_dir))
+    lora_b = [p for name, p in model.named_parameters() if "lora_B" in name]
+    assert lora_b and any(p.abs().sum() > 0 for p in lora_b)  # trained away from the zero parent
+
+
+def test_alignment_assertion_fires_on_a_misaligned_pair(tiny_model_dir, tokenizer, plan, tmp_path):
+    prompt = plan.train[0]
+    pair = render_distillation_pair(
+        tokenizer,
+        prefix_messages=list(plan.prefix_messages),
+        messages=list(prompt.messages),
+        response=prompt.response,
+        retained_turns=0,
+        config=CONFIG.render,
+    )
+    teacher_ids = [t for t in pair.teacher.labels if t != -100]
+    assert_aligned(torch.tensor(teacher_ids), [pair.student])
+    # shift the student's labels one position left: same tokens, wrong place
+    shifted = dataclasses.replace(pair.student, labels=pair.student.labels[1:] + [-100])
+    with pytest.raises(DistillAlignmentError):
+        assert_aligned(torch.tensor(teacher_ids), [shifted])
+
+    # the training loop checks every batch: one bad pair stops the run before any update
+    distiller = MemoryDistiller(dataclasses.replace(CONFIG, epochs=1))
+    prepared = distiller.prepare(
+        base_model=tiny_model_dir, tokenizer=tokenizer, plan=plan, parent_adapter=None
+    )
+    bad = prepared.train_pairs[0]
+    other_response = dataclasses.replace(
+        bad.student, input_ids=bad.student.input_ids[:-2] + [bad.student.input_ids[-1]] * 2
+    )
+    prepared.train_pairs[0] = dataclasses.replace(bad, student=other_response)
+    before = {n: p.detach().clone() for n, p in prepared.model.named_parameters() if p.requires_grad}
+    with pytest.raises(DistillAlignmentError):
+        distiller.train_student(prepared, feedback_examples=(), started=0.0)
+    after = dict(prepared.model.named_parameters())
+    assert all(torch.equal(before[n], after[n]) for n in before)

@@ -1,0 +1,413 @@
+"""Repositories and models of memory_store, on SQLite and PostgreSQL (`db_session_factory`)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta, timezone
+
+import pytest
+from sqlalchemy import select
+
+from memory_store.errors import Conflict, IdempotencyConflict, NotFound
+from memory_store.models import FeedbackItem, Job
+from memory_store.repositories import (
+    AdapterRepository,
+    ConversationRepository,
+    DeploymentRepository,
+    FeedbackRepository,
+    MemoryRepository,
+    NewFeedback,
+    TrainingRunRepository,
+)
+
+MESSAGES = [
+    {"role": "system", "content": "be brief"},
+    {"role": "user", "content": "capital of France?"},
+    {"role": "assistant", "content": "It is Paris, a city in France."},
+]
+
+
+def feedback(namespace: str = "ns", continuation: str = "Paris.", **fields: object) -> dict[str, object]:
+    return {
+        "namespace": namespace,
+        "messages": MESSAGES,
+        "target_index": 2,
+        "continuation": continuation,
+        **fields,
+    }
+
+
+# --- feedback --------------------------------------------------------------------------------------
+
+
+def test_feedback_add_and_get_round_trips_every_field(db_session_factory):
+    with db_session_factory.begin() as session:
+        conversation = ConversationRepository(session).add(namespace="ns", messages=MESSAGES, model="m")
+        item, created = FeedbackRepository(session).add(
+            **feedback(reason="too long", memories=["m1"], tags=["a", "b"], conversation_id=conversation.id)
+        )
+        item_id = item.id
+    assert created
+    with db_session_factory() as session:
+        stored = FeedbackRepository(session).get(id=item_id)
+        assert stored.messages == MESSAGES
+        assert (stored.target_index, stored.continuation, stored.reason) == (2, "Paris.", "too long")
+        assert (stored.memories, stored.tags, stored.conversation_id) == (["m1"], ["a", "b"], conversation.id)
+        assert stored.status == "pending" and stored.trained_in_version is None
+        assert stored.created_at.tzinfo is not None
+        with pytest.raises(NotFound):
+            FeedbackRepository(session).get(id=item_id, namespace="other")
+        with pytest.raises(NotFound):
+            FeedbackRepository(session).get(id=item_id + 1000)
+
+
+def test_feedback_idempotent_replay_returns_same_row_and_different_body_conflicts(db_session_factory):
+    with db_session_factory.begin() as session:
+        first, created_first = FeedbackRepository(session).add(**feedback(idempotency_key="key-1"))
+    with db_session_factory.begin() as session:
+        replay, created_replay = FeedbackRepository(session).add(**feedback(idempotency_key="key-1"))
+        # the same key in another namespace is another item
+        other_ns, created_other = FeedbackRepository(session).add(
+            **feedback(namespace="ns2", idempotency_key="key-1")
+        )
+    assert created_first and not created_replay and created_other
+    assert replay.id == first.id != other_ns.id
+    with db_session_factory.begin() as session, pytest.raises(IdempotencyConflict) as raised:
+        FeedbackRepository(session).add(**feedback(continuation="Something else.", idempotency_key="key-1"))
+    assert raised.value.existing_id == first.id
+    with db_session_factory() as session:
+        assert (
+            session.scalar(select(FeedbackItem.id).where(FeedbackItem.namespace == "ns").limit(5)) == first.id
+        )
+        assert len(session.scalars(select(FeedbackItem)).all()) == 2
+
+
+def test_feedback_from_conversation_copies_messages_and_checks_namespace(db_session_factory):
+    with db_session_factory.begin() as session:
+        conversation = ConversationRepository(session).add(namespace="ns", messages=MESSAGES, source="agent")
+        item, _ = FeedbackRepository(session).add(
+            namespace="ns", continuation="Paris.", conversation_id=conversation.id
+        )
+        assert item.messages == MESSAGES
+        with pytest.raises(NotFound):
+            FeedbackRepository(session).add(
+                namespace="other", continuation="x", conversation_id=conversation.id
+            )
+        with pytest.raises(NotFound):
+            FeedbackRepository(session).add(
+                namespace="ns", continuation="x", conversation_id=conversation.id + 99
+            )
+        with pytest.raises(ValueError, match="messages or a conversation_id"):
+            FeedbackRepository(session).add(namespace="ns", continuation="x")
+
+
+def test_feedback_add_many_is_one_transaction(db_session_factory):
+    items = [NewFeedback(namespace="ns", messages=MESSAGES, continuation=f"answer {i}") for i in range(5)]
+    with db_session_factory.begin() as session:
+        results = FeedbackRepository(session).add_many(items=items)
+    assert [item.continuation for item, created in results] == [f"answer {i}" for i in range(5)]
+    assert all(created for _, created in results)
+    ids = [item.id for item, _ in results]
+    assert ids == sorted(ids)
+
+    # a bad item in the middle rolls the whole batch back
+    bad_batch = [*items[:2], NewFeedback(namespace="ns", continuation="x", conversation_id=424242)]
+    with pytest.raises(NotFound), db_session_factory.begin() as session:
+        FeedbackRepository(session).add_many(items=bad_batch)
+    with db_session_factory() as session:
+        assert FeedbackRepository(session).count_pending(namespace="ns") == 5
+
+
+def test_feedback_add_many_replays_keys_within_and_across_batches(db_session_factory):
+    keyed = NewFeedback(namespace="ns", messages=MESSAGES, continuation="a", idempotency_key="k")
+    with db_session_factory.begin() as session:
+        results = FeedbackRepository(session).add_many(items=[keyed, keyed])
+    assert results[0][0].id == results[1][0].id and [c for _, c in results] == [True, False]
+    with db_session_factory.begin() as session:
+        again = FeedbackRepository(session).add_many(items=[keyed])
+    assert again[0][0].id == results[0][0].id and again[0][1] is False
+
+
+def test_feedback_list_filters_and_paginates(db_session_factory):
+    with db_session_factory.begin() as session:
+        repo = FeedbackRepository(session)
+        ids = [repo.add(**feedback(continuation=f"c{i}"))[0].id for i in range(7)]
+        repo.add(**feedback(namespace="elsewhere"))
+        repo.mark_trained(ids=ids[:2], version=1)
+    with db_session_factory() as session:
+        repo = FeedbackRepository(session)
+        pages, after = [], None
+        while page := repo.list(namespace="ns", limit=3, after_id=after):
+            pages.append([item.id for item in page])
+            after = page[-1].id
+        assert pages == [ids[0:3], ids[3:6], ids[6:7]]
+        assert [item.id for item in repo.list(namespace="ns", status="pending")] == ids[2:]
+        assert [item.id for item in repo.list(namespace="ns", status="trained")] == ids[:2]
+        assert repo.list(namespace="ns", since=datetime.now(UTC) + timedelta(hours=1)) == []
+        assert len(repo.list(namespace="ns", since=datetime.now(UTC) - timedelta(hours=1))) == 7
+        assert len(repo.list()) == 8
+        with pytest.raises(ValueError, match="status"):
+            repo.list(status="bogus")
+
+
+def test_feedback_training_bookkeeping(db_session_factory):
+    with db_session_factory.begin() as session:
+        repo = FeedbackRepository(session)
+        ids = [repo.add(**feedback(continuation=f"c{i}"))[0].id for i in range(10)]
+        repo.add(**feedback(namespace="b"))
+        assert repo.mark_trained(ids=ids[:6], version=3) == 6
+        assert repo.mark_skipped(ids=[ids[6]]) == 1
+    with db_session_factory() as session:
+        repo = FeedbackRepository(session)
+        assert repo.count_pending(namespace="ns") == 3
+        assert repo.count_pending() == 4
+        assert repo.pending_by_namespace() == {"ns": 3, "b": 1}
+        assert repo.status_counts(namespace="ns") == {"pending": 3, "trained": 6, "skipped": 1}
+        assert [item.id for item in repo.pending_since(namespace="ns")] == ids[7:]
+        assert [item.id for item in repo.pending_since(namespace="ns", after_id=ids[7])] == ids[8:]
+        assert repo.get(id=ids[0]).trained_in_version == 3
+
+        sample = repo.replay_sample(namespace="ns", before_id=ids[7], n=4, seed=7)
+        assert len(sample) == 4 and all(item.status == "trained" for item in sample)
+        assert [i.id for i in sample] == [
+            i.id for i in repo.replay_sample(namespace="ns", before_id=ids[7], n=4, seed=7)
+        ]
+        assert {i.id for i in repo.replay_sample(namespace="ns", before_id=ids[3], n=10, seed=1)} == set(
+            ids[:3]
+        )
+        assert repo.replay_sample(namespace="ns", before_id=ids[7], n=0, seed=1) == []
+        seeds_differ = {
+            tuple(i.id for i in repo.replay_sample(namespace="ns", before_id=ids[7], n=2, seed=s))
+            for s in range(8)
+        }
+        assert len(seeds_differ) > 1
+
+
+# --- conversations and memories --------------------------------------------------------------------
+
+
+def test_conversations_list_by_namespace(db_session_factory):
+    with db_session_factory.begin() as session:
+        repo = ConversationRepository(session)
+        first = repo.add(namespace="ns", messages=MESSAGES)
+        repo.add(namespace="other", messages=MESSAGES)
+        second = repo.add(namespace="ns", messages=MESSAGES[:2], model="tiny", source="import")
+    with db_session_factory() as session:
+        repo = ConversationRepository(session)
+        assert [c.id for c in repo.list(namespace="ns")] == [first.id, second.id]
+        assert [c.id for c in repo.list(namespace="ns", after_id=first.id)] == [second.id]
+        assert repo.get(id=second.id).model == "tiny"
+        with pytest.raises(NotFound):
+            repo.get(id=first.id, namespace="other")
+
+
+def test_memories_soft_delete_and_bake(db_session_factory):
+    with db_session_factory.begin() as session:
+        repo = MemoryRepository(session)
+        a = repo.add(
+            namespace="ns", content="The user prefers metric units.", title="units", priority=5, tags=["pref"]
+        )
+        b = repo.add(namespace="ns", content="The user's name is Ada.")
+        c = repo.add(namespace="ns", content="Retire me.")
+        repo.add(namespace="other", content="Not here.")
+    with db_session_factory.begin() as session:
+        repo = MemoryRepository(session)
+        retired = repo.delete(id=c.id)
+        assert retired.state == "retired"
+        assert repo.delete(id=c.id).state == "retired"  # idempotent
+        assert repo.mark_baked(ids=[a.id, c.id], version=4) == 1  # retired memories are not baked
+    with db_session_factory() as session:
+        repo = MemoryRepository(session)
+        assert [m.id for m in repo.list(namespace="ns")] == [b.id]
+        assert [m.id for m in repo.list(namespace="ns", state=None)] == [a.id, b.id, c.id]
+        baked = repo.get(id=a.id)
+        assert (baked.state, baked.baked_in_version, baked.priority, baked.tags) == ("baked", 4, 5, ["pref"])
+        assert baked.updated_at >= baked.created_at
+        with pytest.raises(NotFound):
+            repo.delete(id=a.id, namespace="other")
+
+
+# --- adapters ----------------------------------------------------------------------------------------
+
+
+def test_adapter_versions_current_pointer_and_rollback(db_session_factory):
+    with db_session_factory.begin() as session:
+        repo = AdapterRepository(session)
+        repo.ensure_adapter(name="ns", base_model="/models/tiny")
+        assert repo.ensure_adapter(name="ns").base_model == "/models/tiny"
+        assert repo.current(name="ns") is None
+        assert repo.next_version(name="ns") == 0
+        v0 = repo.add_version(name="ns", path="/a/ns/v0", sha256="0" * 64)
+        repo.set_current(name="ns", version=v0.version)
+        v1 = repo.add_version(name="ns", parent_version=0, feedback_from_id=1, feedback_to_id=9)
+        assert (v0.version, v1.version) == (0, 1)
+        with pytest.raises(Conflict, match="path"):
+            repo.set_current(name="ns", version=1)  # no files yet
+        repo.update_version(
+            name="ns", version=1, path="/a/ns/v1", sha256="1" * 64, metrics={"nll_after": 0.5}
+        )
+        repo.update_version(name="ns", version=1, metrics={"drift_kl": 0.01})
+        repo.set_current(name="ns", version=1)
+        repo.add_version(name="ns", path="/a/ns/v2", parent_version=1)
+        repo.set_status(name="ns", version=2, status="rejected", reason="gate: nll did not drop")
+        with pytest.raises(Conflict):
+            repo.set_current(name="ns", version=2)
+        with pytest.raises(Conflict):
+            repo.add_version(name="ns", version=1, path="/dup")
+        with pytest.raises(Conflict, match="current"):
+            repo.set_status(name="ns", version=1, status="retired")
+        with pytest.raises(ValueError):
+            repo.add_version(name="ns", status="current")
+        with pytest.raises(NotFound):
+            repo.add_version(name="missing")
+
+    with db_session_factory() as session:
+        repo = AdapterRepository(session)
+        current = repo.current(name="ns")
+        assert current is not None and current.version == 1
+        assert current.metrics == {"nll_after": 0.5, "drift_kl": 0.01}
+        assert (current.feedback_from_id, current.feedback_to_id, current.parent_version) == (1, 9, 0)
+        [adapter] = repo.list_with_versions()
+        assert adapter.current_version == 1
+        assert [(v.version, v.status) for v in adapter.versions] == [
+            (0, "retired"),
+            (1, "current"),
+            (2, "rejected"),
+        ]
+        assert repo.get_version(name="ns", version=2).reason == "gate: nll did not drop"
+
+    with db_session_factory.begin() as session:
+        repo = AdapterRepository(session)
+        rolled = repo.rollback(name="ns", reason="regressed in production")
+        assert rolled.version == 0
+        assert repo.get_version(name="ns", version=1).reason == "regressed in production"
+        with pytest.raises(Conflict, match="no earlier version"):
+            repo.rollback(name="ns")
+        assert repo.rollback(name="ns", to=1).version == 1
+    with db_session_factory() as session:
+        repo = AdapterRepository(session)
+        assert [(v.version, v.status) for v in repo.list_versions(name="ns")] == [
+            (0, "retired"),
+            (1, "current"),
+            (2, "rejected"),
+        ]
+        assert repo.get_adapter(name="ns").current_version == 1
+        with pytest.raises(NotFound):
+            repo.get_version(name="ns", version=9)
+        with pytest.raises(NotFound):
+            repo.current(name="nope")
+
+
+def test_failed_set_current_leaves_pointer_unchanged(db_session_factory):
+    with db_session_factory.begin() as session:
+        repo = AdapterRepository(session)
+        repo.ensure_adapter(name="ns")
+        repo.add_version(name="ns", path="/v0")
+        repo.set_current(name="ns", version=0)
+        repo.add_version(name="ns", path="/v1")
+    with pytest.raises(RuntimeError), db_session_factory.begin() as session:
+        AdapterRepository(session).set_current(name="ns", version=1)
+        raise RuntimeError("crash between the flip and the commit")
+    with db_session_factory() as session:
+        repo = AdapterRepository(session)
+        assert repo.current(name="ns").version == 0
+        assert repo.get_version(name="ns", version=1).status == "candidate"
+
+
+# --- training runs and deployments -------------------------------------------------------------------
+
+
+def test_training_runs_record_outcomes(db_session_factory):
+    with db_session_factory.begin() as session:
+        job = Job(kind="train", namespace="ns", payload={})
+        session.add(job)
+        session.flush()
+        repo = TrainingRunRepository(session)
+        run = repo.start(
+            namespace="ns",
+            kind="train",
+            job_id=job.id,
+            parent_version=0,
+            feedback_from_id=1,
+            feedback_to_id=5,
+        )
+        repo.finish(id=run.id, status="succeeded", version=1, metrics={"train_tokens": 120})
+        rejected = repo.start(namespace="ns", kind="distill")
+        repo.finish(id=rejected.id, status="rejected", metrics={"gap_closure": 0.1}, error="gate")
+        with pytest.raises(ValueError):
+            repo.start(namespace="ns", kind="bogus")
+        with pytest.raises(ValueError):
+            repo.finish(id=run.id, status="running")
+    with db_session_factory() as session:
+        repo = TrainingRunRepository(session)
+        stored = repo.get(id=run.id)
+        assert (stored.status, stored.version, stored.metrics, stored.job_id) == (
+            "succeeded",
+            1,
+            {"train_tokens": 120},
+            job.id,
+        )
+        assert stored.finished_at is not None and stored.finished_at >= stored.started_at
+        assert [r.id for r in repo.list(namespace="ns")] == [run.id, rejected.id]
+        assert [r.id for r in repo.list(namespace="ns", kind="distill")] == [rejected.id]
+        assert repo.latest(namespace="ns").id == rejected.id
+        assert repo.latest(namespace="ns", status="succeeded").id == run.id
+        assert repo.latest(namespace="none") is None
+
+
+def test_deployments_upsert_per_replica_and_name(db_session_factory):
+    with db_session_factory.begin() as session:
+        AdapterRepository(session).ensure_adapter(name="ns")
+        repo = DeploymentRepository(session)
+        first = repo.upsert(
+            adapter_name="ns", version=1, replica_url="http://a:8000", served_name="ns-v1", state="loading"
+        )
+        same = repo.upsert(
+            adapter_name="ns", version=1, replica_url="http://a:8000", served_name="ns-v1", state="loaded"
+        )
+        repo.upsert(
+            adapter_name="ns",
+            version=1,
+            replica_url="http://b:8000",
+            served_name="ns-v1",
+            state="failed",
+            error="down",
+        )
+        assert same.id == first.id
+        repo.set_state(id=first.id, state="unloading")
+        with pytest.raises(ValueError):
+            repo.set_state(id=first.id, state="bogus")
+    with db_session_factory.begin() as session:
+        repo = DeploymentRepository(session)
+        assert [(d.replica_url, d.state) for d in repo.list(adapter_name="ns")] == [
+            ("http://a:8000", "unloading"),
+            ("http://b:8000", "failed"),
+        ]
+        assert [d.error for d in repo.list(state="failed")] == ["down"]
+        repo.delete(id=first.id)
+        assert len(repo.list(replica_url="http://a:8000")) == 0
+
+
+# --- timestamps --------------------------------------------------------------------------------------
+
+
+def test_timestamps_round_trip_as_aware_utc(db_session_factory):
+    plus_two = timezone(timedelta(hours=2))
+    moment = datetime(2026, 1, 2, 3, 4, 5, 678901, tzinfo=plus_two)
+    naive_utc = datetime(2026, 1, 2, 1, 4, 5, 678901)
+    with db_session_factory.begin() as session:
+        first = Job(kind="k", payload={}, run_after=moment, created_at=moment)
+        second = Job(kind="k", payload={}, run_after=naive_utc, created_at=moment + timedelta(microseconds=1))
+        session.add_all([first, second])
+        session.flush()
+        ids = (first.id, second.id)
+    with db_session_factory() as session:
+        stored = [session.get(Job, i) for i in ids]
+        for job in stored:
+            assert job.run_after.tzinfo is not None and job.run_after.utcoffset() == timedelta(0)
+            assert job.run_after == moment  # same instant, whatever zone it was written in
+        assert stored[0].run_after.hour == 1
+        # range filters compare instants, on SQLite too
+        found = session.scalars(select(Job.id).where(Job.created_at > moment).order_by(Job.id)).all()
+        assert found == [ids[1]]
+        found = session.scalars(select(Job.id).where(Job.created_at >= moment.astimezone(UTC))).all()
+        assert sorted(found) == list(ids)

@@ -1,0 +1,152 @@
+"""Per-token negative log-likelihood on supervised positions only (labels != -100).
+
+Owns `TokenBatch` (a padded batch with the flat indices of its supervised positions precomputed) and
+the forward that runs the decoder once and applies the LM head only where a label exists: with a
+150k-token vocabulary that is most of the cost of a full-logits forward. Knows nothing of rendering,
+optimisers or adapters' files.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+__all__ = [
+    "IGNORE_INDEX",
+    "TokenBatch",
+    "batches_from_groups",
+    "causal_lm_of",
+    "supervised_logits",
+    "token_nll_sum",
+]
+
+IGNORE_INDEX = -100
+# above this many supervised positions the LM head + loss run in checkpointed chunks (bounded memory)
+DEFAULT_LOGITS_CHUNK = 4096
+# config keys of models that rescale their logits after the LM head: those go through the model's own
+# forward (full logits), which is always right; softcapping is applied on the fast path
+_LOGIT_POSTPROCESSING_KEYS = ("logit_scale", "logits_scaling", "output_multiplier", "lm_head_multiplier")
+
+
+@dataclass(frozen=True)
+class TokenBatch:
+    """A padded batch ready for the device. `target_index` indexes the flattened `[B * (T - 1)]`
+    next-token positions whose label is supervised; `targets` are those labels."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor | None  # None when nothing is padded (lets SDPA take its causal path)
+    target_index: torch.Tensor
+    targets: torch.Tensor
+    num_targets: int
+    num_tokens: int
+
+    @classmethod
+    def from_padded(cls, padded: dict[str, torch.Tensor]) -> TokenBatch:
+        """Build from `collate.pad_collate` output (labels aligned with input_ids, HF convention)."""
+        input_ids = padded["input_ids"].long()
+        labels = padded["labels"].long()
+        attention_mask = padded.get("attention_mask")
+        if labels.shape != input_ids.shape:
+            raise ValueError(f"labels {tuple(labels.shape)} and input_ids {tuple(input_ids.shape)} differ")
+        shifted = labels[:, 1:].reshape(-1)
+        target_index = torch.nonzero(shifted != IGNORE_INDEX, as_tuple=True)[0]
+        num_tokens = int(attention_mask.sum()) if attention_mask is not None else input_ids.numel()
+        if attention_mask is not None and bool(attention_mask.all()):
+            attention_mask = None
+        return cls(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            target_index=target_index,
+            targets=shifted[target_index],
+            num_targets=int(target_index.numel()),
+            num_tokens=num_tokens,
+        )
+
+    def to(self, device: torch.device | str) -> TokenBatch:
+        move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
+        return TokenBatch(
+            input_ids=move(self.input_ids),
+            attention_mask=move(self.attention_mask),
+            target_index=move(self.target_index),
+            targets=move(self.targets),
+            num_targets=self.num_targets,
+            num_tokens=self.num_tokens,
+        )
+
+
+def causal_lm_of(model: torch.nn.Module) -> Any:
+    """The transformers causal LM inside `model` (a peft model or the LM itself)."""
+    get_base_model = getattr(model, "get_base_model", None)
+    return get_base_model() if callable(get_base_model) else model
+
+
+def _needs_full_forward(config: Any) -> bool:
+    return any(getattr(config, key, None) not in (None, 1, 1.0) for key in _LOGIT_POSTPROCESSING_KEYS)
+
+
+def _supervised_hidden(model: torch.nn.Module, batch: TokenBatch) -> torch.Tensor:
+    causal_lm = causal_lm_of(model)
+    backbone = causal_lm.base_model
+    outputs = backbone(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+    hidden = outputs[0][:, :-1, :]
+    return hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch.target_index)
+
+
+def _head_logits(causal_lm: Any, hidden: torch.Tensor) -> torch.Tensor:
+    logits = causal_lm.get_output_embeddings()(hidden).float()
+    softcap = getattr(causal_lm.config, "final_logit_softcapping", None)
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
+    return logits
+
+
+def supervised_logits(model: torch.nn.Module, batch: TokenBatch) -> torch.Tensor:
+    """Float32 logits `[num_targets, vocab]` predicting each supervised token (no loss, for eval/KL)."""
+    causal_lm = causal_lm_of(model)
+    if _needs_full_forward(causal_lm.config):
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
+        logits = logits[:, :-1, :].reshape(-1, logits.shape[-1]).index_select(0, batch.target_index)
+        return logits.float()
+    return _head_logits(causal_lm, _supervised_hidden(model, batch))
+
+
+def _chunk_nll_sum(causal_lm: Any, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(_head_logits(causal_lm, hidden), targets, reduction="sum")
+
+
+def token_nll_sum(
+    model: torch.nn.Module, batch: TokenBatch, *, logits_chunk: int = DEFAULT_LOGITS_CHUNK
+) -> torch.Tensor:
+    """Sum over supervised positions of -log p(label) (float32 scalar; divide by the token count).
+
+    Above `logits_chunk` positions, the head and loss are evaluated chunk by chunk under activation
+    checkpointing, so at most `logits_chunk x vocab` logits live at once (forward and backward).
+    """
+    causal_lm = causal_lm_of(model)
+    if _needs_full_forward(causal_lm.config):
+        return F.cross_entropy(supervised_logits(model, batch), batch.targets, reduction="sum")
+    hidden = _supervised_hidden(model, batch)
+    if hidden.shape[0] <= logits_chunk:
+        return _chunk_nll_sum(causal_lm, hidden, batch.targets)
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, hidden.shape[0], logits_chunk):
+        part = slice(start, start + logits_chunk)
+        if torch.is_grad_enabled():
+            total = total + checkpoint(
+                _chunk_nll_sum, causal_lm, hidden[part], batch.targets[part], use_reentrant=False
+            )
+        else:
+            total = total + _chunk_nll_sum(causal_lm, hidden[part], batch.targets[part])
+    return total
+
+
+def batches_from_groups(groups: Sequence[Sequence[Any]], pad_token_id: int) -> list[TokenBatch]:
+    """Collate each group of `render.Example`s with `collate.pad_collate` into a `TokenBatch`."""
+    from training.collate import pad_collate
+
+    return [TokenBatch.from_padded(pad_collate(list(group), pad_token_id)) for group in groups]
