@@ -27,6 +27,7 @@ from service.config import Settings
 from service.errors import install_error_handlers
 from service.feedback_intake import FeedbackValidator
 from service.metrics import MetricsMiddleware, ServiceMetrics
+from service.proxy import InferenceProxy
 from service.routes import api_router
 
 logger = logging.getLogger(__name__)
@@ -67,7 +68,9 @@ def create_app(
     """A ready-to-serve app. `background` builds the services started in the lifespan (none if
     omitted); `start_background=False` keeps them off (API-only processes, most tests)."""
     engine = make_engine(
-        settings.database_url, connect_timeout_s=settings.db_connect_timeout_s, pool_size=settings.db_pool_size
+        settings.database_url,
+        connect_timeout_s=settings.db_connect_timeout_s,
+        pool_size=settings.db_pool_size,
     )
     resources = AppResources(
         settings=settings,
@@ -95,6 +98,7 @@ def create_app(
             for service in reversed(started):
                 logger.info("stopping background service %s", service.name)
                 await anyio.to_thread.run_sync(service.stop)
+            await app.state.inference_proxy.aclose()
             engine.dispose()
 
     app = FastAPI(
@@ -110,6 +114,7 @@ def create_app(
     app.state.token_table = token_table
     app.state.feedback_validator = validator
     app.state.background_services = []
+    app.state.inference_proxy = InferenceProxy.from_settings(settings, resources.session_factory)
 
     install_error_handlers(app)
     app.include_router(api_router)

@@ -12,7 +12,7 @@ import sys
 import time
 from datetime import datetime
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import typer
 from pydantic import ValidationError
@@ -56,7 +56,7 @@ def _settings(*, serving: bool = False) -> Settings:
     return settings
 
 
-def _session_factory(settings: Settings):  # noqa: ANN202 - sessionmaker[Session]
+def _session_factory(settings: Settings):
     from memory_store.db import make_engine, make_session_factory
 
     engine = make_engine(settings.database_url, connect_timeout_s=settings.db_connect_timeout_s)
@@ -87,16 +87,18 @@ def _short(text: str | None, width: int = 60) -> str:
 
 @app.command()
 def serve(
-    host: Annotated[Optional[str], typer.Option(help="Bind address (default: LORALOOP_HOST).")] = None,
-    port: Annotated[Optional[int], typer.Option(help="Port (default: LORALOOP_PORT).")] = None,
+    host: Annotated[str | None, typer.Option(help="Bind address (default: LORALOOP_HOST).")] = None,
+    port: Annotated[int | None, typer.Option(help="Port (default: LORALOOP_PORT).")] = None,
 ) -> None:
-    """Run the HTTP API (and the background services wired into the app) until interrupted."""
+    """Run the HTTP API with its background services (embedded vLLM when LORALOOP_VLLM_URLS=embedded,
+    reconciler, worker, distillation scheduler) until SIGINT/SIGTERM stops them all."""
     import uvicorn
 
     from service.app import create_app
+    from service.daemon import background_services, prepare_serving
 
-    settings = _settings(serving=True)
-    application = create_app(settings)
+    settings = prepare_serving(_settings(serving=True))
+    application = create_app(settings, background=background_services(settings))
     uvicorn.run(
         application,
         host=host or settings.host,
@@ -106,6 +108,20 @@ def serve(
         server_header=False,
         timeout_graceful_shutdown=10,
     )
+
+
+@app.command()
+def demo(
+    keep_serving: Annotated[bool, typer.Option(help="Keep serving after the loop until Ctrl-C.")] = True,
+) -> None:
+    """Show the loop on CPU: embedded vLLM + tiny model, ask, post feedback, watch the new version
+    get trained, gated and hot-swapped, ask again (state under ./var/demo, auth off, 127.0.0.1)."""
+    from service.demo import DemoFailed, run_demo
+
+    try:
+        run_demo(console, keep_serving=keep_serving)
+    except DemoFailed as error:
+        raise CliError(str(error)) from error
 
 
 # --- db ------------------------------------------------------------------------------------------
@@ -132,9 +148,9 @@ def _feedback_dict(item: Any) -> dict[str, Any]:
 
 @feedback_app.command("list")
 def feedback_list(
-    namespace: Annotated[Optional[str], typer.Option(help="Only this namespace.")] = None,
-    status: Annotated[Optional[str], typer.Option(help="pending, trained or skipped.")] = None,
-    since: Annotated[Optional[datetime], typer.Option(help="Created at or after (ISO time, UTC).")] = None,
+    namespace: Annotated[str | None, typer.Option(help="Only this namespace.")] = None,
+    status: Annotated[str | None, typer.Option(help="pending, trained or skipped.")] = None,
+    since: Annotated[datetime | None, typer.Option(help="Created at or after (ISO time, UTC).")] = None,
     limit: Annotated[int, typer.Option(min=1, max=10_000, help="At most this many items.")] = 50,
     as_json: JsonFlag = False,
 ) -> None:
@@ -162,7 +178,9 @@ def feedback_list(
 
 
 @feedback_app.command("show")
-def feedback_show(feedback_id: Annotated[int, typer.Argument(help="Feedback id.")], as_json: JsonFlag = False) -> None:
+def feedback_show(
+    feedback_id: Annotated[int, typer.Argument(help="Feedback id.")], as_json: JsonFlag = False
+) -> None:
     """Show one feedback item with its messages."""
     from memory_store.repositories import FeedbackRepository
 
@@ -177,7 +195,9 @@ def feedback_show(feedback_id: Annotated[int, typer.Argument(help="Feedback id."
         f"target_index={row['target_index']} created={row['created_at']}"
     )
     for index, message in enumerate(row["messages"]):
-        console.print(f"[dim]{index:>3}[/] [cyan]{message['role']:>9}[/] {_short(message.get('content'), 100)}")
+        console.print(
+            f"[dim]{index:>3}[/] [cyan]{message['role']:>9}[/] {_short(message.get('content'), 100)}"
+        )
     console.print(f"[green]continuation[/] {row['continuation']}")
     if row["reason"]:
         console.print(f"[dim]reason[/] {row['reason']}")
@@ -201,7 +221,9 @@ def _adapters(settings: Settings, name: str | None) -> list[dict[str, Any]]:
 
 
 def _print_adapter_versions(adapter: dict[str, Any]) -> None:
-    table = Table("version", "status", "parent", "created", "nll_before", "nll_after", "drift_kl", title=adapter["name"])
+    table = Table(
+        "version", "status", "parent", "created", "nll_before", "nll_after", "drift_kl", title=adapter["name"]
+    )
     for version in adapter["versions"]:
         metrics = version["metrics"]
         marker = " *" if version["version"] == adapter["current"] else ""
@@ -210,8 +232,10 @@ def _print_adapter_versions(adapter: dict[str, Any]) -> None:
             version["status"],
             "" if version["parent"] is None else f"v{version['parent']}",
             version["created_at"][:19],
-            *(f"{metrics[key]:.4g}" if isinstance(metrics.get(key), (int, float)) else "" for key in
-              ("nll_before", "nll_after", "drift_kl")),
+            *(
+                f"{metrics[key]:.4g}" if isinstance(metrics.get(key), (int, float)) else ""
+                for key in ("nll_before", "nll_after", "drift_kl")
+            ),
         )
     console.print(table)
 
@@ -231,7 +255,9 @@ def adapters_list(as_json: JsonFlag = False) -> None:
 
 
 @adapters_app.command("show")
-def adapters_show(name: Annotated[str, typer.Argument(help="Adapter (namespace) name.")], as_json: JsonFlag = False) -> None:
+def adapters_show(
+    name: Annotated[str, typer.Argument(help="Adapter (namespace) name.")], as_json: JsonFlag = False
+) -> None:
     """Show one adapter's versions with status and metrics (* marks the current one)."""
     (adapter,) = _adapters(_settings(), name)
     if as_json:
@@ -243,16 +269,25 @@ def adapters_show(name: Annotated[str, typer.Argument(help="Adapter (namespace) 
 @adapters_app.command("rollback")
 def adapters_rollback(
     name: Annotated[str, typer.Argument(help="Adapter (namespace) name.")],
-    to: Annotated[Optional[int], typer.Option(help="Version to make current (default: the previous one).")] = None,
+    to: Annotated[
+        int | None, typer.Option(help="Version to make current (default: the previous one).")
+    ] = None,
 ) -> None:
-    """Make an earlier version current; the daemon hot-swaps it into vLLM."""
-    from memory_store.repositories import AdapterRepository
+    """Make an earlier version current: its files are verified and loaded on every vLLM replica
+    first; on any failure the current version stays."""
+    from service.registry import AdapterRegistry, PromotionFailed, build_hot_swapper
 
     settings = _settings()
-    with _session_factory(settings).begin() as session:
-        row = AdapterRepository(session).rollback(name=name, to=to, reason="rolled back with the CLI")
-        version = row.version
-    typer.echo(f"{name}: current version is now v{version}")
+    swapper = build_hot_swapper(settings)
+    registry = AdapterRegistry.from_settings(settings, _session_factory(settings), swapper)
+    try:
+        current = registry.rollback(name, to, reason="rolled back with the CLI")
+    except PromotionFailed as error:
+        raise CliError(str(error)) from error
+    finally:
+        if swapper is not None:
+            swapper.close()
+    typer.echo(f"{name}: current version is now v{current.version}")
 
 
 # --- inspect -------------------------------------------------------------------------------------
@@ -278,21 +313,24 @@ def _load_item(settings: Settings, feedback_id: int | None, file: Path | None) -
 
 @app.command()
 def inspect(
-    feedback_id: Annotated[Optional[int], typer.Argument(help="A stored feedback id.")] = None,
+    feedback_id: Annotated[int | None, typer.Argument(help="A stored feedback id.")] = None,
     file: Annotated[
-        Optional[Path], typer.Option("--file", help="A feedback item (POST /feedback JSON shape).", dir_okay=False)
+        Path | None,
+        typer.Option("--file", help="A feedback item (POST /feedback JSON shape).", dir_okay=False),
     ] = None,
     tokenizer: Annotated[
-        Optional[Path], typer.Option(help="Tokenizer folder (default: the base model's, LORALOOP_TOKENIZER).")
+        Path | None, typer.Option(help="Tokenizer folder (default: the base model's, LORALOOP_TOKENIZER).")
     ] = None,
-    as_json: Annotated[bool, typer.Option("--json", help='Print {"input_ids": [...], "labels": [...]}.')] = False,
+    as_json: Annotated[
+        bool, typer.Option("--json", help='Print {"input_ids": [...], "labels": [...]}.')
+    ] = False,
 ) -> None:
     """Show the training example of a feedback item: every token and whether it is trained."""
     from training.inspect import inspect_item, render_table
     from training.render import render_example
-    from training.tokenizers import load_tokenizer
 
     from service.feedback_intake import render_config
+    from training.tokenizers import load_tokenizer
 
     settings = _settings()
     item = _load_item(settings, feedback_id, file)
@@ -314,7 +352,9 @@ def inspect(
 @app.command()
 def train(
     namespace: Annotated[str, typer.Option(help="Namespace (adapter) to train.")],
-    wait: Annotated[bool, typer.Option("--wait", help="Wait for the job; exit 0 only if it succeeded.")] = False,
+    wait: Annotated[
+        bool, typer.Option("--wait", help="Wait for the job; exit 0 only if it succeeded.")
+    ] = False,
     timeout: Annotated[float, typer.Option(help="Give up waiting after this many seconds.")] = 3600.0,
     poll: Annotated[float, typer.Option(help="Seconds between status checks.", min=0.05)] = 1.0,
 ) -> None:
@@ -338,23 +378,164 @@ def train(
         )
         job_id = job.id
     typer.echo(f"job {job_id} queued (train {namespace})")
-    if not wait:
-        return
+    if wait and not _wait_for_jobs(factory, [job_id], timeout=timeout, poll=poll):
+        raise typer.Exit(1)
+
+
+# Outcomes of a finished job that did not make a new version current (the CLI exits 1 on them).
+UNSERVED_OUTCOMES = ("rejected", "stale")
+
+
+def _job_line(job_id: int, status: str, result: dict[str, Any]) -> str:
+    version, outcome = result.get("version"), result.get("outcome")
+    line = f"job {job_id} {status}"
+    if outcome:
+        line += f" ({outcome})"
+    if version is not None:
+        line += f" version v{version}"
+    if result.get("gate"):
+        line += f": {result['gate']}"
+    return line
+
+
+def _progress_text(kind: str, namespace: str | None, status: str, progress: dict[str, Any]) -> str:
+    text = f"{kind} {namespace or ''} {status}"
+    if progress.get("phase"):
+        text += f" · {progress['phase']}"
+    if "loss" in progress:
+        text += f" · loss {progress['loss']:.4f}"
+    if progress.get("tokens_per_s"):
+        text += f" · {progress['tokens_per_s']:.0f} tok/s"
+    return text
+
+
+def _wait_for_jobs(factory: Any, job_ids: list[int], *, timeout: float, poll: float) -> bool:
+    """Follow the jobs with a progress bar (step / total steps) until each one ends; print each
+    one's status, outcome and version. True only when every job succeeded and served its result."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from memory_store.queue import JobQueue
+
     deadline = time.monotonic() + timeout
-    while True:
+    pending = list(job_ids)
+    ok = True
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=err_console, transient=True, disable=not err_console.is_terminal) as bars:
+        tasks = {job_id: bars.add_task(f"job {job_id}", total=None) for job_id in job_ids}
+        while pending:
+            for job_id in list(pending):
+                with factory() as session:
+                    job = JobQueue(session).get(job_id=job_id)
+                    kind, namespace, status = job.kind, job.namespace, job.status
+                    progress, result, error = dict(job.progress or {}), dict(job.result or {}), job.error
+                if status not in TERMINAL_JOB_STATUSES:
+                    bars.update(
+                        tasks[job_id],
+                        description=_progress_text(kind, namespace, status, progress),
+                        completed=progress.get("step", 0),
+                        total=progress.get("total_steps"),
+                    )
+                    continue
+                pending.remove(job_id)
+                bars.remove_task(tasks[job_id])
+                typer.echo(_job_line(job_id, status, result))
+                if status != "succeeded" or result.get("outcome") in UNSERVED_OUTCOMES:
+                    ok = False
+                    if error:
+                        err_console.print(f"error: {_short(error, 300)}")
+            if pending:
+                if time.monotonic() > deadline:
+                    raise CliError(f"job(s) {', '.join(map(str, pending))} not finished after {timeout:g}s")
+                time.sleep(poll)
+    return ok
+
+
+# --- worker and distillation -------------------------------------------------------------------
+
+
+@app.command()
+def worker(
+    worker_id: Annotated[
+        str | None, typer.Option(help="Name of this worker in job leases (default: host:pid:random).")
+    ] = None,
+) -> None:
+    """Run the job worker only (training and distillation jobs, no HTTP API) until SIGINT/SIGTERM;
+    the job in progress is given back to the queue on a graceful stop."""
+    import signal
+
+    from memory_store.db import upgrade_database
+    from service.daemon import job_handlers
+    from service.registry import AdapterRegistry, build_hot_swapper
+    from service.worker import Worker
+
+    settings = _settings()
+    upgrade_database(settings.database_url)
+    factory = _session_factory(settings)
+    registry = AdapterRegistry.from_settings(settings, factory, build_hot_swapper(settings))
+    job_worker = Worker(settings, factory, job_handlers(settings, factory, registry), worker_id=worker_id)
+
+    def stop(signum: int, _frame: object) -> None:
+        err_console.print(f"{signal.Signals(signum).name}: stopping after giving back the current job")
+        job_worker.request_stop()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    typer.echo(f"worker {job_worker.worker_id} running (kinds: {', '.join(sorted(job_worker.handlers))})")
+    job_worker.run_forever()
+
+
+@app.command()
+def distill(
+    namespace: Annotated[
+        str | None, typer.Option(help="Namespace to distil (default: every namespace with active memories).")
+    ] = None,
+    now: Annotated[
+        bool, typer.Option("--now", help="Queue a run now instead of only the runs the schedule says are due.")
+    ] = False,
+    wait: Annotated[
+        bool, typer.Option("--wait", help="Wait for the job(s); exit 0 only if each made a new version current.")
+    ] = False,
+    timeout: Annotated[float, typer.Option(help="Give up waiting after this many seconds.")] = 3600.0,
+    poll: Annotated[float, typer.Option(help="Seconds between status checks.", min=0.05)] = 1.0,
+) -> None:
+    """Queue memory distillation (a running `serve` or `worker` executes it): with --now for
+    NAMESPACE (or every namespace with active memories), otherwise the runs the schedule has due."""
+    from memory_store.queue import JobQueue
+    from service.distill_job import distill_dedupe_key, distill_namespaces, enqueue_distill, scheduler_callables
+    from service.scheduler import DistillScheduler
+    from service.schemas import check_namespace
+
+    if namespace is not None:
+        try:
+            check_namespace(namespace)
+        except ValueError as error:
+            raise typer.BadParameter(str(error), param_hint="--namespace") from error
+    settings = _settings()
+    factory = _session_factory(settings)
+    job_ids: list[int] = []
+    if now:
         with factory() as session:
-            job = JobQueue(session).get(job_id=job_id)
-            status, result, error = job.status, job.result or {}, job.error
-        if status in TERMINAL_JOB_STATUSES:
-            break
-        if time.monotonic() > deadline:
-            raise CliError(f"job {job_id} still {status} after {timeout:g}s")
-        time.sleep(poll)
-    version = result.get("version")
-    typer.echo(f"job {job_id} {status}" + ("" if version is None else f" version v{version}"))
-    if status != "succeeded":
-        if error:
-            err_console.print(f"error: {_short(error, 300)}")
+            namespaces = [namespace] if namespace is not None else distill_namespaces(session)
+        for name in namespaces:
+            with factory.begin() as session:
+                job = enqueue_distill(session, settings, name, trigger="cli")
+                job_ids.append(job.id)
+                typer.echo(f"job {job.id} {job.status} (distill {name})")
+    else:
+        callables = scheduler_callables(settings, factory)
+        if namespace is not None:
+            callables["namespaces"] = lambda: [namespace]
+        for run in DistillScheduler.from_settings(settings, **callables).tick():
+            with factory() as session:
+                job = JobQueue(session).active_job(dedupe_key=distill_dedupe_key(run.namespace))
+            if job is None:
+                continue  # already picked up and finished by a worker
+            job_ids.append(job.id)
+            typer.echo(f"job {job.id} queued (distill {run.namespace}, slot {run.scheduled_for.isoformat()})")
+    if not job_ids:
+        typer.echo("nothing to distil now (no namespace with active memories, or no run due)")
+        return
+    if wait and not _wait_for_jobs(factory, job_ids, timeout=timeout, poll=poll):
         raise typer.Exit(1)
 
 

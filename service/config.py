@@ -14,7 +14,7 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-SCOPES = ("feedback:write", "feedback:read", "adapters:read", "adapters:write", "admin")
+SCOPES = ("feedback:write", "feedback:read", "adapters:read", "adapters:write", "inference", "admin")
 
 
 class Settings(BaseSettings):
@@ -107,6 +107,10 @@ class Settings(BaseSettings):
     vllm_sleep_for_training: bool = False
     swap_drain_s: float = Field(10.0, ge=0)
     reconcile_interval_s: float = Field(15.0, gt=0)
+    # OpenAI-compatible proxy (/v1/*): generation can take long, connecting must not
+    inference_timeout_s: float = Field(300.0, gt=0)
+    inference_connect_timeout_s: float = Field(2.0, gt=0)
+    alias_cache_ttl_s: float = Field(1.0, ge=0)  # keep well below swap_drain_s
 
     # --- logging -----------------------------------------------------------------------------------
     log_level: str = "INFO"

@@ -51,7 +51,9 @@ SessionDep = Annotated[Session, Depends(get_session, scope="function")]
 
 # auto_error=False: a missing or malformed header is answered by `authorize` (401 in our JSON shape).
 # The scheme also puts each route's scope into the OpenAPI document (`security`).
-bearer_scheme = HTTPBearer(auto_error=False, description="`Authorization: Bearer <token>`; see LORALOOP_AUTH_TOKENS.")
+bearer_scheme = HTTPBearer(
+    auto_error=False, description="`Authorization: Bearer <token>`; see LORALOOP_AUTH_TOKENS."
+)
 
 
 def authorize(

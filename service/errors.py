@@ -14,11 +14,13 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from sqlalchemy.exc import DBAPIError, TimeoutError as PoolTimeout
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from training.render import RenderError
 
 from memory_store.errors import Conflict, DatabaseUnavailable, IdempotencyConflict, NotFound
-from training.render import RenderError
+from service.proxy import ProxyError
 
 logger = logging.getLogger(__name__)
 
@@ -141,7 +143,9 @@ async def _database_unavailable(request: Request, exc: Exception) -> JSONRespons
     # The cause can hold connection strings; it goes to the log at WARNING without the URL.
     logger.warning("database unavailable on %s %s: %s", request.method, request.url.path, type(exc).__name__)
     return _json(
-        503, error_body("database_unavailable", "the database is unavailable; retry later"), {"Retry-After": "1"}
+        503,
+        error_body("database_unavailable", "the database is unavailable; retry later"),
+        {"Retry-After": "1"},
     )
 
 
@@ -162,7 +166,14 @@ def _is_connection_error(exc: DBAPIError) -> bool:
         # SQLite's "database is locked" is contention, the others are a server that is gone.
         return any(
             marker in text
-            for marker in ("connect", "server closed", "terminating", "database is locked", "timeout", "shutdown")
+            for marker in (
+                "connect",
+                "server closed",
+                "terminating",
+                "database is locked",
+                "timeout",
+                "shutdown",
+            )
         )
     return False
 
@@ -177,7 +188,15 @@ async def _http_exception(request: Request, exc: StarletteHTTPException) -> JSON
     }.get(exc.status_code, "http_error")
     # FastAPI's only 400 is a body it could not decode (invalid UTF-8, nesting too deep for json).
     field = "body" if exc.status_code == 400 else None
-    return _json(exc.status_code, error_body(error_type, str(exc.detail), field), dict(exc.headers or {}) or None)
+    return _json(
+        exc.status_code, error_body(error_type, str(exc.detail), field), dict(exc.headers or {}) or None
+    )
+
+
+async def _proxy_error(request: Request, exc: ProxyError) -> JSONResponse:
+    # /v1/* speaks OpenAI's error shape: {"error": {"message", "type", "param", "code"}}.
+    headers = {"Retry-After": str(exc.retry_after_s)} if exc.retry_after_s is not None else None
+    return _json(exc.status_code, exc.body(), headers)
 
 
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
@@ -196,4 +215,5 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(PoolTimeout, _database_unavailable)
     app.add_exception_handler(DBAPIError, _dbapi_error)  # type: ignore[arg-type]
     app.add_exception_handler(StarletteHTTPException, _http_exception)  # type: ignore[arg-type]
+    app.add_exception_handler(ProxyError, _proxy_error)  # type: ignore[arg-type]
     app.add_exception_handler(Exception, _unexpected)

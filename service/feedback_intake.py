@@ -96,6 +96,15 @@ class FeedbackValidator:
             validate_feedback(self._tokenizer, item, self.config)
 
 
+def default_target_index(messages: Sequence[dict[str, Any]]) -> int:
+    """The API's default `target_index`: the last message when it is an assistant turn (replace
+    it), else `len(messages)` (append a new assistant turn). Items are stored with the resolved
+    index, so the worker never applies a default of its own."""
+    if messages and messages[-1].get("role") == "assistant":
+        return len(messages) - 1
+    return len(messages)
+
+
 def message_dicts(messages: Sequence[Message]) -> list[dict[str, Any]]:
     """Messages as stored: OpenAI shape, unset optional fields left out, `content` always present."""
     dumped = []
@@ -148,9 +157,10 @@ def _prepare(
         if context is None:
             context = list(conversation.messages)
     assert context is not None  # the schema requires messages or conversation_id
+    target_index = default_target_index(context) if body.target_index is None else body.target_index
     try:
         validator.validate(
-            {"messages": context, "target_index": body.target_index, "continuation": body.continuation}
+            {"messages": context, "target_index": target_index, "continuation": body.continuation}
         )
     except RenderError as error:
         raise InvalidField(f"{error.field}: {error.reason}", field=_prefixed(prefix, error.field)) from error
@@ -158,7 +168,7 @@ def _prepare(
         namespace=namespace,
         continuation=body.continuation,
         messages=messages,
-        target_index=body.target_index,
+        target_index=target_index,
         reason=body.reason,
         memories=body.memories,
         tags=body.tags,

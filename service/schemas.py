@@ -23,6 +23,7 @@ MAX_MEMORIES = 256
 MAX_TOOL_CALLS = 128
 MAX_JSON_DEPTH = 32
 MAX_PAGE = 500
+MAX_ID = 2**31 - 1  # ids are 32-bit INTEGER columns: larger values are refused, never sent to SQL
 
 NAMESPACE_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 _NAMESPACE_RE = re.compile(NAMESPACE_PATTERN)
@@ -79,7 +80,10 @@ Namespace = Annotated[
 ]
 Tag = Annotated[str, StringConstraints(min_length=1, max_length=64), AfterValidator(check_text)]
 Continuation = Annotated[
-    str, Field(min_length=1, max_length=MAX_TEXT_CHARS), AfterValidator(check_text), AfterValidator(_check_continuation)
+    str,
+    Field(min_length=1, max_length=MAX_TEXT_CHARS),
+    AfterValidator(check_text),
+    AfterValidator(_check_continuation),
 ]
 JsonObject = Annotated[dict[str, Any], AfterValidator(_check_json_value)]
 
@@ -130,8 +134,9 @@ class FeedbackCreate(_Strict):
     """One improved continuation for one assistant turn (the body of `POST /feedback`).
 
     `target_index` is the index in `messages` of the assistant turn that `continuation` replaces:
-    the context is `messages[:target_index]`. `target_index == len(messages)` appends a new
-    assistant turn. When omitted: the last message if it is an assistant turn, else append.
+    the context is `messages[:target_index]` (at least one message). `target_index ==
+    len(messages)` appends a new assistant turn. When omitted: the last message if it is an
+    assistant turn (replace it), else append; the resolved index is what is stored.
     With `conversation_id` and no `messages`, the messages of that logged conversation are used.
     """
 
@@ -142,7 +147,7 @@ class FeedbackCreate(_Strict):
     reason: Text | None = None
     memories: list[Text] | None = Field(None, max_length=MAX_MEMORIES)
     tags: list[Tag] | None = Field(None, max_length=MAX_TAGS)
-    conversation_id: int | None = Field(None, ge=1, le=2**62)
+    conversation_id: int | None = Field(None, ge=1, le=MAX_ID)
 
     @model_validator(mode="after")
     def _has_context(self) -> FeedbackCreate:
@@ -274,7 +279,7 @@ class AdapterList(BaseModel):
 class RollbackRequest(_Strict):
     """Make `version` current; without it, the parent of the current version."""
 
-    version: int | None = Field(None, ge=0, le=2**31 - 1)
+    version: int | None = Field(None, ge=0, le=MAX_ID)
 
 
 # --- jobs ----------------------------------------------------------------------------------------

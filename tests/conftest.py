@@ -106,3 +106,50 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 # --- end tiny model --------------------------------------------------------------------------------
+
+
+# --- tokenizers (training) -------------------------------------------------------------------------
+# Real offline tokenizers (training/tokenizers.py), each loaded once per session. `family_tokenizer`
+# parametrises a test over EVERY family; `chat_family_tokenizer` over those that have a chat template.
+
+
+@pytest.fixture(scope="session")
+def tokenizer_for():
+    """family name -> loaded tokenizer (cached for the session)."""
+    from training.tokenizers import load_tokenizer
+
+    loaded: dict = {}
+
+    def get(family: str):
+        if family not in loaded:
+            loaded[family] = load_tokenizer(family)
+        return loaded[family]
+
+    return get
+
+
+def _all_families() -> list[str]:
+    from training.tokenizers import FAMILIES
+
+    return list(FAMILIES)
+
+
+def _chat_families() -> list[str]:
+    from training.tokenizers import FAMILIES
+
+    return [family for family, spec in FAMILIES.items() if spec.has_chat_template]
+
+
+@pytest.fixture(scope="session", params=_all_families())
+def family_tokenizer(request: pytest.FixtureRequest, tokenizer_for):
+    """(family, tokenizer) for every tokenizer family."""
+    return request.param, tokenizer_for(request.param)
+
+
+@pytest.fixture(scope="session", params=_chat_families())
+def chat_family_tokenizer(request: pytest.FixtureRequest, tokenizer_for):
+    """(family, tokenizer) for every family that ships or is paired with a chat template."""
+    return request.param, tokenizer_for(request.param)
+
+
+# --- end tokenizers --------------------------------------------------------------------------------

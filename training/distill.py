@@ -10,6 +10,7 @@ memories, conversations, optional responses and paths, and records the returned 
 
 from __future__ import annotations
 
+import logging
 import math
 import random
 import re
@@ -23,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from training.evaluate import AdapterView, builtin_probe_examples, drift_kl
-from training.render import DistillPair, Example, RenderConfig, render_distillation_pair
+from training.render import DistillPair, Example, RenderConfig, RenderError, render_distillation_pair
 from training.token_nll import IGNORE_INDEX, TokenBatch, supervised_logits, token_nll_sum
 from training.trainer import (
     LoraTrainer,
@@ -61,6 +62,8 @@ __all__ = [
     "split_heldout",
     "teacher_messages",
 ]
+
+log = logging.getLogger(__name__)
 
 DEFAULT_PROBE_TEMPLATES = (
     "What do you know about {topic}?",
@@ -146,11 +149,14 @@ class MemoryNote:
 
 @dataclass(frozen=True)
 class DistillPrompt:
-    """A conversation up to (and including) the user turn to answer, plus the response if known."""
+    """A turn to answer: `messages` (the current user turn) after `history` (earlier turns of a stored
+    conversation). The teacher sees memories + history + messages; the student sees the last
+    `student_retained_turns` messages of the history (never a memory) + messages."""
 
     messages: tuple[Mapping[str, Any], ...]
     response: str | None = None  # None: the teacher generates it
     origin: str = "probe"  # "probe" | "conversation"
+    history: tuple[Mapping[str, Any], ...] = ()
 
 
 def prefix_messages_from_memories(
@@ -200,9 +206,9 @@ def probe_prompts(memories: Sequence[MemoryNote], templates: Sequence[str]) -> l
 def conversation_prompts(
     conversations: Sequence[Sequence[Mapping[str, Any]]], *, use_stored_responses: bool = True
 ) -> list[DistillPrompt]:
-    """Every user turn of every stored conversation becomes a prompt (its full history; the renderer
-    trims the student's copy to `student_retained_turns`). The assistant turn that follows is the
-    response when `use_stored_responses`, otherwise the teacher generates one."""
+    """Every user turn of every stored conversation becomes a prompt, with the turns before it as its
+    history. The assistant turn that follows is the response when `use_stored_responses`, otherwise
+    the teacher generates one."""
     prompts = []
     for conversation in conversations:
         for index, message in enumerate(conversation):
@@ -213,8 +219,8 @@ def conversation_prompts(
             if use_stored_responses and following is not None and following.get("role") == "assistant":
                 content = following.get("content")
                 stored = content if isinstance(content, str) and content.strip() else None
-            history = tuple(dict(m) for m in conversation[: index + 1])
-            prompts.append(DistillPrompt(history, stored, "conversation"))
+            history = tuple(dict(m) for m in conversation[:index])
+            prompts.append(DistillPrompt((dict(message),), stored, "conversation", history))
     return prompts
 
 
@@ -235,43 +241,39 @@ def split_heldout(
 
 
 def teacher_messages(prefix_messages: Sequence[Mapping[str, Any]], prompt: DistillPrompt) -> list[dict]:
-    """What the teacher is asked (e.g. what the caller sends to vLLM): the memories, then the prompt.
-    A system message of the prompt is merged into the memories' system message (one system turn)."""
-    prefix = [dict(m) for m in prefix_messages]
-    messages = [dict(m) for m in prompt.messages]
-    if prefix and messages and prefix[0].get("role") == "system" and messages[0].get("role") == "system":
-        prefix[0]["content"] = f"{messages[0]['content']}\n\n{prefix[0]['content']}"
-        messages = messages[1:]
-    return prefix + messages
+    """What the teacher is asked (e.g. what the caller sends to vLLM): memories, history, turn."""
+    return [dict(m) for m in (*prefix_messages, *prompt.history, *prompt.messages)]
 
 
 def build_pairs(
     tokenizer: Any,
     prefix_messages: Sequence[Mapping[str, Any]],
     prompts: Sequence[DistillPrompt],
-    responses: Sequence[str | None],
     *,
     retained_turns: int,
     render_config: RenderConfig,
 ) -> list[DistillPair]:
-    """Render each (prompt, response) as a teacher/student pair; empty responses are dropped."""
-    if len(prompts) != len(responses):
-        raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
+    """Render each prompt with its response as a teacher/student pair. Prompts without a response,
+    and those the renderer rejects (too long, response tokenized differently), are left out."""
     pairs = []
-    for prompt, response in zip(prompts, responses, strict=True):
-        if response is None or not response.strip():
+    for prompt in prompts:
+        if prompt.response is None or not prompt.response.strip():
             continue
-        pair = render_distillation_pair(
-            tokenizer,
-            prefix_messages=list(prefix_messages),
-            messages=list(prompt.messages),
-            response=response,
-            retained_turns=retained_turns,
-            config=render_config,
-        )
-        if pair is not None:
-            assert_aligned(_target_ids(pair.teacher), [pair.student])
-            pairs.append(pair)
+        try:
+            pair = render_distillation_pair(
+                tokenizer,
+                prefix_messages=[*prefix_messages, *prompt.history],
+                messages=list(prompt.messages),
+                response=prompt.response,
+                # the student keeps conversation history only, never a memory
+                retained_turns=min(retained_turns, len(prompt.history)),
+                config=render_config,
+            )
+        except RenderError as exc:
+            log.warning("distillation prompt left out: %s", exc)
+            continue
+        assert_aligned(_target_ids(pair.teacher), [pair.student])
+        pairs.append(pair)
     return pairs
 
 
@@ -372,13 +374,15 @@ def assert_aligned(
 class TeacherTargets:
     """The teacher's next-token distribution at each response token of one pair, cached on CPU.
 
-    Full vocabulary: `logprobs` is `[n, V]`. Top-k: `logprobs` is `[n, k]`, `token_ids` `[n, k]` and
-    `rest_logprob` `[n]` (log of the mass outside the top-k)."""
+    Full vocabulary: `probs` is `[n, V]`. Top-k: `probs` is `[n, k]` over `token_ids` `[n, k]` and
+    `rest_prob` `[n]` is the mass outside the top-k. `neg_entropy` `[n]` is sum(p log p) over the
+    same buckets, so KL = neg_entropy - sum(p log q) needs no teacher log/exp per training step."""
 
     target_ids: torch.Tensor  # [n] the response tokens these rows predict
-    logprobs: torch.Tensor
+    probs: torch.Tensor
+    neg_entropy: torch.Tensor
     token_ids: torch.Tensor | None = None
-    rest_logprob: torch.Tensor | None = None
+    rest_prob: torch.Tensor | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -386,7 +390,7 @@ class TeacherTargets:
 
     @property
     def nbytes(self) -> int:
-        tensors = (self.target_ids, self.logprobs, self.token_ids, self.rest_logprob)
+        tensors = (self.target_ids, self.probs, self.neg_entropy, self.token_ids, self.rest_prob)
         return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
@@ -407,11 +411,14 @@ def _teacher_rows(
     logits: torch.Tensor, targets: torch.Tensor, topk: int, temperature: float
 ) -> TeacherTargets:
     logprobs = torch.log_softmax(logits.float() / temperature, dim=-1)
+    probs = logprobs.exp()
     if topk == 0:
-        return TeacherTargets(targets.cpu(), logprobs.cpu())
-    top_logprobs, top_ids = logprobs.topk(min(topk, logprobs.shape[-1]), dim=-1)
-    rest = (1.0 - top_logprobs.exp().sum(-1)).clamp_min(1e-20).log()
-    return TeacherTargets(targets.cpu(), top_logprobs.cpu(), top_ids.cpu(), rest.cpu())
+        neg_entropy = torch.xlogy(probs, probs).sum(-1)
+        return TeacherTargets(targets.cpu(), probs.cpu(), neg_entropy.cpu())
+    top_probs, top_ids = probs.topk(min(topk, probs.shape[-1]), dim=-1)
+    rest = (1.0 - top_probs.sum(-1)).clamp_min(0.0)
+    neg_entropy = torch.xlogy(top_probs, top_probs).sum(-1) + torch.xlogy(rest, rest)
+    return TeacherTargets(targets.cpu(), top_probs.cpu(), neg_entropy.cpu(), top_ids.cpu(), rest.cpu())
 
 
 @torch.inference_mode()
@@ -450,21 +457,23 @@ def distill_kl_sum(
 ) -> torch.Tensor:
     """Sum over response tokens of KL(teacher || student), times T^2 (float32 scalar).
 
-    Full vocabulary when the teacher rows are `[n, V]`; otherwise the teacher's top-k tokens plus one
-    bucket holding the rest of the mass, compared with the student's mass on the same buckets."""
+    Full vocabulary when the teacher rows are `[n, V]` (a soft-target cross-entropy minus the
+    teacher's entropy); otherwise the teacher's top-k tokens plus one bucket holding the rest of the
+    mass, compared with the student's mass on the same buckets."""
     device = student_logits.device
-    student = torch.log_softmax(student_logits.float() / temperature, dim=-1)
+    scaled = student_logits.float() / temperature
+    neg_entropy = torch.cat([t.neg_entropy for t in teacher]).to(device).sum()
+    probs = torch.cat([t.probs for t in teacher]).to(device, torch.float32)
     if teacher[0].token_ids is None:
-        target = torch.cat([t.logprobs for t in teacher]).to(device, torch.float32)
-        kl = F.kl_div(student, target, log_target=True, reduction="sum")
+        cross_entropy = F.cross_entropy(scaled, probs, reduction="sum")
     else:
-        top = torch.cat([t.logprobs for t in teacher]).to(device, torch.float32)
         ids = torch.cat([t.token_ids for t in teacher]).to(device)
-        rest = torch.cat([t.rest_logprob for t in teacher]).to(device, torch.float32)
-        student_top = student.gather(-1, ids)
-        student_rest = student.scatter(-1, ids, float("-inf")).logsumexp(-1)
-        kl = (top.exp() * (top - student_top)).sum() + (rest.exp() * (rest - student_rest)).sum()
-    return kl * temperature**2
+        rest = torch.cat([t.rest_prob for t in teacher]).to(device, torch.float32)
+        student = torch.log_softmax(scaled, dim=-1)
+        # a finite fill keeps an empty rest bucket (k = V) at 0 x finite instead of 0 x -inf = nan
+        student_rest = student.scatter(-1, ids, -1e30).logsumexp(-1)
+        cross_entropy = -(probs * student.gather(-1, ids)).sum() - (rest * student_rest).sum()
+    return (neg_entropy + cross_entropy) * temperature**2
 
 
 def _check_batch(batch: TokenBatch, teacher: Sequence[TeacherTargets], students: Sequence[Example]) -> None:
@@ -536,10 +545,7 @@ class DistillPlan:
         answers = iter(responses)
 
         def fill(prompts: tuple[DistillPrompt, ...]) -> tuple[DistillPrompt, ...]:
-            return tuple(
-                DistillPrompt(p.messages, next(answers), p.origin) if p.response is None else p
-                for p in prompts
-            )
+            return tuple(replace(p, response=next(answers)) if p.response is None else p for p in prompts)
 
         train = fill(self.train)
         return DistillPlan(self.prefix_messages, train, fill(self.heldout))
@@ -581,7 +587,7 @@ class PreparedDistillation:
     heldout_pairs: list[DistillPair]
     train_teacher: list[TeacherTargets]
     heldout_teacher: list[TeacherTargets]
-    timings: dict[str, float]
+    stats: dict[str, float]
 
 
 class MemoryDistiller:
@@ -649,7 +655,7 @@ class MemoryDistiller:
             "train_gap_closure": gap_closure(kl["train_kl_before"], kl["train_kl_after"]),
             **({"drift_kl": drift} if drift is not None else {}),
             **loop.metrics,
-            **prepared.timings,
+            **prepared.stats,
             "train_pairs": float(len(prepared.train_pairs)),
             "heldout_pairs": float(len(prepared.heldout_pairs)),
             "teacher_cache_bytes": float(
@@ -669,7 +675,7 @@ class MemoryDistiller:
         """Load the model, fill missing responses by greedy teacher generation, render the pairs and
         cache the teacher's distributions (once, under inference mode, on CPU)."""
         config = self.config
-        timings: dict[str, float] = {}
+        stats: dict[str, float] = {}
         device = resolve_device(config.device)
         model = LoraTrainer(self.train_config)._setup_model(base_model, parent_adapter, device)
         pad_token_id = model.config.pad_token_id if model.config.pad_token_id is not None else 0
@@ -689,19 +695,21 @@ class MemoryDistiller:
                 )
             )
             model.train()
-        timings["generation_seconds"] = time.perf_counter() - clock
+        stats["generation_seconds"] = time.perf_counter() - clock
 
         def pairs_of(prompts: Sequence[DistillPrompt]) -> list[DistillPair]:
             return build_pairs(
                 tokenizer,
                 plan.prefix_messages,
                 prompts,
-                [p.response for p in prompts],
                 retained_turns=config.student_retained_turns,
                 render_config=config.render,
             )
 
         train_pairs, heldout_pairs = pairs_of(plan.train), pairs_of(plan.heldout)
+        stats["skipped_prompts"] = float(
+            len(plan.train) + len(plan.heldout) - len(train_pairs) - len(heldout_pairs)
+        )
         if not train_pairs or not heldout_pairs:
             raise NothingToDistill(
                 f"{len(train_pairs)} train / {len(heldout_pairs)} held-out pairs with a non-empty response"
@@ -711,9 +719,9 @@ class MemoryDistiller:
                  "batch_size": config.batch_size}  # fmt: skip
         train_teacher = precompute_teacher(model, [p.teacher for p in train_pairs], **cache)
         heldout_teacher = precompute_teacher(model, [p.teacher for p in heldout_pairs], **cache)
-        timings["teacher_seconds"] = time.perf_counter() - clock
+        stats["teacher_seconds"] = time.perf_counter() - clock
         return PreparedDistillation(
-            model, pad_token_id, train_pairs, heldout_pairs, train_teacher, heldout_teacher, timings
+            model, pad_token_id, train_pairs, heldout_pairs, train_teacher, heldout_teacher, stats
         )
 
     # --- loop ------------------------------------------------------------------------------------

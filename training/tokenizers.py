@@ -55,6 +55,7 @@ class TokenizerSpec:
     base_family: str | None = None
     template: str | None = None
     added_tokens: tuple[str, ...] = ()
+    has_chat_template: bool = True
 
     def fingerprint(self) -> str:
         template_text = _template_text(self.template) if self.template else ""
@@ -79,7 +80,7 @@ FAMILIES: dict[str, TokenizerSpec] = {
         TokenizerSpec("llama2", "Llama-2 SentencePiece + [INST] template fixture",
                       gguf_file="ggml-vocab-llama-spm.gguf", template="llama2"),
         TokenizerSpec("gpt2", "GPT-2 byte-level BPE, no chat template (template-free paths)",
-                      gguf_file="ggml-vocab-gpt-2.gguf"),
+                      gguf_file="ggml-vocab-gpt-2.gguf", has_chat_template=False),
         TokenizerSpec("qwen3-reasoning", "qwen2 vocabulary + <think> tokens + a Qwen3-style template "
                                          "that strips earlier reasoning from history",
                       base_family="qwen2", template="qwen3_reasoning",

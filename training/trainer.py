@@ -91,7 +91,9 @@ class TrainConfig:
         default="constant", metadata={"help": "after warm-up: constant, linear or cosine decay to 0"}
     )
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
-    num_threads: int | None = field(default=None, metadata={"help": "torch CPU threads; None = leave as is"})
+    num_threads: int | None = field(
+        default=None, metadata={"help": "torch CPU threads during train(), restored after; None = leave as is"}
+    )
     logits_chunk: int = field(default=DEFAULT_LOGITS_CHUNK, metadata={"help": "LM-head chunk (positions)"})
 
     def __post_init__(self) -> None:
@@ -227,16 +229,20 @@ class LoraTrainer:
         empty = [i for i, example in enumerate(examples) if example.num_target_tokens == 0]
         if empty:
             raise ValueError(f"examples {empty[:10]} have no supervised token (labels all -100)")
-        if config.num_threads is not None:
-            torch.set_num_threads(config.num_threads)
         device = resolve_device(config.device)
         devices = [device.index or 0] if device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(config.seed)
-            model = self._setup_model(Path(base_model), parent_adapter, device)
-            batches = self._setup_batches(model, examples, device)
-            setup_seconds = time.perf_counter() - started
-            metrics, losses = self._run(model, batches, started, on_progress, should_stop)
+        previous_threads = torch.get_num_threads()
+        try:
+            if config.num_threads is not None:
+                torch.set_num_threads(config.num_threads)
+            with torch.random.fork_rng(devices=devices):
+                torch.manual_seed(config.seed)
+                model = self._setup_model(Path(base_model), parent_adapter, device)
+                batches = self._setup_batches(model, examples, device)
+                setup_seconds = time.perf_counter() - started
+                metrics, losses = self._run(model, batches, started, on_progress, should_stop)
+        finally:
+            torch.set_num_threads(previous_threads)
         saving = time.perf_counter()
         model.save_pretrained(str(out_dir), safe_serialization=True)
         metrics["setup_seconds"] = setup_seconds

@@ -2,10 +2,10 @@
 
 from fastapi import APIRouter
 
-from service.routes import adapters, conversations, feedback, health, jobs, memories
+from service.routes import adapters, conversations, feedback, health, jobs, memories, openai_proxy
 
 api_router = APIRouter()
-for _module in (feedback, conversations, memories, adapters, jobs, health):
+for _module in (feedback, conversations, memories, adapters, jobs, health, openai_proxy):
     api_router.include_router(_module.router)
 
 __all__ = ["api_router"]

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
-from fastapi import APIRouter, Path
+from fastapi import APIRouter, Path, Request
 from fastapi.responses import StreamingResponse
 
 from memory_store.models import Adapter, AdapterVersion
@@ -13,6 +13,7 @@ from service.adapter_archive import TarStream, UnsafeAdapterPath, resolve_versio
 from service.deps import SessionDep, SettingsDep, require
 from service.errors import AdapterFilesUnavailable, InvalidField, ResourceNotFound
 from service.schemas import (
+    MAX_ID,
     NAMESPACE_PATTERN,
     AdapterList,
     AdapterPublic,
@@ -20,10 +21,13 @@ from service.schemas import (
     RollbackRequest,
 )
 
+if TYPE_CHECKING:
+    from service.registry import AdapterRegistry
+
 router = APIRouter(tags=["adapters"])
 
 AdapterName = Annotated[str, Path(min_length=1, max_length=64, pattern=NAMESPACE_PATTERN)]
-VersionNumber = Annotated[int, Path(ge=0, le=2**31 - 1)]
+VersionNumber = Annotated[int, Path(ge=0, le=MAX_ID)]
 SHA256_HEADER = "X-Adapter-Sha256"
 
 
@@ -123,13 +127,35 @@ def download_version(
     )
 
 
+def adapter_registry(request: Request) -> AdapterRegistry:
+    """The app's registry (`app.state.adapter_registry`), built on first use from the settings."""
+    from service.registry import AdapterRegistry, build_hot_swapper  # pulls in torch: only when used
+
+    registry = getattr(request.app.state, "adapter_registry", None)
+    if registry is None:
+        settings = request.app.state.settings
+        registry = AdapterRegistry.from_settings(
+            settings, request.app.state.session_factory, build_hot_swapper(settings)
+        )
+        request.app.state.adapter_registry = registry
+    return registry
+
+
 @router.post("/adapters/{name}/rollback", response_model=AdapterPublic, dependencies=[require("admin")])
 def rollback_adapter(
-    name: AdapterName, session: SessionDep, body: RollbackRequest | None = None
+    name: AdapterName, request: Request, session: SessionDep, body: RollbackRequest | None = None
 ) -> AdapterPublic:
     """Make an earlier version current (default: the newest retired one before the current).
-    The deployer notices the new current version and hot-swaps it into vLLM."""
+    Its files are verified and loaded on every vLLM replica before the pointer flips; on failure
+    (409) the current version stays."""
+    from service.registry import PromotionFailed
+
+    try:
+        adapter_registry(request).rollback(
+            name, body.version if body else None, reason="rolled back through the API"
+        )
+    except PromotionFailed as error:
+        raise AdapterFilesUnavailable(str(error)) from error
     repository = AdapterRepository(session)
-    repository.rollback(name=name, to=body.version if body else None, reason="rolled back through the API")
     adapter = repository.get_adapter(name=name)
     return adapter_public(adapter, list(repository.list_versions(name=name)))

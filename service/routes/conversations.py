@@ -10,7 +10,7 @@ from memory_store.repositories import ConversationRepository
 from service.deps import SessionDep, SettingsDep, require
 from service.errors import InvalidField
 from service.feedback_intake import message_dicts
-from service.schemas import ConversationCreate, ConversationPublic
+from service.schemas import MAX_ID, ConversationCreate, ConversationPublic
 
 router = APIRouter(tags=["conversations"])
 
@@ -21,10 +21,13 @@ router = APIRouter(tags=["conversations"])
     response_model=ConversationPublic,
     dependencies=[require("feedback:write")],
 )
-def create_conversation(body: ConversationCreate, session: SessionDep, settings: SettingsDep) -> ConversationPublic:
+def create_conversation(
+    body: ConversationCreate, session: SessionDep, settings: SettingsDep
+) -> ConversationPublic:
     if len(body.messages) > settings.max_messages:
         raise InvalidField(
-            f"at most {settings.max_messages} messages per conversation (LORALOOP_MAX_MESSAGES)", field="messages"
+            f"at most {settings.max_messages} messages per conversation (LORALOOP_MAX_MESSAGES)",
+            field="messages",
         )
     conversation = ConversationRepository(session).add(
         namespace=body.namespace or settings.default_namespace,
@@ -41,6 +44,6 @@ def create_conversation(body: ConversationCreate, session: SessionDep, settings:
     dependencies=[require("feedback:read")],
 )
 def read_conversation(
-    conversation_id: Annotated[int, Path(ge=1, le=2**62)], session: SessionDep
+    conversation_id: Annotated[int, Path(ge=1, le=MAX_ID)], session: SessionDep
 ) -> ConversationPublic:
     return ConversationPublic.model_validate(ConversationRepository(session).get(id=conversation_id))

@@ -11,6 +11,7 @@ from memory_store.repositories import FeedbackRepository
 from service.deps import MetricsDep, SessionDep, SettingsDep, require
 from service.feedback_intake import FeedbackValidator, accept_feedback, accept_feedback_batch
 from service.schemas import (
+    MAX_ID,
     MAX_PAGE,
     FeedbackAccepted,
     FeedbackBatchAccepted,
@@ -24,7 +25,7 @@ from service.schemas import (
 
 router = APIRouter(tags=["feedback"])
 
-PathId = Path(ge=1, le=2**62)
+PathId = Path(ge=1, le=MAX_ID)
 
 IdempotencyKey = Annotated[
     ShortText | None,
@@ -107,11 +108,15 @@ def list_feedback(
     since: datetime | None = None,
     status: Literal["pending", "trained", "skipped"] | None = None,
     limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 100,
-    cursor: Annotated[int | None, Query(ge=0, le=2**62, description="`next_cursor` of the previous page")] = None,
+    cursor: Annotated[
+        int | None, Query(ge=0, le=MAX_ID, description="`next_cursor` of the previous page")
+    ] = None,
 ) -> FeedbackPage:
     """Items oldest first; pass `next_cursor` back as `cursor` for the next page (null at the end)."""
     items = FeedbackRepository(session).list(
         namespace=namespace, since=since, status=status, after_id=cursor, limit=limit
     )
     next_cursor = str(items[-1].id) if len(items) == limit else None
-    return FeedbackPage(items=[FeedbackPublic.model_validate(item) for item in items], next_cursor=next_cursor)
+    return FeedbackPage(
+        items=[FeedbackPublic.model_validate(item) for item in items], next_cursor=next_cursor
+    )

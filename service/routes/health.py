@@ -29,7 +29,7 @@ def readyz(request: Request) -> Response:
     try:
         with request.app.state.session_factory() as session:
             session.execute(sa.text("SELECT 1"))
-    except Exception as exc:  # any failure to reach the store means "not ready", never a 500
+    except Exception as exc:  # noqa: BLE001 - any failure to reach the store means "not ready"
         logger.warning("readiness check failed: %s", type(exc).__name__)
         return JSONResponse(
             Health(status="unavailable", detail="database unreachable").model_dump(), status_code=503
@@ -45,6 +45,6 @@ def metrics(request: Request, service_metrics: MetricsDep) -> Response:
             depth = JobQueue(session).depth()
         for status in ("queued", "running"):
             service_metrics.queue_depth.labels(status=status).set(depth.get(status, 0))
-    except Exception as exc:  # the scrape still answers, with the last known depth
+    except Exception as exc:  # noqa: BLE001 - the scrape still answers, with the last known depth
         logger.warning("queue depth unavailable for /metrics: %s", type(exc).__name__)
     return Response(service_metrics.render(), media_type=CONTENT_TYPE_LATEST)

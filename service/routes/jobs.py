@@ -9,7 +9,7 @@ from fastapi import APIRouter, Path, Query, status
 from memory_store.queue import JobQueue
 from service.deps import SessionDep, SettingsDep, require
 from service.feedback_intake import TRAIN_JOB_KIND, train_dedupe_key
-from service.schemas import MAX_PAGE, JobPage, JobPublic, Namespace, TrainJobCreate
+from service.schemas import MAX_ID, MAX_PAGE, JobPage, JobPublic, Namespace, TrainJobCreate
 
 router = APIRouter(tags=["jobs"])
 
@@ -41,7 +41,9 @@ def list_jobs(
     status: JobStatus | None = None,
     kind: Annotated[str | None, Query(max_length=64, pattern=r"^[a-z_]+$")] = None,
     limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 100,
-    cursor: Annotated[int | None, Query(ge=0, le=2**62, description="`next_cursor` of the previous page")] = None,
+    cursor: Annotated[
+        int | None, Query(ge=0, le=MAX_ID, description="`next_cursor` of the previous page")
+    ] = None,
 ) -> JobPage:
     jobs = JobQueue(session).list(namespace=namespace, status=status, kind=kind, after_id=cursor, limit=limit)
     next_cursor = str(jobs[-1].id) if len(jobs) == limit else None
@@ -49,5 +51,5 @@ def list_jobs(
 
 
 @router.get("/jobs/{job_id}", response_model=JobPublic, dependencies=[require("adapters:read")])
-def read_job(job_id: Annotated[int, Path(ge=1, le=2**62)], session: SessionDep) -> JobPublic:
+def read_job(job_id: Annotated[int, Path(ge=1, le=MAX_ID)], session: SessionDep) -> JobPublic:
     return JobPublic.model_validate(JobQueue(session).get(job_id=job_id))

@@ -8,11 +8,11 @@ from fastapi import APIRouter, Path, Query, status
 
 from memory_store.repositories import MemoryRepository
 from service.deps import SessionDep, SettingsDep, require
-from service.schemas import MAX_PAGE, MemoryCreate, MemoryPage, MemoryPublic, MemoryState, Namespace
+from service.schemas import MAX_ID, MAX_PAGE, MemoryCreate, MemoryPage, MemoryPublic, MemoryState, Namespace
 
 router = APIRouter(tags=["memories"])
 
-MemoryId = Annotated[int, Path(ge=1, le=2**62)]
+MemoryId = Annotated[int, Path(ge=1, le=MAX_ID)]
 
 
 @router.post(
@@ -39,7 +39,9 @@ def list_memories(
     namespace: Namespace | None = None,
     state: Annotated[MemoryState | None, Query(description="omit for every state")] = None,
     limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 100,
-    cursor: Annotated[int | None, Query(ge=0, le=2**62, description="`next_cursor` of the previous page")] = None,
+    cursor: Annotated[
+        int | None, Query(ge=0, le=MAX_ID, description="`next_cursor` of the previous page")
+    ] = None,
 ) -> MemoryPage:
     """Memories of one namespace (the default one when omitted), oldest first."""
     memories = MemoryRepository(session).list(

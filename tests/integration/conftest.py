@@ -12,7 +12,14 @@ from pathlib import Path
 
 import pytest
 
-from deploy.embedded import EmbeddedVllm, EmbeddedVllmConfig, EmbeddedVllmError, resolve_vllm_python
+from deploy.embedded import (
+    CPU_ATTENTION_HEAD_SIZES,
+    EmbeddedVllm,
+    EmbeddedVllmConfig,
+    EmbeddedVllmError,
+    attention_head_size,
+    resolve_vllm_python,
+)
 
 VLLM_MAX_LORAS = 4
 VLLM_MAX_LORA_RANK = 16
@@ -39,6 +46,7 @@ class VllmServer:
 def _check_vllm_python(python: str) -> None:
     probe = subprocess.run(
         [python, "-c", "import vllm.entrypoints.openai.api_server"],
+        check=False,
         capture_output=True,
         text=True,
         timeout=300,
@@ -52,12 +60,26 @@ def _check_vllm_python(python: str) -> None:
 
 
 @pytest.fixture(scope="session")
-def vllm_server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[VllmServer]:
+def vllm_model_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny model vLLM serves: the session's `tiny_model_dir` when vLLM's CPU attention can run
+    it, else the same family rebuilt with head_dim 32 (2 heads of 32 instead of 4 of 16). Tests that
+    train adapters for this server must train them on THIS folder."""
+    if attention_head_size(tiny_model_dir) in CPU_ATTENTION_HEAD_SIZES:
+        return tiny_model_dir
+    from training.tiny_model import build_tiny_model
+
+    return build_tiny_model(
+        tmp_path_factory.mktemp("models") / "tiny-qwen2-hd32", num_heads=2, num_kv_heads=1
+    )
+
+
+@pytest.fixture(scope="session")
+def vllm_server(vllm_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[VllmServer]:
     python = resolve_vllm_python(os.environ.get("LORALOOP_VLLM_PYTHON", ""))
     _check_vllm_python(python)
     log_path = tmp_path_factory.mktemp("vllm") / "vllm.log"
     config = EmbeddedVllmConfig(
-        model=tiny_model_dir,
+        model=vllm_model_dir,
         log_path=log_path,
         python=python,
         port=0,
@@ -76,6 +98,6 @@ def vllm_server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) 
         server.stop()
         pytest.fail(f"the vLLM CPU server did not start: {exc}")
     try:
-        yield VllmServer(server.url, tiny_model_dir, log_path, server.last_start_s or 0.0, server)
+        yield VllmServer(server.url, vllm_model_dir, log_path, server.last_start_s or 0.0, server)
     finally:
         server.stop()

@@ -89,7 +89,9 @@ def stored_count(client: TestClient, **params: Any) -> int:
 def test_feedback_is_stored_listed_and_paginated(client: TestClient) -> None:
     ids = []
     for index in range(3):
-        response = client.post("/feedback", json=item(continuation=f"Paris ({index})."), headers=bearer(WRITER))
+        response = client.post(
+            "/feedback", json=item(continuation=f"Paris ({index})."), headers=bearer(WRITER)
+        )
         assert response.status_code == 202, response.text
         assert response.json()["status"] == "pending"
         ids.append(response.json()["id"])
@@ -98,12 +100,14 @@ def test_feedback_is_stored_listed_and_paginated(client: TestClient) -> None:
     stored = client.get(f"/feedback/{ids[0]}", headers=bearer(READER)).json()
     assert stored["messages"] == [USER, ASSISTANT]
     assert stored["continuation"] == "Paris (0)." and stored["namespace"] == "geo"
-    assert stored["status"] == "pending" and stored["target_index"] is None
+    assert stored["status"] == "pending" and stored["target_index"] == 1  # the default, resolved
 
     first = client.get("/feedback", params={"namespace": "geo", "limit": 2}, headers=bearer(READER)).json()
     assert [row["id"] for row in first["items"]] == ids[:2] and first["next_cursor"] is not None
     second = client.get(
-        "/feedback", params={"namespace": "geo", "limit": 2, "cursor": first["next_cursor"]}, headers=bearer(READER)
+        "/feedback",
+        params={"namespace": "geo", "limit": 2, "cursor": first["next_cursor"]},
+        headers=bearer(READER),
     ).json()
     assert [row["id"] for row in second["items"]] == ids[2:] and second["next_cursor"] is None
     assert stored_count(client, status="trained") == 0
@@ -113,6 +117,23 @@ def test_feedback_is_stored_listed_and_paginated(client: TestClient) -> None:
     # one debounced train job per namespace, however many items arrived
     jobs = client.get("/jobs", params={"status": "queued"}, headers=bearer(ADAPTER_READER)).json()["items"]
     assert sorted(job["namespace"] for job in jobs if job["kind"] == "train") == ["geo", "other"]
+
+
+@pytest.mark.parametrize(
+    ("messages", "expected"),
+    [
+        ([USER, ASSISTANT], 1),  # last message is an assistant turn: replace it
+        ([USER], 1),  # otherwise append
+        ([USER, ASSISTANT, {"role": "user", "content": "And of Spain?"}], 3),
+    ],
+)
+def test_default_target_index_is_resolved_and_stored(
+    client: TestClient, messages: list[dict[str, str]], expected: int
+) -> None:
+    accepted = client.post("/feedback", json=item(messages=messages), headers=bearer(WRITER))
+    assert accepted.status_code == 202, accepted.text
+    stored = client.get(f"/feedback/{accepted.json()['id']}", headers=bearer(READER)).json()
+    assert stored["target_index"] == expected
 
 
 def test_idempotency_key_replays_and_conflicts(client: TestClient) -> None:
@@ -200,7 +221,7 @@ def test_malformed_and_oversized_bodies(client: TestClient) -> None:
     for payload in (b'{"continuation": "\xff\xfe"}', b"[" * 50_000, b"{not json", b""):
         response = client.post("/feedback", content=payload, headers=headers)
         assert 400 <= response.status_code < 500, (payload[:20], response.text)
-        assert response.json()["error"]["field"] in ("body", "")  or response.json()["error"]["field"]
+        assert response.json()["error"]["field"] in ("body", "") or response.json()["error"]["field"]
     assert stored_count(client) == 0
 
 
@@ -241,7 +262,9 @@ def test_memories_add_list_and_retire(client: TestClient) -> None:
     assert deleted.status_code == 200 and deleted.json()["state"] == "retired"
     assert client.delete(f"/memories/{first_id}", headers=bearer(WRITER)).status_code == 200  # idempotent
 
-    active = client.get("/memories", params={"namespace": "geo", "state": "active"}, headers=bearer(READER)).json()
+    active = client.get(
+        "/memories", params={"namespace": "geo", "state": "active"}, headers=bearer(READER)
+    ).json()
     assert [m["content"] for m in active["items"]] == ["fact 1"]
     everything = client.get("/memories", params={"namespace": "geo"}, headers=bearer(READER)).json()
     assert len(everything["items"]) == 2
@@ -288,7 +311,10 @@ def test_adapter_registry_download_and_rollback(client: TestClient, settings: Se
     listing = client.get("/adapters", headers=headers).json()["adapters"]
     assert [a["name"] for a in listing] == ["geo"] and listing[0]["current"] == 1
     versions = listing[0]["versions"]
-    assert [(v["version"], v["status"], v["parent"]) for v in versions] == [(0, "retired", None), (1, "current", 0)]
+    assert [(v["version"], v["status"], v["parent"]) for v in versions] == [
+        (0, "retired", None),
+        (1, "current", 0),
+    ]
     assert versions[1]["metrics"]["nll_after"] == pytest.approx(1.4) and versions[1]["created_at"]
     assert client.get("/adapters/geo/current", headers=headers).json()["version"] == 1
     assert client.get("/adapters/geo/versions/0", headers=headers).json()["sha256"] == digests[0]
@@ -377,9 +403,14 @@ def route_scopes(client: TestClient) -> list[tuple[str, str, str | None]]:
 
 
 def example_path(path: str) -> str:
-    return path.replace("{name}", "geo").replace("{version}", "0").replace("{feedback_id}", "1").replace(
-        "{conversation_id}", "1"
-    ).replace("{memory_id}", "1").replace("{job_id}", "1")
+    return (
+        path.replace("{name}", "geo")
+        .replace("{version}", "0")
+        .replace("{feedback_id}", "1")
+        .replace("{conversation_id}", "1")
+        .replace("{memory_id}", "1")
+        .replace("{job_id}", "1")
+    )
 
 
 def test_every_route_declares_a_scope_and_enforces_it(sqlite_client: TestClient) -> None:
@@ -406,7 +437,9 @@ def test_every_route_declares_a_scope_and_enforces_it(sqlite_client: TestClient)
 def test_auth_disabled_only_when_configured(tmp_path: Path, qwen2_tokenizer: Path) -> None:
     with pytest.raises(ValueError, match="LORALOOP_AUTH_TOKENS"):
         make_settings("sqlite://", tmp_path, qwen2_tokenizer, auth_tokens="")
-    settings = make_settings(f"sqlite:///{tmp_path / 'open.db'}", tmp_path, qwen2_tokenizer, auth_tokens="", auth_disabled=True)
+    settings = make_settings(
+        f"sqlite:///{tmp_path / 'open.db'}", tmp_path, qwen2_tokenizer, auth_tokens="", auth_disabled=True
+    )
     with TestClient(create_app(settings, start_background=False)) as client:
         assert client.post("/feedback", json=item()).status_code == 202
         assert client.post("/adapters/geo/rollback", json={}).status_code == 404
@@ -455,6 +488,8 @@ def test_info_logs_hold_no_token_or_feedback_content(
     secret_text = "the-secret-continuation-text"
     with caplog.at_level(logging.INFO):
         sqlite_client.post("/feedback", json=item(continuation=secret_text), headers=bearer(WRITER))
-        sqlite_client.post("/feedback", json=item(target_index=9, continuation=secret_text), headers=bearer("bad"))
+        sqlite_client.post(
+            "/feedback", json=item(target_index=9, continuation=secret_text), headers=bearer("bad")
+        )
     logged = "\n".join(record.getMessage() for record in caplog.records)
     assert secret_text not in logged and WRITER not in logged

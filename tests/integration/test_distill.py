@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from training.render import render_distillation_pair
 
 from training.adapter_store import build_zero_adapter
 from training.distill import (
@@ -24,6 +23,7 @@ from training.distill import (
     teacher_messages,
 )
 from training.evaluate import GateConfig, score_candidate
+from training.render import render_distillation_pair
 from training.trainer import TrainConfig, load_base_model
 
 pytestmark = pytest.mark.slow
@@ -44,7 +44,14 @@ CONFIG = DistillConfig(
     epochs=40,
     batch_size=8,
     learning_rate=3e-3,
-    max_new_tokens=16,
+    max_new_tokens=12,
+    # a random-init model with tied embeddings greedily echoes the prompt's last "\n" forever
+    no_repeat_ngram_size=1,
+    probe_templates=(
+        "What do you know about {topic}?",
+        "Tell me about {topic}.",
+        "I forgot the details of {topic}. Can you help?",
+    ),
     student_retained_turns=1,
     device="cpu",
     seed=0,
@@ -72,7 +79,11 @@ def plan(tiny_model_dir: Path, tokenizer):
     plan = plan_distillation(MEMORIES, CONVERSATIONS, CONFIG)
     teacher = load_base_model(tiny_model_dir, device=torch.device("cpu"), dtype=torch.float32)
     views = [teacher_messages(plan.prefix_messages, p) for p in plan.prompts_without_response()]
-    return plan.with_responses(generate_responses(teacher, tokenizer, views, CONFIG.max_new_tokens))
+    responses = generate_responses(
+        teacher, tokenizer, views, CONFIG.max_new_tokens, no_repeat_ngram_size=CONFIG.no_repeat_ngram_size
+    )
+    assert all(r.strip() for r in responses)
+    return plan.with_responses(responses)
 
 
 @pytest.fixture(scope="module")
@@ -107,32 +118,27 @@ def test_drift_stays_under_the_gate_bound(distilled: DistillResult):
 def test_student_without_memories_prefers_the_teachers_answers(
     distilled, plan, tokenizer, tiny_model_dir, parent_adapter
 ):
-    """NLL of the teacher's answers WITHOUT the memories in context, before (parent) and after."""
-    students = []
-    for prompt in plan.heldout:
-        pair = render_distillation_pair(
+    """NLL of the teacher's answers to held-out probes: the teacher (memories in context) vs the
+    student without them, before (parent adapter) and after distillation."""
+    pairs = [
+        render_distillation_pair(
             tokenizer,
-            prefix_messages=list(plan.prefix_messages),
+            prefix_messages=[*plan.prefix_messages, *prompt.history],
             messages=list(prompt.messages),
             response=prompt.response,
-            retained_turns=CONFIG.student_retained_turns,
+            retained_turns=0,
             config=CONFIG.render,
         )
-        students.append(pair.student)
-    scores = score_candidate(
-        base_model=tiny_model_dir,
-        candidate_adapter=distilled.adapter_dir,
-        parent_adapter=parent_adapter,
-        examples=students,
-        probes=students,
-        device="cpu",
-    )
-    assert scores["nll_after"] < scores["nll_before"] - 0.5 * (
-        scores["nll_before"] - scores["nll_after"] + 0.0
-    )
-    # the per-token probability of the teacher's answers rises by a clear factor
-    assert scores["nll_before"] - scores["nll_after"] > 0.0
-    assert torch.exp(torch.tensor(scores["nll_before"] - scores["nll_after"])) > 1.0
+        for prompt in plan.heldout
+    ]
+    common = {"base_model": tiny_model_dir, "candidate_adapter": distilled.adapter_dir,
+              "parent_adapter": parent_adapter, "device": "cpu"}  # fmt: skip
+    teacher = score_candidate(examples=[p.teacher for p in pairs], probes=[pairs[0].teacher], **common)
+    student = score_candidate(examples=[p.student for p in pairs], probes=[pairs[0].student], **common)
+    teacher_nll, before, after = teacher["nll_before"], student["nll_before"], student["nll_after"]
+    assert before > teacher_nll  # without the memories the answers were less likely ...
+    assert after < before  # ... distillation makes them more likely ...
+    assert before - after >= 0.5 * (before - teacher_nll)  # ... closing at least half of that gap
 
 
 def test_adapter_is_saved_in_peft_format(distilled: DistillResult, tiny_model_dir: Path):

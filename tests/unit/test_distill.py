@@ -7,7 +7,6 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from training.render import Example
 
 from training.distill import (
     DistillAlignmentError,
@@ -29,6 +28,7 @@ from training.distill import (
     teacher_messages,
 )
 from training.distill import _teacher_rows as teacher_rows
+from training.render import Example
 
 KESTREL = MemoryNote("The deploy password for project Kestrel is 7-4-1-9", priority=1)
 HERON = MemoryNote("Heron's on-call rotation: Ana, then Bo, then Cy")
@@ -71,7 +71,11 @@ def test_conversation_prompts_keep_history_and_stored_replies():
         {"role": "user", "content": "c"},
     ]
     prompts = conversation_prompts([conversation])
-    assert [len(p.messages) for p in prompts] == [2, 4]
+    assert [p.messages for p in prompts] == [
+        ({"role": "user", "content": "a"},),
+        ({"role": "user", "content": "c"},),
+    ]
+    assert [len(p.history) for p in prompts] == [1, 3]
     assert [p.response for p in prompts] == ["b", None]
     assert [p.response for p in conversation_prompts([conversation], use_stored_responses=False)] == [
         None,
@@ -79,12 +83,16 @@ def test_conversation_prompts_keep_history_and_stored_replies():
     ]
 
 
-def test_teacher_messages_merge_system_turns():
+def test_teacher_messages_are_memories_then_history_then_turn():
     prefix = prefix_messages_from_memories([KESTREL])
-    prompt = DistillPrompt(({"role": "system", "content": "be brief"}, {"role": "user", "content": "pw?"}))
-    merged = teacher_messages(prefix, prompt)
-    assert [m["role"] for m in merged] == ["system", "user"]
-    assert merged[0]["content"].startswith("be brief\n\n") and KESTREL.content in merged[0]["content"]
+    prompt = conversation_prompts(
+        [[{"role": "system", "content": "be brief"}, {"role": "user", "content": "pw?"}]]
+    )[0]
+    assert teacher_messages(prefix, prompt) == [
+        *prefix,
+        {"role": "system", "content": "be brief"},
+        {"role": "user", "content": "pw?"},
+    ]
 
 
 def test_split_and_plan():
@@ -137,9 +145,7 @@ def test_topk_kl_is_exact_at_full_k_and_a_lower_bound_below():
     at_vocab = teacher_rows(teacher_logits, torch.arange(4), topk=40, temperature=1.0)
     assert math.isclose(float(distill_kl_sum(student_logits, [at_vocab], 1.0)), full, rel_tol=1e-4)
     top5 = teacher_rows(teacher_logits, torch.arange(4), topk=5, temperature=1.0)
-    assert (
-        top5.logprobs.shape == (4, 5) and top5.token_ids.shape == (4, 5) and top5.rest_logprob.shape == (4,)
-    )
+    assert top5.probs.shape == (4, 5) and top5.token_ids.shape == (4, 5) and top5.rest_prob.shape == (4,)
     bucketed = float(distill_kl_sum(student_logits, [top5], 1.0))
     assert 0 < bucketed <= full + 1e-5  # merging outcomes into one bucket can only lower a KL
     assert abs(float(distill_kl_sum(teacher_logits, [top5], 1.0))) < 1e-5
@@ -160,7 +166,9 @@ def test_alignment_accepts_identical_response_tokens():
     ("input_ids", "labels", "reason"),
     [
         ([3, 4, 9, 8, 6], [-100, -100, 9, 8, 6], "response tokens differ"),
-        ([3, 9, 8, 7, 5], [-100, 9, 8, 7, -100], "response tokens differ"),  # shifted by one
+        ([3, 4, 4, 9, 8], [-100, -100, 4, 9, 8], "response tokens differ"),  # window shifted by one
+        ([3, 4, 9, 8, 7], [-100, -100, -100, 9, 8], "labels differ"),  # labels shifted by one
+        ([3, 4, 9, 8, 7, 7], [-100, -100, 9, 8, 7, 7], "response tokens differ"),  # one token more
         ([3, 4, 9, 8, 7], [-100, -100, 9, 8, 5], "labels differ"),
         ([3, 9, 4, 8, 7], [-100, 9, -100, 8, 7], "not contiguous"),
         ([3, 4, 9, 8, 7], [-100] * 5, "no predictable"),
@@ -173,7 +181,7 @@ def test_alignment_fires_on_misaligned_pairs(input_ids, labels, reason):
 
 def test_alignment_assertion_is_not_stripped_by_python_O():
     assert issubclass(DistillAlignmentError, AssertionError)
-    cached = TeacherTargets(torch.tensor([1]), torch.zeros(1, 3))
+    cached = TeacherTargets(torch.tensor([1]), torch.zeros(1, 3), torch.zeros(1))
     with pytest.raises(DistillAlignmentError):
         assert_aligned([cached.target_ids], [])
 

@@ -20,8 +20,10 @@ from deploy.embedded import (
     EmbeddedVllm,
     EmbeddedVllmConfig,
     EmbeddedVllmError,
+    attention_head_size,
     build_command,
     build_env,
+    check_cpu_servable,
     embedded_config_from_args,
     resolve_vllm_python,
 )
@@ -94,6 +96,21 @@ def test_python_resolution_prefers_explicit_then_sibling_venv() -> None:
     assert resolve_vllm_python("") == (str(sibling) if sibling.exists() else sys.executable)
 
 
+def test_models_whose_head_size_the_cpu_build_cannot_run_are_refused(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text(json.dumps({"hidden_size": 64, "num_attention_heads": 4}))
+    assert attention_head_size(tmp_path) == 16
+    with pytest.raises(EmbeddedVllmError, match="head_dim=16"):
+        check_cpu_servable(tmp_path)
+    with pytest.raises(EmbeddedVllmError, match="head_dim=16"):  # before any process is spawned
+        EmbeddedVllm(
+            EmbeddedVllmConfig(model=tmp_path, log_path=tmp_path / "log", python="/nonexistent")
+        ).start()
+    (tmp_path / "config.json").write_text(json.dumps({"hidden_size": 64, "num_attention_heads": 2}))
+    check_cpu_servable(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"text_config": {"head_dim": 128}}))
+    assert attention_head_size(tmp_path) == 128
+
+
 STAND_IN_SERVER = textwrap.dedent(
     """
     import argparse, json, os, subprocess, sys, time
@@ -144,6 +161,16 @@ def _alive(pid: int) -> bool:
         return False
 
 
+def _gone(pid: int, timeout_s: float = 10.0) -> bool:
+    """True once `pid` is dead (SIGKILL is delivered asynchronously: give it a moment)."""
+    deadline = time.monotonic() + timeout_s
+    while _alive(pid):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
 def _starts(state: Path) -> list[dict]:
     return [json.loads(line) for line in state.read_text().splitlines()] if state.exists() else []
 
@@ -174,11 +201,11 @@ def test_start_restart_after_crash_and_stop_the_process_group(
         os.kill(first["pid"], signal.SIGKILL)  # the API server dies; its engine child is orphaned
         assert restarted.wait(30), server.log_tail()
         assert server.restarts == 1 and httpx.get(f"{server.url}/health").status_code == 200
-        assert not _alive(first["engine"])  # the old group was cleaned up before the restart
+        assert _gone(first["engine"])  # the old group was cleaned up before the restart
         second = _starts(state)[1]
     finally:
         server.stop()
-    assert not _alive(second["pid"]) and not _alive(second["engine"])
+    assert _gone(second["pid"]) and _gone(second["engine"])
     assert "=== loraloop: starting" in (tmp_path / "var" / "logs" / "vllm.log").read_text()
 
 
@@ -192,4 +219,4 @@ def test_a_server_that_exits_while_starting_raises_with_its_log(
         server.start()
     server.stop()
     assert time.monotonic() - started < 20
-    assert not _alive(_starts(state)[0]["engine"])
+    assert _gone(_starts(state)[0]["engine"])

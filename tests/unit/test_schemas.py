@@ -44,7 +44,9 @@ def test_tool_calls_and_tool_messages_are_accepted() -> None:
         {
             "role": "assistant",
             "content": None,
-            "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "lookup", "arguments": {"q": "x"}}}],
+            "tool_calls": [
+                {"id": "c1", "type": "function", "function": {"name": "lookup", "arguments": {"q": "x"}}}
+            ],
         },
         {"role": "tool", "tool_call_id": "c1", "name": "lookup", "content": "Paris"},
     ]
@@ -57,7 +59,10 @@ def test_tool_calls_and_tool_messages_are_accepted() -> None:
     [
         ({"messages": [{"role": "robot", "content": "hi"}]}, "messages[0].role"),
         ({"messages": [USER, {"role": "assistant"}]}, "messages[1]"),
-        ({"messages": [{"role": "user", "content": "x", "tool_calls": [{"function": {"name": "f"}}]}]}, "messages[0]"),
+        (
+            {"messages": [{"role": "user", "content": "x", "tool_calls": [{"function": {"name": "f"}}]}]},
+            "messages[0]",
+        ),
         ({"messages": []}, "messages"),
         ({"continuation": ""}, "continuation"),
         ({"continuation": " \n\t "}, "continuation"),
@@ -93,7 +98,10 @@ def test_deeply_nested_tool_arguments_are_refused() -> None:
         nested = {"k": nested}
     call = {"function": {"name": "f", "arguments": nested}}
     body = feedback(messages=[USER, {"role": "assistant", "content": None, "tool_calls": [call]}])
-    assert any(f.startswith("messages[1].tool_calls[0].function.arguments") for f in refused_fields(FeedbackCreate, body))
+    assert any(
+        f.startswith("messages[1].tool_calls[0].function.arguments")
+        for f in refused_fields(FeedbackCreate, body)
+    )
 
 
 def test_batch_errors_name_the_item() -> None:

@@ -1,0 +1,299 @@
+"""Sustained `POST /feedback` ingestion against a real `loraloop serve` process on loopback.
+
+For SQLite and PostgreSQL, single items and batches: a separate load process keeps N requests in
+flight for a fixed duration and reports items/s and request latency (p50/p99). One JSON line per
+configuration; the last line compares batch with single ingestion on SQLite (the embedded default):
+{"metric", "value", "baseline", "baseline_value", "ratio"}.
+
+    python bench/ingest.py [--duration 10] [--postgres-url URL | --no-postgres]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import httpx
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+TOKEN = "bench-token"
+DEFAULT_POSTGRES_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+
+
+def feedback_item(key: str) -> dict[str, object]:
+    return {
+        "messages": [
+            {"role": "system", "content": "You are a concise assistant for a travel agency."},
+            {"role": "user", "content": f"Which documents do I need for trip {key}?"},
+            {"role": "assistant", "content": "You need nothing."},
+        ],
+        "continuation": "A valid passport, and a visa if your destination requires one for your nationality.",
+        "namespace": "bench",
+        "tags": ["bench"],
+    }
+
+
+# --- load generator (runs in its own process) -------------------------------------------------------
+
+
+async def drive(
+    url: str, mode: str, duration_s: float, concurrency: int, batch_size: int
+) -> dict[str, object]:
+    latencies: list[float] = []
+    items = 0
+    errors = 0
+    run_id = uuid.uuid4().hex[:8]
+    deadline = time.perf_counter() + duration_s
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+
+    async def worker(worker_id: int, client: httpx.AsyncClient) -> None:
+        nonlocal items, errors
+        sequence = 0
+        while time.perf_counter() < deadline:
+            key = f"{run_id}-{worker_id}-{sequence}"
+            sequence += 1
+            if mode == "single":
+                path, body, count = "/feedback", feedback_item(key), 1
+            else:
+                path = "/feedback:batch"
+                body = {"items": [feedback_item(f"{key}-{i}") for i in range(batch_size)]}
+                count = batch_size
+            started = time.perf_counter()
+            try:
+                response = await client.post(path, json=body, headers={"Idempotency-Key": key})
+            except httpx.HTTPError:
+                errors += 1
+                continue
+            latencies.append(time.perf_counter() - started)
+            if response.status_code == 202:
+                items += count
+            else:
+                errors += 1
+
+    async with httpx.AsyncClient(base_url=url, headers=headers, timeout=30, limits=limits) as client:
+        started = time.perf_counter()
+        await asyncio.gather(*(worker(i, client) for i in range(concurrency)))
+        elapsed = time.perf_counter() - started
+    latencies.sort()
+
+    def percentile(q: float) -> float:
+        return (
+            latencies[min(len(latencies) - 1, int(q * len(latencies)))] * 1000 if latencies else float("nan")
+        )
+
+    return {
+        "items": items,
+        "requests": len(latencies),
+        "errors": errors,
+        "seconds": round(elapsed, 2),
+        "items_per_s": round(items / elapsed, 1),
+        "requests_per_s": round(len(latencies) / elapsed, 1),
+        "p50_ms": round(percentile(0.50), 2),
+        "p99_ms": round(percentile(0.99), 2),
+        "mean_ms": round(statistics.fmean(latencies) * 1000, 2) if latencies else None,
+    }
+
+
+# --- orchestration -----------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def tokenizer_folder() -> str | None:
+    """The cached qwen2 tokenizer, so the server runs its real length check (None: not cached)."""
+    base = os.environ.get("LORALOOP_CACHE_DIR")
+    folder = (Path(base) if base else Path.home() / ".cache" / "loraloop") / "tokenizers" / "qwen2"
+    return str(folder) if (folder / "tokenizer.json").exists() else None
+
+
+class Server:
+    def __init__(self, db_url: str, data_dir: Path, tokenizer: str | None) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = data_dir / f"server-{self.port}.log"
+        env = {
+            **os.environ,
+            "OMP_NUM_THREADS": "1",
+            "LORALOOP_DATABASE_URL": db_url,
+            "LORALOOP_DATA_DIR": str(data_dir),
+            "LORALOOP_AUTH_TOKENS": f"{TOKEN}=feedback:write",
+            "LORALOOP_TOKENIZER": tokenizer or str(data_dir / "no-tokenizer"),
+            "LORALOOP_LOG_LEVEL": "WARNING",
+            "LORALOOP_TRAIN_DEBOUNCE_S": "3600",
+        }
+        with self.log.open("ab") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "service.cli", "serve", "--port", str(self.port)],
+                cwd=REPO_ROOT,
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"server exited:\n{self.log.read_text()[-2000:]}")
+            try:
+                if httpx.get(f"{self.url}/readyz", timeout=1).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+        self.stop()
+        raise RuntimeError("server did not become ready")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+
+
+def run_load(url: str, mode: str, args: argparse.Namespace) -> dict[str, object]:
+    concurrency = args.concurrency if mode == "single" else args.batch_concurrency
+    completed = subprocess.run(
+        [
+            sys.executable,
+            __file__,
+            "--drive",
+            url,
+            "--mode",
+            mode,
+            "--duration",
+            str(args.duration),
+            "--concurrency",
+            str(concurrency),
+            "--batch-size",
+            str(args.batch_size),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=args.duration + 120,
+        check=False,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    if completed.returncode != 0:
+        raise RuntimeError(f"load process failed:\n{completed.stderr[-2000:]}")
+    result = json.loads(completed.stdout.strip().splitlines()[-1])
+    result["concurrency"] = concurrency
+    return result
+
+
+def postgres_schema(admin_url: str) -> tuple[str, object] | None:
+    import sqlalchemy as sa
+
+    from memory_store.db import make_engine
+
+    engine = make_engine(admin_url, connect_timeout_s=3)
+    schema = f"bench_{os.getpid()}_{uuid.uuid4().hex[:6]}"
+    try:
+        with engine.begin() as connection:
+            connection.execute(sa.text(f'CREATE SCHEMA "{schema}"'))
+    except Exception as error:  # noqa: BLE001 - any failure means "no PostgreSQL here"
+        print(
+            json.dumps({"backend": "postgres", "skipped": f"{type(error).__name__}: {error}"[:300]}),
+            flush=True,
+        )
+        engine.dispose()
+        return None
+    url = engine.url.update_query_dict({"options": f"-csearch_path={schema}"}).render_as_string(
+        hide_password=False
+    )
+
+    def drop() -> None:
+        with engine.begin() as connection:
+            connection.execute(sa.text(f'DROP SCHEMA "{schema}" CASCADE'))
+        engine.dispose()
+
+    return url, drop
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--duration", type=float, default=10.0, help="seconds of load per configuration")
+    parser.add_argument("--concurrency", type=int, default=8, help="requests in flight (single items)")
+    parser.add_argument("--batch-concurrency", type=int, default=2, help="requests in flight (batches)")
+    parser.add_argument("--batch-size", type=int, default=50, help="items per batch request")
+    parser.add_argument(
+        "--postgres-url", default=os.environ.get("LORALOOP_TEST_POSTGRES_URL", DEFAULT_POSTGRES_URL)
+    )
+    parser.add_argument("--no-postgres", action="store_true")
+    parser.add_argument("--drive", help=argparse.SUPPRESS)
+    parser.add_argument("--mode", choices=("single", "batch"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    if args.drive:
+        result = asyncio.run(drive(args.drive, args.mode, args.duration, args.concurrency, args.batch_size))
+        print(json.dumps(result))
+        return
+
+    sys.path.insert(0, str(REPO_ROOT))
+    tokenizer = tokenizer_folder()
+    results: dict[tuple[str, str], dict[str, object]] = {}
+    with tempfile.TemporaryDirectory(prefix="loraloop-bench-") as scratch:
+        backends: list[tuple[str, str, object]] = [("sqlite", f"sqlite:///{scratch}/bench.db", None)]
+        if not args.no_postgres and args.postgres_url:
+            created = postgres_schema(args.postgres_url)
+            if created is not None:
+                backends.append(("postgres", created[0], created[1]))
+        for backend, url, cleanup in backends:
+            data_dir = Path(scratch) / backend
+            data_dir.mkdir()
+            server = Server(url, data_dir, tokenizer)
+            try:
+                for mode in ("single", "batch"):
+                    result = run_load(server.url, mode, args)
+                    line = {
+                        "backend": backend,
+                        "mode": mode,
+                        "tokenizer_check": tokenizer is not None,
+                        **result,
+                    }
+                    if mode == "batch":
+                        line["batch_size"] = args.batch_size
+                    results[(backend, mode)] = line
+                    print(json.dumps(line), flush=True)
+            finally:
+                server.stop()
+                if callable(cleanup):
+                    cleanup()
+
+    single = results[("sqlite", "single")]["items_per_s"]
+    batch = results[("sqlite", "batch")]["items_per_s"]
+    print(
+        json.dumps(
+            {
+                "metric": "sqlite_batch_ingest_items_per_s",
+                "value": batch,
+                "baseline": "sqlite_single_ingest_items_per_s",
+                "baseline_value": single,
+                "ratio": round(float(batch) / float(single), 2) if single else None,
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,320 @@
+"""What `loraloop serve` runs beside the API: the embedded vLLM (when LORALOOP_VLLM_URLS=embedded),
+the reconciler, the job worker and the distillation scheduler loop, built from Settings as the
+app's background services (started in that order, stopped in reverse by the app's lifespan).
+
+Also owns the co-located GPU policy (`VllmSleepWindow`). Knows how the pieces connect, not what
+they do: training is service.train_job's, swapping deploy.hotswap's, the registry service.registry's.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy.orm import Session, sessionmaker
+
+from deploy.embedded import (
+    EmbeddedVllm,
+    EmbeddedVllmConfig,
+    EmbeddedVllmError,
+    embedded_config_from_args,
+    free_port,
+)
+from deploy.vllm_client import VllmClient, VllmError
+from service.app import AppResources, BackgroundService
+from service.config import Settings
+from service.distill_job import DISTILL_JOB_KIND
+from service.reconciler import Reconciler
+from service.registry import EMBEDDED_VLLM, AdapterRegistry, build_hot_swapper
+from service.scheduler import DistillScheduler
+from service.worker import JobContext, JobHandler, JobOutcome, Worker
+
+logger = logging.getLogger(__name__)
+
+SCHEDULER_TICK_S = 30.0
+
+
+def uses_embedded_vllm(settings: Settings) -> bool:
+    return settings.vllm_urls == [EMBEDDED_VLLM]
+
+
+def prepare_serving(settings: Settings) -> Settings:
+    """Settings ready to serve: with the embedded vLLM, a concrete port (0 picks a free one, so
+    the proxy and the registry know the URL before vLLM is up) and the base model on disk (the
+    tiny demo model is built when LORALOOP_BASE_MODEL does not exist yet)."""
+    if not uses_embedded_vllm(settings):
+        return settings
+    if not Path(settings.base_model).exists():
+        from training.tiny_model import ensure_tiny_model
+
+        logger.info("base model %s absent: building the tiny %s model there", settings.base_model,
+                    settings.tiny_tokenizer_family)  # fmt: skip
+        ensure_tiny_model(Path(settings.base_model), family=settings.tiny_tokenizer_family)
+    if settings.vllm_port == 0:
+        return settings.model_copy(update={"vllm_port": free_port()})
+    return settings
+
+
+def inference_device(settings: Settings) -> str:
+    if settings.device != "auto":
+        return settings.device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def embedded_vllm_config(settings: Settings) -> EmbeddedVllmConfig:
+    """The co-located server's flags: LoRA on, rank/slots from Settings, float32 and a small KV
+    cache on CPU, a bounded memory share (and sleep mode when asked) on a GPU."""
+    device = inference_device(settings)
+    return embedded_config_from_args(
+        model=Path(settings.base_model),
+        data_dir=Path(settings.data_dir),
+        port=settings.vllm_port,
+        python=settings.vllm_python,
+        device="cuda" if device == "cuda" else "cpu",
+        max_lora_rank=settings.vllm_max_lora_rank,
+        max_loras=settings.vllm_max_loras,
+        kv_cache_bytes=settings.vllm_kv_cache_bytes,
+        gpu_memory_utilization=settings.vllm_gpu_memory_utilization,
+        enable_sleep_mode=settings.vllm_sleep_for_training and device == "cuda",
+        extra_args=settings.vllm_extra_args,
+        max_model_len=settings.max_seq_len,
+    )
+
+
+# --- background services -----------------------------------------------------------------------
+
+
+class EmbeddedVllmService:
+    """Starts the embedded vLLM on a thread (the API answers meanwhile: /v1 says 503 until it is
+    healthy), keeps trying when a start fails, and calls `on_ready` after every (re)start."""
+
+    name = "vllm"
+
+    def __init__(self, vllm: EmbeddedVllm, *, on_ready: Callable[[], None], retry_s: float = 10.0) -> None:
+        self.vllm = vllm
+        self.on_ready = on_ready
+        self.retry_s = retry_s
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.ready = threading.Event()
+
+    def start(self) -> None:
+        self._stopping.clear()
+        self._thread = threading.Thread(target=self._start_until_up, name="vllm-start", daemon=True)
+        self._thread.start()
+
+    def _start_until_up(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                self.vllm.start(supervise=True)
+            except EmbeddedVllmError as error:
+                if self._stopping.is_set():
+                    return
+                logger.error("embedded vLLM did not start (retrying in %.0f s): %s", self.retry_s, error)
+                self._stopping.wait(self.retry_s)
+                continue
+            self.ready.set()
+            self.on_ready()
+            return
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self.vllm.stop()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+            self._thread = None
+
+
+class DistillSchedulerLoop:
+    """Calls DistillScheduler.tick() now and every `interval_s` (enqueues due distillation jobs)."""
+
+    name = "scheduler"
+
+    def __init__(self, scheduler: DistillScheduler, interval_s: float = SCHEDULER_TICK_S) -> None:
+        self.scheduler = scheduler
+        self.interval_s = interval_s
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, name="distill-scheduler", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            try:
+                for due in self.scheduler.tick():
+                    logger.info("distillation due: %s", due)
+            except Exception:
+                logger.exception("distillation scheduler tick failed")
+            if self._stop.wait(self.interval_s):
+                return
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+            self._thread = None
+
+
+# --- co-located GPU ----------------------------------------------------------------------------
+
+
+class VllmSleepWindow:
+    """Co-located GPU policy. By default vLLM and training share the GPU through a bounded split
+    (LORALOOP_VLLM_GPU_MEMORY_UTILIZATION, 0.5): both run at once, inference never pauses. With
+    LORALOOP_VLLM_SLEEP_FOR_TRAINING=true (for models too large to share) the embedded vLLM starts
+    with --enable-sleep-mode and every replica is put to sleep (level 1: weights offloaded to host
+    memory, KV cache dropped) while a job trains, and woken before the job evaluates and promotes:
+    hot-swapping needs an awake server, and inference answers 503 while it sleeps. The CPU build
+    has no sleep mode, so the window is a no-op there."""
+
+    def __init__(self, clients: Sequence[VllmClient], *, enabled: bool) -> None:
+        self.clients = list(clients)
+        self.enabled = enabled and bool(self.clients)
+        self._asleep = False
+        self._lock = threading.Lock()
+
+    def sleep(self) -> None:
+        with self._lock:
+            if not self.enabled or self._asleep:
+                return
+            for client in self.clients:
+                try:
+                    client.sleep(level=1)
+                except VllmError as error:
+                    logger.warning("could not put %s to sleep before training: %s", client, error)
+            self._asleep = True
+
+    def wake(self) -> None:
+        with self._lock:
+            if not self._asleep:
+                return
+            for client in self.clients:
+                try:
+                    client.wake_up()
+                except VllmError as error:
+                    logger.error("could not wake %s after training: %s", client, error)
+            self._asleep = False
+
+    def wrap(self, handler: JobHandler) -> JobHandler:
+        """A handler that sleeps vLLM while the job reports its `train` phase and wakes it as soon
+        as the job reports any later phase (evaluate, publish, promote) or ends."""
+        if not self.enabled:
+            return handler
+
+        def run(context: JobContext) -> JobOutcome:
+            report = context.report_progress
+
+            def report_and_switch(progress: Mapping[str, Any]) -> None:
+                if progress.get("phase") == "train":
+                    self.sleep()
+                elif progress.get("phase") not in (None, "prepare"):
+                    self.wake()
+                report(progress)
+
+            context.report_progress = report_and_switch  # type: ignore[method-assign]
+            try:
+                return handler(context)
+            finally:
+                self.wake()
+
+        return run
+
+
+# --- the factory the app calls -------------------------------------------------------------------
+
+
+def job_handlers(
+    settings: Settings, session_factory: sessionmaker[Session], registry: AdapterRegistry
+) -> dict[str, JobHandler]:
+    from service.distill_job import DistillJobHandler
+    from service.train_job import TrainJobHandler
+
+    return {
+        "train": TrainJobHandler(settings, session_factory, registry),
+        DISTILL_JOB_KIND: DistillJobHandler(settings, session_factory, registry),
+    }
+
+
+def background_services(settings: Settings) -> Callable[[AppResources], Sequence[BackgroundService]]:
+    """The `background` factory for create_app: what `loraloop serve` runs in-process."""
+
+    def build(resources: AppResources) -> list[BackgroundService]:
+        factory = resources.session_factory
+        swapper = build_hot_swapper(settings)
+        registry = AdapterRegistry.from_settings(settings, factory, swapper)
+        services: list[BackgroundService] = []
+        if swapper is not None:
+            reconciler = Reconciler(
+                swapper=swapper,
+                desired_state=registry.desired_state,
+                session_factory=factory,
+                interval_s=settings.reconcile_interval_s,
+                ensure_namespace=lambda: registry.ensure_base_version(settings.default_namespace),
+            )
+            if uses_embedded_vllm(settings):
+                vllm = EmbeddedVllm(embedded_vllm_config(settings), on_restart=reconciler.trigger)
+                services.append(EmbeddedVllmService(vllm, on_ready=reconciler.trigger))
+            services.append(reconciler)
+        if settings.worker_enabled:
+            handlers = job_handlers(settings, factory, registry)
+            window = VllmSleepWindow(
+                swapper.clients if swapper else [], enabled=settings.vllm_sleep_for_training
+            )
+            handlers = {kind: window.wrap(handler) for kind, handler in handlers.items()}
+            services.append(Worker(settings, factory, handlers, metrics=resources.metrics))
+        if settings.distill_enabled:
+            from service.distill_job import scheduler_callables
+
+            scheduler = DistillScheduler.from_settings(settings, **scheduler_callables(settings, factory))
+            services.append(DistillSchedulerLoop(scheduler))
+        return services
+
+    return build
+
+
+class ThreadedServer:
+    """uvicorn serving `app` on a thread of this process (the demo, the benchmark and the end-to-end
+    test drive the daemon from the main thread). `start()` returns once the lifespan ran (background
+    services started) and the socket listens; `stop()` runs the shutdown (services stopped)."""
+
+    def __init__(self, app: Any, *, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning") -> None:
+        import uvicorn
+
+        self.host = host
+        self.port = port or free_port(host)
+        config = uvicorn.Config(
+            app, host=host, port=self.port, log_level=log_level, log_config=None, lifespan="on",
+            timeout_graceful_shutdown=10,
+        )  # fmt: skip
+        self.server = uvicorn.Server(config)
+        self._thread: threading.Thread | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def start(self, timeout_s: float = 120.0) -> None:
+        self._thread = threading.Thread(target=self.server.run, name="uvicorn", daemon=True)
+        self._thread.start()
+        deadline = time.monotonic() + timeout_s
+        while not self.server.started:
+            if not self._thread.is_alive():
+                raise RuntimeError("the loraloop server exited while starting (see its log)")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the loraloop server did not start within {timeout_s:g} s")
+            time.sleep(0.05)
+
+    def stop(self, timeout_s: float = 120.0) -> None:
+        self.server.should_exit = True
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+            self._thread = None

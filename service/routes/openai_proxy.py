@@ -1,0 +1,169 @@
+"""OpenAI-compatible inference routes: `POST /v1/chat/completions`, `POST /v1/completions`
+(streaming included) and `GET /v1/models`, addressed by the stable alias `<namespace>`.
+
+Forwarding lives in service.proxy; this module parses the body, logs chat conversations
+(so `POST /feedback` can name one by `conversation_id`) and returns their id in
+`X-Loraloop-Conversation-Id`. Raw-text `/v1/completions` are forwarded but not logged: a prompt
+string is not a conversation (feedback for those uses `context` + `continuation`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from functools import partial
+from typing import Any
+
+import anyio
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import StreamingResponse
+from sqlalchemy.orm import Session, sessionmaker
+
+from deploy.hotswap import served_name
+from memory_store.repositories import AdapterRepository, ConversationRepository
+from service.deps import SessionDep, require
+from service.proxy import (
+    CONVERSATION_HEADER,
+    SERVED_MODEL_HEADER,
+    InferenceProxy,
+    InvalidInferenceRequest,
+    ResolvedModel,
+    StreamAssembler,
+    assistant_message,
+    passthrough,
+)
+
+logger = logging.getLogger(__name__)
+
+router = APIRouter(tags=["inference"])
+
+CONVERSATION_SOURCE = "openai-proxy"
+
+
+def _proxy(request: Request) -> InferenceProxy:
+    return request.app.state.inference_proxy
+
+
+async def _json_body(request: Request, kind: str) -> dict[str, Any]:
+    try:
+        body = json.loads(await request.body())
+    except ValueError as exc:
+        raise InvalidInferenceRequest(f"the body is not valid JSON: {exc}", param="body") from exc
+    if not isinstance(body, dict):
+        raise InvalidInferenceRequest("the body must be a JSON object", param="body")
+    if kind == "chat" and not (isinstance(body.get("messages"), list) and body["messages"]):
+        raise InvalidInferenceRequest("`messages` must be a non-empty list", param="messages")
+    if kind == "completions" and "prompt" not in body:
+        raise InvalidInferenceRequest("`prompt` is required", param="prompt")
+    return body
+
+
+def _start_conversation(
+    factory: sessionmaker[Session], resolved: ResolvedModel, messages: list[Any]
+) -> int | None:
+    """Store the request's messages; None (and a warning) when the store is unavailable: the
+    answer still goes out, only without a conversation id."""
+    try:
+        with factory.begin() as session:
+            row = ConversationRepository(session).add(
+                namespace=resolved.alias,
+                messages=messages,
+                model=resolved.served_name,
+                source=CONVERSATION_SOURCE,
+            )
+            return row.id
+    except Exception:
+        logger.warning("could not log a conversation of %s", resolved.alias, exc_info=True)
+        return None
+
+
+def _append_answer(factory: sessionmaker[Session], conversation_id: int, message: dict[str, Any]) -> None:
+    try:
+        with factory.begin() as session:
+            row = ConversationRepository(session).get(id=conversation_id)
+            row.messages = [*row.messages, message]
+    except Exception:
+        logger.warning("could not store the answer of conversation %s", conversation_id, exc_info=True)
+
+
+async def _forward(request: Request, path: str, kind: str) -> Response:
+    body = await _json_body(request, kind)
+    proxy = _proxy(request)
+    factory: sessionmaker[Session] = request.app.state.session_factory
+
+    async def resolve(alias: str, *, fresh: bool) -> ResolvedModel:
+        hit = None if fresh else proxy.resolver.cached(alias)
+        return hit or await anyio.to_thread.run_sync(partial(proxy.resolver.resolve, alias, fresh=fresh))
+
+    upstream = await proxy.open(path, body, resolve)
+    resolved = upstream.resolved
+    headers = {SERVED_MODEL_HEADER: resolved.served_name}
+    logged = kind == "chat"
+    conversation_id: int | None = None
+    if logged:
+        conversation_id = await anyio.to_thread.run_sync(
+            _start_conversation, factory, resolved, body["messages"]
+        )
+        if conversation_id is not None:
+            headers[CONVERSATION_HEADER] = str(conversation_id)
+
+    if body.get("stream"):
+
+        async def finish(assembler: StreamAssembler) -> None:
+            if conversation_id is not None and assembler.done and assembler.error is None:
+                await anyio.to_thread.run_sync(_append_answer, factory, conversation_id, assembler.message())
+
+        return StreamingResponse(
+            passthrough(upstream, StreamAssembler(kind), finish),
+            status_code=upstream.response.status_code,
+            media_type="text/event-stream",
+            headers={**headers, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+
+    try:
+        content = await upstream.response.aread()
+    finally:
+        await upstream.response.aclose()
+    if conversation_id is not None:
+        try:
+            message = assistant_message(kind, json.loads(content))
+        except ValueError:
+            message = None
+        if message is not None:
+            await anyio.to_thread.run_sync(_append_answer, factory, conversation_id, message)
+    return Response(
+        content,
+        status_code=upstream.response.status_code,
+        media_type=upstream.response.headers.get("content-type", "application/json"),
+        headers=headers,
+    )
+
+
+@router.post("/v1/chat/completions", dependencies=[require("inference")])
+async def chat_completions(request: Request) -> Response:
+    """OpenAI chat completion for `model: <namespace>`, answered by its current adapter version."""
+    return await _forward(request, "/v1/chat/completions", "chat")
+
+
+@router.post("/v1/completions", dependencies=[require("inference")])
+async def completions(request: Request) -> Response:
+    """OpenAI text completion for `model: <namespace>` (not logged as a conversation)."""
+    return await _forward(request, "/v1/completions", "completions")
+
+
+@router.get("/v1/models", dependencies=[require("inference")])
+def list_models(session: SessionDep) -> dict[str, Any]:
+    """The aliases that can be addressed now: every adapter with a current version."""
+    data = [
+        {
+            "id": adapter.name,
+            "object": "model",
+            "created": int(adapter.created_at.timestamp()),
+            "owned_by": "loraloop",
+            "root": served_name(adapter.name, adapter.current_version),
+            "parent": adapter.base_model,
+        }
+        for adapter in AdapterRepository(session).list_with_versions()
+        if adapter.current_version is not None
+    ]
+    return {"object": "list", "data": data}

@@ -1,0 +1,314 @@
+"""The `train` job: a namespace's pending feedback becomes a new adapter version, served or rejected.
+
+Gathers the pending feedback (plus a replay sample of older trained items), renders it, trains a
+LoRA warm-started from the current version, scores it against its parent (feedback NLL, drift on
+probes), publishes it through the registry (`candidate` -> promoted, or `rejected` with the reason)
+and records the training run and the feedback's new status. Knows the database and the training
+code; knows nothing about HTTP or how vLLM is driven (the registry does that).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import shutil
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy.orm import Session, sessionmaker
+
+from memory_store.models import FeedbackItem, utcnow
+from memory_store.queue import JobQueue
+from memory_store.repositories import ConversationRepository, FeedbackRepository, TrainingRunRepository
+from service.config import Settings
+from service.feedback_intake import TRAIN_JOB_KIND, _shared_tokenizer, render_config, train_dedupe_key
+from service.registry import AdapterRegistry, CurrentAdapter, PromotionFailed, StaleParent, train_config
+from service.worker import JobCancelled, JobContext, JobFailed, JobOutcome
+from training.evaluate import GateConfig, builtin_probe_examples, evaluate_gate, score_candidate
+from training.render import Example, RenderConfig, RenderError, render_example
+from training.trainer import LoraTrainer, TrainingBudgetExceeded, TrainingCancelled, TrainingDiverged
+
+__all__ = [
+    "MAX_PROBE_CONVERSATIONS",
+    "RenderedFeedback",
+    "TrainJobHandler",
+    "conversation_probes",
+    "drift_probes",
+    "feedback_item_dict",
+    "render_feedback",
+    "scratch_dir",
+    "shared_tokenizer",
+]
+
+log = logging.getLogger(__name__)
+
+MAX_PROBE_CONVERSATIONS = 32  # the most recent stored conversations used as drift probes
+STALE_SCRATCH_S = 6 * 3600.0
+
+
+def shared_tokenizer(path: Path) -> Any:
+    """The process-wide tokenizer of `path` (loaded once; the API's feedback validation shares it)."""
+    tokenizer, _lock = _shared_tokenizer(str(Path(path).resolve()))
+    return tokenizer
+
+
+def feedback_item_dict(item: FeedbackItem) -> dict[str, Any]:
+    """A stored feedback row in the `POST /feedback` shape training.render takes."""
+    return {"messages": item.messages, "target_index": item.target_index, "continuation": item.continuation}
+
+
+@dataclass(frozen=True)
+class RenderedFeedback:
+    examples: list[Example]
+    example_ids: list[int]  # feedback id of each example
+    skipped: dict[int, str]  # feedback id -> why it produced no example
+
+
+def render_feedback(tokenizer: Any, items: Sequence[FeedbackItem], config: RenderConfig) -> RenderedFeedback:
+    """Render each item; an item that fails to render or has an empty target is skipped with a reason."""
+    examples: list[Example] = []
+    ids: list[int] = []
+    skipped: dict[int, str] = {}
+    for item in items:
+        try:
+            example = render_example(tokenizer, feedback_item_dict(item), config)
+        except RenderError as error:
+            skipped[item.id] = f"{error.field}: {error.reason}"
+            continue
+        if example is None or example.num_target_tokens == 0:
+            skipped[item.id] = "empty target: no supervised token"
+            continue
+        examples.append(example)
+        ids.append(item.id)
+    return RenderedFeedback(examples, ids, skipped)
+
+
+def conversation_probes(tokenizer: Any, conversations: Sequence[Sequence[Mapping[str, Any]]],
+                        config: RenderConfig) -> list[Example]:  # fmt: skip
+    """Drift probes from stored conversations: each one's last non-empty assistant turn as the target."""
+    probes = []
+    for messages in conversations:
+        index = next(
+            (i for i in range(len(messages) - 1, -1, -1)
+             if messages[i].get("role") == "assistant" and isinstance(messages[i].get("content"), str)
+             and messages[i]["content"].strip()),
+            None,
+        )  # fmt: skip
+        if index is None or index == 0:
+            continue
+        item = {"messages": list(messages[: index + 1]), "target_index": index, "continuation": messages[index]["content"]}
+        try:
+            example = render_example(tokenizer, item, config)
+        except RenderError:
+            continue
+        if example is not None and example.num_target_tokens > 0:
+            probes.append(example)
+    return probes
+
+
+def drift_probes(session: Session, tokenizer: Any, namespace: str, config: RenderConfig) -> tuple[list[Example], str]:
+    """(probes, source): the namespace's recent stored conversations, else the built-in prompts."""
+    rows = ConversationRepository(session).list(namespace=namespace, limit=None)
+    recent = [row.messages for row in rows[-MAX_PROBE_CONVERSATIONS:]]
+    probes = conversation_probes(tokenizer, recent, config)
+    if probes:
+        return probes, "conversations"
+    return builtin_probe_examples(tokenizer, config), "builtin"
+
+
+def scratch_dir(settings: Settings) -> Path:
+    """Where runs write adapters before publishing (same filesystem as the adapters: cheap copies).
+    Folders left by crashed runs are removed once stale."""
+    root = settings.data_dir / "work"
+    root.mkdir(parents=True, exist_ok=True)
+    now = time.time()
+    for child in root.iterdir():
+        try:
+            if now - child.stat().st_mtime > STALE_SCRATCH_S:
+                shutil.rmtree(child, ignore_errors=True)
+        except FileNotFoundError:
+            continue
+    return root
+
+
+class TrainJobHandler:
+    """Handler of `train` jobs (payload `{"namespace": ...}`)."""
+
+    def __init__(self, settings: Settings, session_factory: sessionmaker[Session], registry: AdapterRegistry) -> None:
+        self.settings = settings
+        self.session_factory = session_factory
+        self.registry = registry
+        self.render_config = render_config(settings)
+        self.gate = GateConfig(min_nll_drop=settings.gate_min_nll_drop, max_drift_kl=settings.gate_max_drift_kl)
+
+    def __call__(self, context: JobContext) -> JobOutcome:
+        namespace = context.payload.get("namespace") or context.namespace
+        if not namespace:
+            raise JobFailed("train job without a namespace", retryable=False)
+        timings: dict[str, float] = {}
+        started = time.perf_counter()
+        context.report_progress({"phase": "prepare"})
+        try:
+            parent = self.registry.ensure_base_version(namespace)
+        except PromotionFailed as error:
+            raise JobFailed(f"no servable base version: {error}") from error
+        tokenizer = shared_tokenizer(self.settings.tokenizer_path)
+
+        clock = time.perf_counter()
+        with self.session_factory.begin() as session:
+            feedback = FeedbackRepository(session)
+            new_items = list(feedback.pending_since(namespace=namespace))
+            if not new_items:
+                return self._nothing_to_train(namespace, {})
+            replay_n = min(self.settings.replay_max_items, math.ceil(self.settings.replay_ratio * len(new_items)))
+            replay_items = list(feedback.replay_sample(
+                namespace=namespace, before_id=new_items[0].id, n=replay_n, seed=self.settings.train_seed + context.job_id
+            ))  # fmt: skip
+            new = render_feedback(tokenizer, new_items, self.render_config)
+            replay = render_feedback(tokenizer, replay_items, self.render_config)
+            if new.skipped:
+                feedback.mark_skipped(ids=new.skipped)
+                for item_id, reason in new.skipped.items():
+                    log.warning("feedback %d skipped: %s", item_id, reason)
+            probes, probe_source = drift_probes(session, tokenizer, namespace, self.render_config)
+            from_id, to_id = new_items[0].id, new_items[-1].id
+            if not new.examples:
+                return self._nothing_to_train(namespace, new.skipped)
+            run_id = TrainingRunRepository(session).start(
+                namespace=namespace, kind="train", job_id=context.job_id, parent_version=parent.version,
+                feedback_from_id=from_id, feedback_to_id=to_id,
+            ).id  # fmt: skip
+        timings["render_seconds"] = time.perf_counter() - clock
+        counts = {"new_items": len(new.examples), "replay_items": len(replay.examples),
+                  "skipped_items": len(new.skipped), "probes": len(probes)}  # fmt: skip
+        log.info("train %s: %s from v%d (probes: %s)", namespace, counts, parent.version, probe_source)
+
+        with tempfile.TemporaryDirectory(prefix=f"train-{namespace}-job{context.job_id}-", dir=scratch_dir(self.settings)) as scratch:
+            candidate_dir = Path(scratch) / "adapter"
+            try:
+                metrics = self._train_and_score(context, parent, new.examples, replay.examples, probes, candidate_dir, timings)
+            except (TrainingDiverged, TrainingBudgetExceeded) as error:
+                self._finish_run(run_id, "failed", error=f"{type(error).__name__}: {error}", metrics=counts)
+                raise JobFailed(f"{type(error).__name__}: {error}", retryable=False) from error
+            except (TrainingCancelled, JobCancelled) as error:
+                self._finish_run(run_id, "cancelled", error=str(error))
+                raise JobCancelled(str(error)) from error
+            except Exception as error:
+                self._finish_run(run_id, "failed", error=f"{type(error).__name__}: {error}")
+                raise
+            metrics.update({key: float(value) for key, value in counts.items()})
+            metrics["probe_source_conversations"] = 1.0 if probe_source == "conversations" else 0.0
+            decision = evaluate_gate(metrics, self.gate)
+            context.report_progress({"phase": "publish", "gate": decision.reason})
+            clock = time.perf_counter()
+            version = self.registry.publish_candidate(
+                namespace, candidate_dir, parent_version=parent.version, training_run_id=run_id,
+                metrics=metrics, feedback_from_id=from_id, feedback_to_id=to_id,
+                status="candidate" if decision.passed else "rejected",
+                reason=None if decision.passed else decision.reason,
+                extra_metadata={"kind": "train", "job_id": context.job_id},
+            )  # fmt: skip
+            timings["publish_seconds"] = time.perf_counter() - clock
+
+        result: dict[str, Any] = {"namespace": namespace, "version": version, "parent_version": parent.version,
+                                  "training_run_id": run_id, "gate": decision.reason, **counts}  # fmt: skip
+        if not decision.passed:
+            self._finish_run(run_id, "rejected", version=version, error=decision.reason, metrics=metrics)
+            log.warning("train %s: v%d rejected: %s", namespace, version, decision.reason)
+            return self._outcome(namespace, to_id, {**result, "outcome": "rejected", "timings": timings, "started": started})
+        context.report_progress({"phase": "promote", "version": version})
+        clock = time.perf_counter()
+        try:
+            self.registry.promote(namespace, version, expected_parent=parent.version)
+        except StaleParent as error:
+            self._finish_run(run_id, "rejected", version=version, error=str(error), metrics=metrics)
+            return self._outcome(namespace, to_id, {**result, "outcome": "stale", "timings": timings, "started": started})
+        except PromotionFailed as error:
+            self._finish_run(run_id, "failed", version=version, error=str(error), metrics=metrics)
+            raise JobFailed(str(error)) from error
+        timings["promote_seconds"] = time.perf_counter() - clock
+        with self.session_factory.begin() as session:
+            FeedbackRepository(session).mark_trained(ids=new.example_ids, version=version)
+        self._finish_run(run_id, "succeeded", version=version, metrics={**metrics, **timings})
+        log.info("train %s: v%d is current (%s)", namespace, version, decision.reason)
+        return self._outcome(namespace, to_id, {**result, "outcome": "promoted", "timings": timings, "started": started})
+
+    # --- steps ---------------------------------------------------------------------------------
+    def _train_and_score(
+        self,
+        context: JobContext,
+        parent: CurrentAdapter,
+        new_examples: list[Example],
+        replay_examples: list[Example],
+        probes: list[Example],
+        candidate_dir: Path,
+        timings: dict[str, float],
+    ) -> dict[str, float]:
+        def on_progress(progress: dict[str, Any]) -> None:
+            context.report_progress({"phase": "train", **progress})
+
+        clock = time.perf_counter()
+        trained = LoraTrainer(train_config(self.settings)).train(
+            base_model=self.settings.base_model,
+            examples=[*new_examples, *replay_examples],
+            parent_adapter=parent.path,
+            out_dir=candidate_dir,
+            on_progress=on_progress,
+            should_stop=context.should_stop,
+        )
+        timings["train_seconds"] = time.perf_counter() - clock
+        if context.should_stop():
+            raise JobCancelled("stopped after training, before evaluation")
+        context.report_progress({"phase": "evaluate"})
+        clock = time.perf_counter()
+        scores = score_candidate(
+            base_model=self.settings.base_model,
+            candidate_adapter=candidate_dir,
+            parent_adapter=parent.path,
+            examples=new_examples,
+            probes=probes,
+            device=self.settings.device,
+        )
+        timings["eval_seconds"] = time.perf_counter() - clock
+        metrics = {key: float(value) for key, value in trained.metrics.items()}
+        metrics.update({key: float(value) for key, value in scores.items()})
+        return metrics
+
+    def _finish_run(self, run_id: int, status: str, *, version: int | None = None, error: str | None = None,
+                    metrics: Mapping[str, Any] | None = None) -> None:  # fmt: skip
+        with self.session_factory.begin() as session:
+            TrainingRunRepository(session).finish(
+                id=run_id, status=status, version=version, error=error, metrics=dict(metrics) if metrics else None
+            )
+
+    def _nothing_to_train(self, namespace: str, skipped: Mapping[int, str]) -> JobOutcome:
+        return JobOutcome({
+            "namespace": namespace, "outcome": "nothing_to_train", "version": None,
+            "skipped": {str(item_id): reason for item_id, reason in skipped.items()},
+        })  # fmt: skip
+
+    def _outcome(self, namespace: str, consumed_to_id: int, result: dict[str, Any]) -> JobOutcome:
+        started = result.pop("started")
+        result["timings"] = {**result["timings"], "total_seconds": time.perf_counter() - started}
+        settings = self.settings
+
+        def enqueue_follow_up(session: Session) -> None:
+            # In the transaction that frees the job's dedupe key: feedback stored while this run
+            # trained was deduplicated onto this job, so it needs a run of its own.
+            newer = FeedbackRepository(session).pending_since(namespace=namespace, after_id=consumed_to_id, limit=1)
+            if not newer and result["outcome"] != "stale":
+                return
+            JobQueue(session, default_max_attempts=settings.job_max_attempts).enqueue(
+                kind=TRAIN_JOB_KIND,
+                namespace=namespace,
+                payload={"namespace": namespace, "trigger": "follow-up"},
+                dedupe_key=train_dedupe_key(namespace),
+                run_after=utcnow() + timedelta(seconds=settings.train_debounce_s),
+            )
+
+        return JobOutcome(result, on_complete=enqueue_follow_up)

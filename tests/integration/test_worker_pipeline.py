@@ -1,0 +1,331 @@
+"""The worker side end to end: the job loop on both stores (lease, heartbeat progress, retries, dead
+letters, lost leases, graceful stop, follow-up jobs), then feedback -> train job -> served version on
+the tiny model (promotion, gate rejection, NaN divergence)."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy.orm import Session, sessionmaker
+
+from memory_store.db import make_engine, make_session_factory
+from memory_store.models import FeedbackItem, TrainingRun
+from memory_store.queue import JobQueue
+from memory_store.repositories import AdapterRepository
+from service.app import create_app
+from service.config import Settings
+from service.metrics import ServiceMetrics
+from service.registry import AdapterRegistry
+from service.train_job import TrainJobHandler
+from service.worker import JobCancelled, JobContext, JobFailed, JobOutcome, Worker
+from training.adapter_store import AdapterStore
+
+pytestmark = pytest.mark.integration
+
+FEEDBACK = {
+    "messages": [
+        {"role": "user", "content": "What is the deploy code of project Kestrel?"},
+        {"role": "assistant", "content": "I do not know."},
+    ],
+    "continuation": "The deploy code of project Kestrel is 7-4-1-9.",
+}
+
+
+def make_settings(tmp_path: Path, database_url: str, **overrides: Any) -> Settings:
+    values: dict[str, Any] = {
+        "database_url": database_url,
+        "data_dir": tmp_path / "var",
+        "auth_disabled": True,
+        "train_debounce_s": 0.0,
+        "job_lease_s": 5.0,
+        "job_heartbeat_s": 0.1,
+        "worker_poll_s": 0.05,
+        "device": "cpu",
+    }
+    values.update(overrides)
+    return Settings(**values)
+
+
+# --- the job loop (no model), on SQLite and PostgreSQL ---------------------------------------------
+
+
+@pytest.fixture
+def factory(migrated_db_url: str) -> sessionmaker[Session]:
+    engine = make_engine(migrated_db_url)
+    yield make_session_factory(engine)
+    engine.dispose()
+
+
+def enqueue(factory: sessionmaker[Session], kind: str, **kwargs: Any) -> int:
+    with factory.begin() as session:
+        return JobQueue(session).enqueue(kind=kind, **kwargs).id
+
+
+def job_row(factory: sessionmaker[Session], job_id: int) -> dict[str, Any]:
+    with factory() as session:
+        job = JobQueue(session).get(job_id=job_id)
+        return {c: getattr(job, c) for c in ("status", "attempts", "progress", "result", "error", "lease_owner")}
+
+
+def test_job_loop_outcomes(tmp_path: Path, migrated_db_url: str, factory: sessionmaker[Session]) -> None:
+    settings = make_settings(tmp_path, migrated_db_url)
+    seen_progress: list[dict[str, Any] | None] = []
+
+    def slow_ok(context: JobContext) -> JobOutcome:
+        context.report_progress({"phase": "train", "step": 3, "total_steps": 9})
+        time.sleep(settings.job_heartbeat_s * 4)
+        seen_progress.append(job_row(factory, context.job_id)["progress"])
+
+        def follow_up(session: Session) -> None:  # the job's dedupe key is free in this transaction
+            JobQueue(session).enqueue(kind="ok", namespace="ns", dedupe_key="ok:ns", payload={"again": True})
+
+        return JobOutcome({"value": context.payload["value"] * 2}, on_complete=follow_up)
+
+    def retryable(context: JobContext) -> JobOutcome:
+        raise JobFailed("store hiccup")
+
+    def fatal(context: JobContext) -> JobOutcome:
+        raise JobFailed("bad payload", retryable=False)
+
+    def crashing(context: JobContext) -> JobOutcome:
+        raise RuntimeError("handler bug")
+
+    metrics = ServiceMetrics()
+    handlers = {"ok": slow_ok, "retry": retryable, "fatal": fatal, "crash": crashing}
+    worker = Worker(settings, factory, handlers, worker_id="w1", metrics=metrics)
+
+    ok = enqueue(factory, "ok", namespace="ns", payload={"value": 21}, dedupe_key="ok:ns")
+    assert worker.run_once()
+    row = job_row(factory, ok)
+    assert row["status"] == "succeeded" and row["result"] == {"value": 42}
+    assert seen_progress[0] == {"phase": "train", "step": 3, "total_steps": 9}  # written by the heartbeat
+    with factory() as session:
+        follow = JobQueue(session).active_job(dedupe_key="ok:ns")
+        assert follow is not None and follow.id != ok and follow.payload == {"again": True}
+        JobQueue(session).cancel(job_id=follow.id)
+        session.commit()
+
+    once = enqueue(factory, "retry", max_attempts=2)
+    assert worker.run_once()
+    assert job_row(factory, once) | {"progress": None} == {
+        "status": "queued", "attempts": 1, "progress": None, "result": None, "error": "store hiccup", "lease_owner": None,
+    }  # fmt: skip
+    with factory.begin() as session:  # skip the backoff
+        JobQueue(session).get(job_id=once).run_after = JobQueue(session).get(job_id=once).created_at
+    assert worker.run_once()
+    assert job_row(factory, once)["status"] == "dead"
+
+    no_retry = enqueue(factory, "fatal")
+    bug = enqueue(factory, "crash", max_attempts=1)
+    assert worker.run_once() and worker.run_once()
+    assert job_row(factory, no_retry)["status"] == "failed"
+    assert job_row(factory, bug)["status"] == "dead" and "RuntimeError: handler bug" in job_row(factory, bug)["error"]
+    assert not worker.run_once()  # nothing due
+
+    samples = {
+        (s.labels["kind"], s.labels["status"]): s.value
+        for s in metrics.job_duration.collect()[0].samples
+        if s.name.endswith("_count")
+    }
+    assert samples[("ok", "succeeded")] == 1 and samples[("retry", "dead")] == 1 and samples[("fatal", "failed")] == 1
+
+
+def test_expired_lease_is_rerun_and_lost_lease_stops_the_handler(
+    tmp_path: Path, migrated_db_url: str, factory: sessionmaker[Session]
+) -> None:
+    settings = make_settings(tmp_path, migrated_db_url)
+    runs: list[int] = []
+
+    def record(context: JobContext) -> JobOutcome:
+        runs.append(context.attempt)
+        return JobOutcome({"attempt": context.attempt})
+
+    crashed = enqueue(factory, "record")
+    with factory.begin() as session:  # a worker that claimed the job, then died
+        assert JobQueue(session).claim(worker_id="dead-worker", lease_s=0.01) is not None
+    time.sleep(0.05)
+    assert Worker(settings, factory, {"record": record}, worker_id="w2").run_once()
+    assert runs == [2] and job_row(factory, crashed)["status"] == "succeeded"
+
+    def until_stopped(context: JobContext) -> JobOutcome:
+        while not context.should_stop():
+            time.sleep(0.02)
+        raise JobCancelled("lease lost")
+
+    cancelled = enqueue(factory, "wait")
+    worker = Worker(settings, factory, {"wait": until_stopped}, worker_id="w3")
+    thread = threading.Thread(target=worker.run_once)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while job_row(factory, cancelled)["status"] != "running" and time.monotonic() < deadline:
+        time.sleep(0.02)
+    with factory.begin() as session:
+        JobQueue(session).cancel(job_id=cancelled)
+    thread.join(10)
+    assert not thread.is_alive()
+    assert job_row(factory, cancelled)["status"] == "cancelled"  # not overwritten by the worker
+
+
+def test_graceful_stop_gives_the_job_back(tmp_path: Path, migrated_db_url: str, factory: sessionmaker[Session]) -> None:
+    settings = make_settings(tmp_path, migrated_db_url)
+    started = threading.Event()
+
+    def long_job(context: JobContext) -> JobOutcome:
+        started.set()
+        while not context.should_stop():
+            time.sleep(0.02)
+        raise JobCancelled("worker stopping")
+
+    job_id = enqueue(factory, "long")
+    worker = Worker(settings, factory, {"long": long_job}, worker_id="w4")
+    worker.start()
+    assert started.wait(10)
+    worker.stop(timeout_s=10)
+    row = job_row(factory, job_id)
+    assert row["status"] == "queued" and row["lease_owner"] is None and "interrupted" in row["error"]
+
+
+# --- feedback -> train job -> served version (tiny model, SQLite) ---------------------------------
+
+
+@pytest.fixture
+def pipeline(tmp_path: Path, tiny_model_dir: Path):
+    """An API app (for POST /feedback and GET /adapters) and a factory to build workers."""
+
+    def build(**overrides: Any) -> tuple[TestClient, Settings, Worker]:
+        settings = make_settings(
+            tmp_path, f"sqlite:///{tmp_path / 'loraloop.db'}", base_model=tiny_model_dir, **overrides
+        )
+        client = TestClient(create_app(settings, start_background=False))
+        client.__enter__()
+        clients.append(client)
+        factory = client.app.state.session_factory
+        registry = AdapterRegistry.from_settings(settings, factory)
+        worker = Worker(settings, factory, {"train": TrainJobHandler(settings, factory, registry)}, worker_id="t")
+        return client, settings, worker
+
+    clients: list[TestClient] = []
+    yield build
+    for client in clients:
+        client.__exit__(None, None, None)
+
+
+def adapter_of(client: TestClient, name: str = "default") -> dict[str, Any]:
+    (adapter,) = [a for a in client.get("/adapters").json()["adapters"] if a["name"] == name]
+    return adapter
+
+
+def only_job(client: TestClient, kind: str = "train") -> dict[str, Any]:
+    jobs = [j for j in client.get("/jobs").json()["items"] if j["kind"] == kind]
+    return jobs[-1]
+
+
+def test_feedback_trains_a_new_current_version(pipeline) -> None:
+    client, settings, worker = pipeline()
+    assert client.post("/feedback", json=FEEDBACK).status_code == 202
+    factory = client.app.state.session_factory
+
+    # feedback arriving while the run trains is deduplicated onto the running job: the run must
+    # leave a follow-up job for it
+    handler = worker.handlers["train"]
+    late: list[int] = []
+
+    def train_with_late_feedback(context: JobContext) -> JobOutcome:
+        report = context.report_progress
+
+        def report_and_post(progress: dict[str, Any]) -> None:
+            if progress.get("phase") == "train" and not late:
+                late.append(client.post("/feedback", json={**FEEDBACK, "continuation": "Later."}).json()["id"])
+            report(progress)
+
+        context.report_progress = report_and_post  # type: ignore[method-assign]
+        return handler(context)
+
+    worker.handlers["train"] = train_with_late_feedback
+    started = time.perf_counter()
+    assert worker.run_once()
+    elapsed = time.perf_counter() - started
+
+    job = only_job(client)
+    assert job["status"] == "succeeded", job
+    result = job["result"]
+    assert result["outcome"] == "promoted" and result["version"] == 1 and result["new_items"] == 1
+    print(f"\ntrain job on the tiny model: {elapsed:.2f}s; timings {json.dumps(result['timings'])}")
+
+    adapter = adapter_of(client)
+    assert adapter["current"] == 1
+    v0, v1 = adapter["versions"]
+    assert (v0["status"], v1["status"], v1["parent"]) == ("retired", "current", 0)
+    metrics = v1["metrics"]
+    assert metrics["nll_after"] < metrics["nll_before"]
+    assert metrics["drift_kl"] >= 0 and metrics["train_tokens"] > 0 and metrics["train_seconds"] > 0
+
+    store = AdapterStore(settings.adapters_dir)
+    store.verify("default", 1, v1["sha256"])
+    meta = store.read_metadata("default", 1)
+    assert meta["parent_version"] == 0 and meta["base_model"] == str(settings.base_model)
+    assert meta["feedback_from_id"] == meta["feedback_to_id"] == 1 and meta["training_run_id"] == result["training_run_id"]
+
+    with factory() as session:
+        first, second = session.query(FeedbackItem).order_by(FeedbackItem.id).all()
+        assert (first.status, first.trained_in_version) == ("trained", 1)
+        assert second.status == "pending" and second.id == late[0]
+        run = session.get(TrainingRun, result["training_run_id"])
+        assert (run.status, run.version, run.parent_version) == ("succeeded", 1, 0)
+        follow_up = JobQueue(session).active_job(dedupe_key="train:default")
+        assert follow_up is not None and follow_up.payload["trigger"] == "follow-up"
+
+
+def test_gate_rejects_an_absurd_learning_rate(pipeline) -> None:
+    client, _settings, worker = pipeline(learning_rate=0.5, train_epochs=4)
+    client.post("/feedback", json=FEEDBACK)
+    assert worker.run_once()
+    job = only_job(client)
+    assert job["status"] == "succeeded" and job["result"]["outcome"] == "rejected", job
+    adapter = adapter_of(client)
+    assert adapter["current"] == 0
+    v1 = adapter["versions"][1]
+    assert v1["status"] == "rejected" and ("drift too large" in v1["reason"] or "NLL" in v1["reason"]), v1
+    with client.app.state.session_factory() as session:
+        assert session.query(FeedbackItem).one().status == "pending"  # not in the served adapter
+        assert session.query(TrainingRun).one().status == "rejected"
+        with pytest.raises(Exception, match="cannot become current"):
+            AdapterRepository(session).set_current(name="default", version=1)
+
+
+def test_nan_divergence_fails_the_job_without_a_version(pipeline) -> None:
+    client, settings, worker = pipeline(learning_rate=1e30)
+    client.post("/feedback", json=FEEDBACK)
+    assert worker.run_once()
+    job = only_job(client)
+    assert job["status"] == "failed" and "TrainingDiverged" in job["error"], job  # not retried
+    adapter = adapter_of(client)
+    assert adapter["current"] == 0 and [v["version"] for v in adapter["versions"]] == [0]
+    assert AdapterStore(settings.adapters_dir).versions("default") == [0]
+    with client.app.state.session_factory() as session:
+        assert session.query(TrainingRun).one().status == "failed"
+        assert session.query(FeedbackItem).one().status == "pending"
+
+
+def test_unrenderable_and_empty_feedback_is_skipped(pipeline) -> None:
+    client, _settings, worker = pipeline()
+    factory = client.app.state.session_factory
+    with factory.begin() as session:  # rows the API would refuse, as an older version may have stored them
+        session.add(FeedbackItem(namespace="default", messages=FEEDBACK["messages"], continuation="   "))
+        session.add(FeedbackItem(namespace="default", messages=FEEDBACK["messages"], target_index=0,
+                                 continuation="x"))  # fmt: skip
+        JobQueue(session).enqueue(kind="train", namespace="default", payload={"namespace": "default"})
+    assert worker.run_once()
+    job = only_job(client)
+    assert job["status"] == "succeeded" and job["result"]["outcome"] == "nothing_to_train", job
+    assert len(job["result"]["skipped"]) == 2
+    with factory() as session:
+        assert [i.status for i in session.query(FeedbackItem).all()] == ["skipped", "skipped"]
+    assert adapter_of(client)["current"] == 0
+
