@@ -7,7 +7,8 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check
 STAMP := $(VENV)/.installed-stamp
-VLLM_STAMP := $(VENV)/.vllm-stamp
+# vLLM lives in its own venv (.venv-vllm, see deploy/install_vllm_cpu.sh)
+VLLM_STAMP := .venv-vllm/.vllm-stamp
 
 .PHONY: install tokenizers vllm postgres test test-fast run bench clean help
 
@@ -53,4 +54,4 @@ bench: install tokenizers
 	for f in bench/*.py; do $(PY) $$f || exit 1; done
 
 clean:
-	rm -rf $(VENV) var
+	rm -rf $(VENV) .venv-vllm var

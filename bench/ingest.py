@@ -64,7 +64,9 @@ async def drive(
         while time.perf_counter() < deadline:
             key = f"{run_id}-{worker_id}-{sequence}"
             sequence += 1
-            if mode == "single":
+            if mode == "adapters":  # the read side (GET /adapters) under the same load
+                path, body, count = "/adapters", None, 0
+            elif mode == "single":
                 path, body, count = "/feedback", feedback_item(key), 1
             else:
                 path = "/feedback:batch"
@@ -72,12 +74,15 @@ async def drive(
                 count = batch_size
             started = time.perf_counter()
             try:
-                response = await client.post(path, json=body, headers={"Idempotency-Key": key})
+                if body is None:
+                    response = await client.get(path)
+                else:
+                    response = await client.post(path, json=body, headers={"Idempotency-Key": key})
             except httpx.HTTPError:
                 errors += 1
                 continue
             latencies.append(time.perf_counter() - started)
-            if response.status_code == 202:
+            if response.status_code == (200 if body is None else 202):
                 items += count
             else:
                 errors += 1
@@ -123,7 +128,9 @@ def tokenizer_folder() -> str | None:
 
 
 class Server:
-    def __init__(self, db_url: str, data_dir: Path, tokenizer: str | None) -> None:
+    def __init__(
+        self, db_url: str, data_dir: Path, tokenizer: str | None, extra_env: dict[str, str] | None = None
+    ) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = data_dir / f"server-{self.port}.log"
@@ -136,6 +143,7 @@ class Server:
             "LORALOOP_TOKENIZER": tokenizer or str(data_dir / "no-tokenizer"),
             "LORALOOP_LOG_LEVEL": "WARNING",
             "LORALOOP_TRAIN_DEBOUNCE_S": "3600",
+            **(extra_env or {}),
         }
         with self.log.open("ab") as log:
             self.process = subprocess.Popen(

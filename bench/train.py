@@ -1,9 +1,10 @@
 """Training throughput of loraloop's LoraTrainer against TRL's SFTTrainer (completion-only loss).
 
 Same base model, same rendered examples (chat conversations whose last assistant turn is the target),
-same LoRA config, optimizer, learning rate and number of optimizer steps, in the same process; each
-trainer gets a short warm-up run first. Reported: supervised (target) tokens per second of the training
-loop and seconds per optimizer step; end-to-end seconds (load + train + save) as context.
+same LoRA config, optimizer, learning rate and epochs (so the same target tokens; TRL batches a fixed
+number of examples, loraloop a token budget of the same average size), in the same process; each trainer
+gets a warm-up run first and the timed runs alternate. Reported: supervised (target) tokens per second
+of the training loop and seconds per optimizer step; end-to-end seconds (load + train + save) as context.
 Last stdout line: one JSON object with metric, value, baseline, baseline_value, ratio (> 1 = faster).
 """
 

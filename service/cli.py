@@ -359,6 +359,7 @@ def train(
     poll: Annotated[float, typer.Option(help="Seconds between status checks.", min=0.05)] = 1.0,
 ) -> None:
     """Queue a training run of NAMESPACE now (a running `serve` or `worker` executes it)."""
+    from memory_store.models import utcnow
     from memory_store.queue import JobQueue
     from service.feedback_intake import TRAIN_JOB_KIND, train_dedupe_key
     from service.schemas import check_namespace
@@ -376,6 +377,8 @@ def train(
             payload={"namespace": namespace, "trigger": "cli"},
             dedupe_key=train_dedupe_key(namespace),
         )
+        if job.status == "queued":
+            job.run_after = utcnow()  # a job feedback queued with the debounce delay runs now
         job_id = job.id
     typer.echo(f"job {job_id} queued (train {namespace})")
     if wait and not _wait_for_jobs(factory, [job_id], timeout=timeout, poll=poll):

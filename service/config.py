@@ -99,7 +99,9 @@ class Settings(BaseSettings):
     vllm_max_lora_rank: int = Field(16, ge=1)
     vllm_timeout_s: float = Field(30.0, gt=0)
     vllm_retries: int = Field(3, ge=0)
-    vllm_python: str = ""  # interpreter for the embedded vLLM; empty = this one
+    # interpreter for the embedded vLLM; empty = `.venv-vllm/bin/python` next to this venv when it
+    # exists (deploy/install_vllm_cpu.sh), else this one (deploy.embedded.resolve_vllm_python)
+    vllm_python: str = ""
     vllm_port: int = Field(8000, ge=0, le=65535)
     vllm_kv_cache_bytes: int = Field(64 * 1024 * 1024, ge=1)
     vllm_extra_args: str = ""

@@ -313,6 +313,28 @@ class JobPage(BaseModel):
     next_cursor: str | None
 
 
+# --- errors --------------------------------------------------------------------------------------
+
+
+class FieldErrorPublic(BaseModel):
+    field: str
+    reason: str
+
+
+class ErrorDetail(BaseModel):
+    type: str
+    message: str
+    field: str | None = None
+    errors: list[FieldErrorPublic] | None = None  # every refusal of a 422 from request validation
+    limit_bytes: int | None = None  # 413 only
+
+
+class ErrorResponse(BaseModel):
+    """The body of every 4xx/5xx answer of the loraloop API (service.errors builds it)."""
+
+    error: ErrorDetail
+
+
 # --- health --------------------------------------------------------------------------------------
 
 

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from training.collate import pad_collate
 from training.evaluate import AdapterView, builtin_probe_examples, drift_kl
 from training.render import DistillPair, Example, RenderConfig, RenderError, render_distillation_pair
 from training.token_nll import IGNORE_INDEX, TokenBatch, supervised_logits, token_nll_sum
@@ -395,16 +396,7 @@ class TeacherTargets:
 
 
 def _collate(examples: Sequence[Example], pad_token_id: int) -> TokenBatch:
-    width = max(len(e.input_ids) for e in examples)
-    ids = torch.full((len(examples), width), pad_token_id, dtype=torch.long)
-    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
-    mask = torch.zeros((len(examples), width), dtype=torch.long)
-    for row, example in enumerate(examples):  # right padding: positions of real tokens unchanged
-        n = len(example.input_ids)
-        ids[row, :n] = torch.tensor(example.input_ids)
-        labels[row, :n] = torch.tensor(example.labels)
-        mask[row, :n] = torch.tensor(example.attention_mask)
-    return TokenBatch.from_padded({"input_ids": ids, "labels": labels, "attention_mask": mask})
+    return TokenBatch.from_padded(pad_collate(list(examples), pad_token_id))
 
 
 def _teacher_rows(

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import bisect
 import re
+import unicodedata
 import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -445,14 +446,28 @@ def _split_at_context_boundary(tokenizer, text, boundary, ids, offsets, crossing
     while resume < len(offsets) and offsets[resume][0] < remainder_end:
         remainder_end = max(remainder_end, offsets[resume][1])
         resume += 1
-    remainder_ids, remainder_offsets = _encode(tokenizer, text[boundary:remainder_end])
-    decoded = tokenizer.decode(prompt_ids + remainder_ids, clean_up_tokenization_spaces=False)
-    if decoded != tokenizer.decode(prompt_ids, clean_up_tokenization_spaces=False) + text[boundary:remainder_end]:
-        raise RenderError("continuation", "its first characters merge with the chat template's generation "
-                                          "prompt into a token that cannot be split at the prompt's end")
-    shifted = [(start + boundary, end + boundary) for start, end in remainder_offsets]
-    return ([*prompt_ids, *remainder_ids, *ids[resume:]],
-            [*prompt_offsets, *shifted, *offsets[resume:]])
+    remainder = text[boundary:remainder_end]
+    expected = _nfc(tokenizer.decode(prompt_ids, clean_up_tokenization_spaces=False) + remainder)
+    for anchor in ("", "\n"):
+        # SentencePiece prepends a word-start "▁" to a text it encodes on its own; encoding the
+        # remainder after an anchor newline and dropping the anchor's tokens gives mid-word pieces.
+        piece_ids, piece_offsets = _encode(tokenizer, anchor + remainder)
+        kept = [i for i, (start, _) in enumerate(piece_offsets) if start >= len(anchor)]
+        if any(start < len(anchor) < end for start, end in piece_offsets):
+            continue
+        remainder_ids = [piece_ids[i] for i in kept]
+        decoded = tokenizer.decode(prompt_ids + remainder_ids, clean_up_tokenization_spaces=False)
+        if _nfc(decoded) == expected:
+            shift = boundary - len(anchor)
+            shifted = [(piece_offsets[i][0] + shift, piece_offsets[i][1] + shift) for i in kept]
+            return ([*prompt_ids, *remainder_ids, *ids[resume:]],
+                    [*prompt_offsets, *shifted, *offsets[resume:]])
+    raise RenderError("continuation", "its first characters merge with the end of the prompt into a token "
+                                      "that cannot be split at the prompt's end")
+
+
+def _nfc(text: str) -> str:
+    return unicodedata.normalize("NFC", text)
 
 
 def _label(ids: list[int], offsets: list[tuple[int, int]], spans: list[_Span]) -> list[int]:

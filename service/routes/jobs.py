@@ -6,6 +6,7 @@ from typing import Annotated, Literal
 
 from fastapi import APIRouter, Path, Query, status
 
+from memory_store.models import utcnow
 from memory_store.queue import JobQueue
 from service.deps import SessionDep, SettingsDep, require
 from service.feedback_intake import TRAIN_JOB_KIND, train_dedupe_key
@@ -31,6 +32,9 @@ def enqueue_training(body: TrainJobCreate, session: SessionDep, settings: Settin
         payload={"namespace": namespace, "trigger": "api"},
         dedupe_key=train_dedupe_key(namespace),
     )
+    if job.status == "queued":
+        # the active job may be one that feedback queued with the debounce delay: run it now
+        job.run_after = utcnow()
     return JobPublic.model_validate(job)
 
 

@@ -44,17 +44,18 @@ class VllmServer:
 
 
 def _check_vllm_python(python: str) -> None:
+    """Fail (never skip: CI installs vLLM with `make vllm`) when `python` has no vLLM. Only looks the
+    package up: importing vLLM costs ~20 s of CPU, the server start does that anyway."""
     probe = subprocess.run(
-        [python, "-c", "import vllm.entrypoints.openai.api_server"],
+        [python, "-c", "import importlib.util, sys; sys.exit(importlib.util.find_spec('vllm') is None)"],
         check=False,
         capture_output=True,
         text=True,
-        timeout=300,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        timeout=60,
     )
     if probe.returncode != 0:
         pytest.fail(
-            f"vLLM is not importable with {python} (run `make vllm`, or set LORALOOP_VLLM_PYTHON):\n"
+            f"vLLM is not installed for {python} (run `make vllm`, or set LORALOOP_VLLM_PYTHON): "
             + probe.stderr[-2000:]
         )
 

@@ -306,17 +306,19 @@ def publish_versions(settings: Settings, client: TestClient, name: str, count: i
 def test_adapter_registry_download_and_rollback(client: TestClient, settings: Settings) -> None:
     from training.adapter_store import dir_sha256
 
-    digests = publish_versions(settings, client, "geo", 2)
+    digests = publish_versions(settings, client, "geo", 3)
     headers = bearer(ADAPTER_READER)
     listing = client.get("/adapters", headers=headers).json()["adapters"]
-    assert [a["name"] for a in listing] == ["geo"] and listing[0]["current"] == 1
+    assert [a["name"] for a in listing] == ["geo"] and listing[0]["current"] == 2
     versions = listing[0]["versions"]
     assert [(v["version"], v["status"], v["parent"]) for v in versions] == [
         (0, "retired", None),
-        (1, "current", 0),
+        (1, "retired", 0),
+        (2, "current", 1),
     ]
     assert versions[1]["metrics"]["nll_after"] == pytest.approx(1.4) and versions[1]["created_at"]
-    assert client.get("/adapters/geo/current", headers=headers).json()["version"] == 1
+    assert client.get("/adapters/geo", headers=headers).json()["current"] == 2
+    assert client.get("/adapters/geo/current", headers=headers).json()["version"] == 2
     assert client.get("/adapters/geo/versions/0", headers=headers).json()["sha256"] == digests[0]
     assert client.get("/adapters/geo/versions/7", headers=headers).status_code == 404
     assert client.get("/adapters/nope", headers=headers).status_code == 404
@@ -330,17 +332,20 @@ def test_adapter_registry_download_and_rollback(client: TestClient, settings: Se
         archive.extractall(extracted, filter="data")
     assert dir_sha256(extracted / "geo" / "v1") == digests[1]
 
-    # a tampered version is refused, never streamed
+    # a tampered version is neither streamed nor made current
     weights = settings.adapters_dir / "geo" / "v0" / "adapter_model.safetensors"
     weights.chmod(0o644)
     weights.write_bytes(b"tampered")
     assert client.get("/adapters/geo/versions/0/download", headers=headers).status_code == 409
+    refused = client.post("/adapters/geo/rollback", json={"version": 0}, headers=bearer(ADMIN))
+    assert refused.status_code == 409 and refused.json()["error"]["type"] == "adapter_files_unavailable"
+    assert client.get("/adapters/geo/current", headers=headers).json()["version"] == 2
 
     assert client.post("/adapters/geo/rollback", json={}, headers=headers).status_code == 403
-    rolled = client.post("/adapters/geo/rollback", json={"version": 0}, headers=bearer(ADMIN))
+    rolled = client.post("/adapters/geo/rollback", headers=bearer(ADMIN))  # default: the previous one
     assert rolled.status_code == 200, rolled.text
-    assert rolled.json()["current"] == 0
-    assert client.get("/adapters/geo/current", headers=headers).json()["version"] == 0
+    assert rolled.json()["current"] == 1
+    assert client.get("/adapters/geo/current", headers=headers).json()["version"] == 1
 
 
 @pytest.mark.parametrize(
@@ -493,3 +498,21 @@ def test_info_logs_hold_no_token_or_feedback_content(
         )
     logged = "\n".join(record.getMessage() for record in caplog.records)
     assert secret_text not in logged and WRITER not in logged
+
+
+def test_train_now_advances_a_debounced_job(tmp_path: Path, qwen2_tokenizer: Path) -> None:
+    from datetime import datetime, timedelta
+
+    settings = make_settings(
+        f"sqlite:///{tmp_path / 'now.db'}", tmp_path, qwen2_tokenizer, train_debounce_s=3600
+    )
+    with TestClient(create_app(settings, start_background=False)) as client:
+        assert client.post("/feedback", json=item(), headers=bearer(WRITER)).status_code == 202
+        (debounced,) = client.get("/jobs", headers=bearer(ADAPTER_READER)).json()["items"]
+        now = client.post("/jobs/train", json={"namespace": "geo"}, headers=bearer(ADMIN)).json()
+        assert now["id"] == debounced["id"]
+        run_after = datetime.fromisoformat(now["run_after"])
+        stored = client.get(f"/jobs/{now['id']}", headers=bearer(ADAPTER_READER)).json()["run_after"]
+        assert datetime.fromisoformat(stored) == run_after
+        queued_at = datetime.fromisoformat(debounced["run_after"])
+        assert run_after.replace(tzinfo=None) < queued_at.replace(tzinfo=None) - timedelta(minutes=50)

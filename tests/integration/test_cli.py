@@ -14,6 +14,7 @@ from memory_store.db import make_engine, make_session_factory
 from memory_store.queue import JobQueue
 from memory_store.repositories import AdapterRepository, FeedbackRepository
 from service.cli import app
+from training.adapter_store import AdapterStore, PublishedAdapter
 
 pytestmark = pytest.mark.integration
 
@@ -43,7 +44,16 @@ def test_help_lists_every_command() -> None:
         assert command in output
 
 
-def test_feedback_and_adapter_commands(store: str) -> None:
+def publish_files(tmp_path: Path, name: str, version: int) -> PublishedAdapter:
+    """Real version files (placeholder weights) where the settings put adapters."""
+    source = tmp_path / "src" / f"{name}-{version}"
+    source.mkdir(parents=True)
+    (source / "adapter_config.json").write_text('{"r": 8}')
+    (source / "adapter_model.safetensors").write_bytes(bytes([version]) * 64)
+    return AdapterStore(tmp_path / "var" / "adapters").publish(name, version, source, {})
+
+
+def test_feedback_and_adapter_commands(store: str, tmp_path: Path) -> None:
     factory = make_session_factory(make_engine(store))
     with factory.begin() as session:
         item, _ = FeedbackRepository(session).add(
@@ -56,7 +66,10 @@ def test_feedback_and_adapter_commands(store: str) -> None:
         adapters = AdapterRepository(session)
         adapters.ensure_adapter(name="geo")
         for version in (0, 1):
-            adapters.add_version(name="geo", version=version, path=f"/x/v{version}", sha256="0" * 64)
+            published = publish_files(tmp_path, "geo", version)
+            adapters.add_version(
+                name="geo", version=version, path=str(published.path), sha256=published.sha256
+            )
             adapters.set_current(name="geo", version=version)
 
     code, output = invoke("feedback", "list", "--json")

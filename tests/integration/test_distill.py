@@ -41,7 +41,7 @@ CONVERSATIONS = [
     ],
 ]
 CONFIG = DistillConfig(
-    epochs=40,
+    epochs=12,
     batch_size=8,
     learning_rate=3e-3,
     max_new_tokens=12,
@@ -144,8 +144,9 @@ def test_student_without_memories_prefers_the_teachers_answers(
 def test_adapter_is_saved_in_peft_format(distilled: DistillResult, tiny_model_dir: Path):
     from peft import PeftModel
 
-    files = sorted(p.name for p in distilled.adapter_dir.iterdir())
-    assert files == ["adapter_config.json", "adapter_model.safetensors"]
+    files = {p.name for p in distilled.adapter_dir.iterdir()}
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= files
+    assert not [p for p in distilled.adapter_dir.iterdir() if p.is_dir()]  # no second (parent) adapter
     config = json.loads((distilled.adapter_dir / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA"
     base = load_base_model(tiny_model_dir, device=torch.device("cpu"), dtype=torch.float32)

@@ -6,6 +6,7 @@ new-name-and-path-per-version policy avoids (shared DESIGN.md "Adapters and hot-
 from __future__ import annotations
 
 import shutil
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -201,3 +202,39 @@ def test_hot_swapper_against_real_vllm(
         )
     finally:
         swapper.close()
+
+
+def test_requests_through_the_current_name_never_fail_during_swaps(
+    vllm_server: VllmServer, client: VllmClient, adapters: dict[str, Path]
+) -> None:
+    """A client that resolves the current served name before every request (as the service's alias
+    does) sees no error while versions are swapped and old ones drained and unloaded."""
+    swapper = HotSwapper([client], drain_s=3.0, max_loras=4)
+    outcomes: list[tuple[str, int]] = []
+    stop = threading.Event()
+
+    def hammer() -> None:
+        with httpx.Client(base_url=vllm_server.url, timeout=120.0) as http:
+            while not stop.is_set():
+                name = swapper.current("ham")
+                body = {"model": name, "prompt": SHORT_PROMPT, "max_tokens": 2, "temperature": 0.0}
+                outcomes.append((name, http.post("/v1/completions", json=body).status_code))
+
+    try:
+        swapper.swap("ham", 1, adapters["v1"])
+        worker = threading.Thread(target=hammer)
+        worker.start()
+        for version, path in ((2, adapters["v2"]), (3, adapters["v1"]), (4, adapters["v2"])):
+            time.sleep(1.5)
+            swapper.swap("ham", version, path)
+            swapper.collect()
+        time.sleep(3.5)
+        unloaded = swapper.collect()
+        stop.set()
+        worker.join(timeout=120)
+    finally:
+        stop.set()
+        swapper.close()
+    assert [o for o in outcomes if o[1] != 200] == []
+    assert {name for name, _ in outcomes} >= {"ham-v1", "ham-v4"}
+    assert "ham-v3" in unloaded and set(client.adapters()) == {"ham-v4"}

@@ -193,15 +193,19 @@ def test_graceful_stop_gives_the_job_back(tmp_path: Path, migrated_db_url: str, 
 
 # --- feedback -> train job -> served version (tiny model, SQLite) ---------------------------------
 
+# The random-init tiny model's logits span about +-1.3 (tied 64-d embeddings, std 0.02), so no
+# adapter can lower a continuation's NLL by more than ~3% below ln|V|: the NLL gate is set to 1%
+# here (5% by default). Few steps keep each run short.
+TINY_TRAINING: dict[str, Any] = {"learning_rate": 0.03, "max_steps": 3, "gate_min_nll_drop": 0.01}
+
 
 @pytest.fixture
 def pipeline(tmp_path: Path, tiny_model_dir: Path):
     """An API app (for POST /feedback and GET /adapters) and a factory to build workers."""
 
     def build(**overrides: Any) -> tuple[TestClient, Settings, Worker]:
-        settings = make_settings(
-            tmp_path, f"sqlite:///{tmp_path / 'loraloop.db'}", base_model=tiny_model_dir, **overrides
-        )
+        values = {**TINY_TRAINING, **overrides}
+        settings = make_settings(tmp_path, f"sqlite:///{tmp_path / 'loraloop.db'}", base_model=tiny_model_dir, **values)
         client = TestClient(create_app(settings, start_background=False))
         client.__enter__()
         clients.append(client)
@@ -221,13 +225,14 @@ def adapter_of(client: TestClient, name: str = "default") -> dict[str, Any]:
     return adapter
 
 
-def only_job(client: TestClient, kind: str = "train") -> dict[str, Any]:
-    jobs = [j for j in client.get("/jobs").json()["items"] if j["kind"] == kind]
-    return jobs[-1]
+def first_job(client: TestClient, kind: str = "train") -> dict[str, Any]:
+    return [j for j in client.get("/jobs").json()["items"] if j["kind"] == kind][0]
 
 
 def test_feedback_trains_a_new_current_version(pipeline) -> None:
     client, settings, worker = pipeline()
+    conversation = [{"role": "user", "content": "Hello there"}, {"role": "assistant", "content": "Hi! How can I help?"}]
+    assert client.post("/conversations", json={"messages": conversation}).status_code == 201  # the drift probe
     assert client.post("/feedback", json=FEEDBACK).status_code == 202
     factory = client.app.state.session_factory
 
@@ -252,10 +257,11 @@ def test_feedback_trains_a_new_current_version(pipeline) -> None:
     assert worker.run_once()
     elapsed = time.perf_counter() - started
 
-    job = only_job(client)
+    job = first_job(client)
     assert job["status"] == "succeeded", job
     result = job["result"]
     assert result["outcome"] == "promoted" and result["version"] == 1 and result["new_items"] == 1
+    assert result["probes"] == 1  # the stored conversation, not the built-in prompts
     print(f"\ntrain job on the tiny model: {elapsed:.2f}s; timings {json.dumps(result['timings'])}")
 
     adapter = adapter_of(client)
@@ -282,16 +288,34 @@ def test_feedback_trains_a_new_current_version(pipeline) -> None:
         assert follow_up is not None and follow_up.payload["trigger"] == "follow-up"
 
 
-def test_gate_rejects_an_absurd_learning_rate(pipeline) -> None:
-    client, _settings, worker = pipeline(learning_rate=0.5, train_epochs=4)
+def test_gate_rejects_a_run_trained_on_corrupted_labels(pipeline, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The trainer gets labels that are not the continuation's tokens (a labelling bug): the
+    candidate does not lower the feedback NLL, so it is stored as rejected and never served."""
+    import dataclasses
+    import random
+
+    from service import train_job
+    from training.trainer import LoraTrainer
+
+    class CorruptingTrainer(LoraTrainer):
+        def train(self, *, examples, **kwargs):  # type: ignore[no-untyped-def]
+            shuffle = random.Random(0)
+            corrupted = [
+                dataclasses.replace(e, labels=[-100 if t == -100 else shuffle.randrange(1000, 100_000) for t in e.labels])
+                for e in examples
+            ]
+            return super().train(examples=corrupted, **kwargs)
+
+    monkeypatch.setattr(train_job, "LoraTrainer", CorruptingTrainer)
+    client, _settings, worker = pipeline()
     client.post("/feedback", json=FEEDBACK)
     assert worker.run_once()
-    job = only_job(client)
+    job = first_job(client)
     assert job["status"] == "succeeded" and job["result"]["outcome"] == "rejected", job
     adapter = adapter_of(client)
     assert adapter["current"] == 0
     v1 = adapter["versions"][1]
-    assert v1["status"] == "rejected" and ("drift too large" in v1["reason"] or "NLL" in v1["reason"]), v1
+    assert v1["status"] == "rejected" and "feedback NLL did not drop enough" in v1["reason"], v1
     with client.app.state.session_factory() as session:
         assert session.query(FeedbackItem).one().status == "pending"  # not in the served adapter
         assert session.query(TrainingRun).one().status == "rejected"
@@ -303,7 +327,7 @@ def test_nan_divergence_fails_the_job_without_a_version(pipeline) -> None:
     client, settings, worker = pipeline(learning_rate=1e30)
     client.post("/feedback", json=FEEDBACK)
     assert worker.run_once()
-    job = only_job(client)
+    job = first_job(client)
     assert job["status"] == "failed" and "TrainingDiverged" in job["error"], job  # not retried
     adapter = adapter_of(client)
     assert adapter["current"] == 0 and [v["version"] for v in adapter["versions"]] == [0]
@@ -322,7 +346,7 @@ def test_unrenderable_and_empty_feedback_is_skipped(pipeline) -> None:
                                  continuation="x"))  # fmt: skip
         JobQueue(session).enqueue(kind="train", namespace="default", payload={"namespace": "default"})
     assert worker.run_once()
-    job = only_job(client)
+    job = first_job(client)
     assert job["status"] == "succeeded" and job["result"]["outcome"] == "nothing_to_train", job
     assert len(job["result"]["skipped"]) == 2
     with factory() as session:

@@ -6,13 +6,14 @@ apply_chat_template(..., tokenize=True) for the context, and decoded text for th
 
 from __future__ import annotations
 
+import unicodedata
+
 from training.render import IGNORE_INDEX, Example, normalise_messages
 
 
 def normalised(tokenizer, text: str) -> str:
-    """`text` after the tokenizer's own normalizer (Qwen2's NFC maps compatibility ideographs)."""
-    normalizer = tokenizer.backend_tokenizer.normalizer
-    return normalizer.normalize_str(text) if normalizer is not None else text
+    """`text` in NFC, as Qwen2's normalizer and decoding return it (compatibility ideographs map)."""
+    return unicodedata.normalize("NFC", text)
 
 
 def special_ids(tokenizer) -> set[int]:
@@ -59,7 +60,7 @@ def check_main_path(tokenizer, messages, target_index, continuation, example: Ex
     labelled_ids = [example.input_ids[i] for i in positions]
     assert labelled_ids[-1] in specials, "the stop token is not trained"
     assert not [t for t in labelled_ids[:-1] if t in specials], "a template special token is labelled"
-    text = text_of_tokens(tokenizer, example.input_ids, positions[0], len(example.input_ids))
+    text = normalised(tokenizer, text_of_tokens(tokenizer, example.input_ids, positions[0], len(example.input_ids)))
     marker = tokenizer.convert_ids_to_tokens(labelled_ids[-1])
     assert text.endswith(marker)
     body = text[: -len(marker)]
