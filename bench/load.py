@@ -82,10 +82,10 @@ def seed_training(client: httpx.Client, items: int) -> int:
 
 def training_progress(client: httpx.Client, job_id: int) -> dict[str, Any]:
     job = client.get(f"/jobs/{job_id}").json()
-    return {"status": job["status"], **(job.get("progress") or {})}
+    return {"status": job["status"], "error": job.get("error"), **(job.get("progress") or {})}
 
 
-def wait_until_training(client: httpx.Client, job_id: int, timeout_s: float = 120.0) -> dict[str, Any]:
+def wait_until_training(client: httpx.Client, job_id: int, timeout_s: float = 240.0) -> dict[str, Any]:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         progress = training_progress(client, job_id)
@@ -174,7 +174,7 @@ def main() -> None:
                     "LORALOOP_DEVICE": "cpu",
                     # train for longer than the load window; the budget then ends the run
                     "LORALOOP_MAX_STEPS": "1000000",
-                    "LORALOOP_TRAIN_TIME_BUDGET_S": str(args.duration + 30),
+                    "LORALOOP_TRAIN_TIME_BUDGET_S": str(args.duration + 240),
                     "LORALOOP_JOB_HEARTBEAT_S": "0.5",
                     "LORALOOP_JOB_MAX_ATTEMPTS": "1",
                     "LORALOOP_WORKER_POLL_S": "0.1",

@@ -25,15 +25,71 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from training.render import Example, RenderConfig, render_example  # noqa: E402
-from training.trainer import LoraTrainer, TrainConfig, resolve_device, resolve_dtype  # noqa: E402
+from training.render import Example, RenderConfig, render_example
+from training.trainer import LoraTrainer, TrainConfig, resolve_device, resolve_dtype
 
-WORDS = (
-    "the quick brown fox jumps over lazy dog while seven engineers review a deployment plan for the "
-    "database migration and the adapter registry keeps every version immutable so rollback stays cheap "
-    "when latency rises we measure tokens per second and memory before shipping any change to production "
-    "customers asked about invoices refunds shipping delays passwords and the new pricing tiers"
-).split()
+WORDS = [
+    "the",
+    "quick",
+    "brown",
+    "fox",
+    "jumps",
+    "over",
+    "lazy",
+    "dog",
+    "while",
+    "seven",
+    "engineers",
+    "review",
+    "a",
+    "deployment",
+    "plan",
+    "for",
+    "the",
+    "database",
+    "migration",
+    "and",
+    "the",
+    "adapter",
+    "registry",
+    "keeps",
+    "every",
+    "version",
+    "immutable",
+    "so",
+    "rollback",
+    "stays",
+    "cheap",
+    "when",
+    "latency",
+    "rises",
+    "we",
+    "measure",
+    "tokens",
+    "per",
+    "second",
+    "and",
+    "memory",
+    "before",
+    "shipping",
+    "any",
+    "change",
+    "to",
+    "production",
+    "customers",
+    "asked",
+    "about",
+    "invoices",
+    "refunds",
+    "shipping",
+    "delays",
+    "passwords",
+    "and",
+    "the",
+    "new",
+    "pricing",
+    "tiers",
+]
 
 
 def synthetic_items(count: int, seed: int) -> list[dict[str, Any]]:
@@ -64,7 +120,9 @@ def default_model_dir() -> Path:
 def run_loraloop(model_dir: Path, examples: list[Example], config: TrainConfig) -> dict[str, float]:
     with tempfile.TemporaryDirectory(prefix="bench-loraloop-") as scratch:
         started = time.perf_counter()
-        result = LoraTrainer(config).train(base_model=model_dir, examples=examples, out_dir=Path(scratch) / "out")
+        result = LoraTrainer(config).train(
+            base_model=model_dir, examples=examples, out_dir=Path(scratch) / "out"
+        )
         end_to_end = time.perf_counter() - started
     metrics = result.metrics
     return {
@@ -78,7 +136,9 @@ def run_loraloop(model_dir: Path, examples: list[Example], config: TrainConfig) 
     }
 
 
-def run_trl(model_dir: Path, examples: list[Example], config: TrainConfig, batch_size: int) -> dict[str, float]:
+def run_trl(
+    model_dir: Path, examples: list[Example], config: TrainConfig, batch_size: int
+) -> dict[str, float]:
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTConfig, SFTTrainer
@@ -86,7 +146,8 @@ def run_trl(model_dir: Path, examples: list[Example], config: TrainConfig, batch
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
     rows = [
-        {"input_ids": e.input_ids, "completion_mask": [int(label != -100) for label in e.labels]} for e in examples
+        {"input_ids": e.input_ids, "completion_mask": [int(label != -100) for label in e.labels]}
+        for e in examples
     ]
     with tempfile.TemporaryDirectory(prefix="bench-trl-") as scratch:
         started = time.perf_counter()
@@ -144,13 +205,19 @@ def run_trl(model_dir: Path, examples: list[Example], config: TrainConfig, batch
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", type=Path, default=None, help="base model folder (default: the tiny qwen2)")
-    parser.add_argument("--items", type=int, default=32, help="feedback items rendered as training data")
-    parser.add_argument("--epochs", type=int, default=2, help="passes over the examples, both trainers")
-    parser.add_argument("--batch-size", type=int, default=4, help="examples per step (TRL); loraloop: as many tokens")
+    parser.add_argument(
+        "--model", type=Path, default=None, help="base model folder (default: the tiny qwen2)"
+    )
+    parser.add_argument("--items", type=int, default=8, help="feedback items rendered as training data")
+    parser.add_argument("--epochs", type=int, default=1, help="passes over the examples, both trainers")
+    parser.add_argument(
+        "--batch-size", type=int, default=4, help="examples per step (TRL); loraloop: as many tokens"
+    )
     parser.add_argument("--repeats", type=int, default=1, help="timed runs per trainer (median reported)")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: as configured)")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch CPU threads (default: as configured)"
+    )
     args = parser.parse_args(argv)
 
     if args.threads:
@@ -168,6 +235,8 @@ def main(argv: list[str] | None = None) -> int:
     common = {"lr": 2e-4, "batch_tokens": batch_tokens, "device": args.device, "seed": 0}
     config = TrainConfig(epochs=args.epochs, **common)
     warmup = TrainConfig(epochs=1, **common)
+    # warm-up (first-call costs: imports, allocator, kernels) on the shortest examples: TRL is slow on CPU
+    warmup_examples = sorted(examples, key=lambda e: len(e.input_ids))[: args.batch_size]
 
     print(
         f"model {model_dir} | device {resolve_device(args.device)} | torch threads {torch.get_num_threads()} | "
@@ -176,8 +245,8 @@ def main(argv: list[str] | None = None) -> int:
         f"{statistics.mean(e.num_target_tokens for e in examples):.1f}"
     )
     results: dict[str, list[dict[str, float]]] = {"loraloop": [], "trl": []}
-    run_loraloop(model_dir, examples, warmup)
-    run_trl(model_dir, examples, warmup, args.batch_size)
+    run_loraloop(model_dir, warmup_examples, warmup)
+    run_trl(model_dir, warmup_examples, warmup, args.batch_size)
     for _ in range(args.repeats):  # interleaved, so load on a shared machine hits both alike
         results["loraloop"].append(run_loraloop(model_dir, examples, config))
         results["trl"].append(run_trl(model_dir, examples, config, args.batch_size))
@@ -194,7 +263,11 @@ def main(argv: list[str] | None = None) -> int:
             "end_to_end_seconds": statistics.median(r["end_to_end_seconds"] for r in runs),
             "final_loss": runs[-1]["final_loss"],
         }
-        extra = {k: statistics.median(r[k]) for k in ("setup_seconds", "save_seconds") if k in runs[0]}
+        extra = {
+            k: statistics.median(r[k] for r in runs)
+            for k in ("setup_seconds", "save_seconds")
+            if k in runs[0]
+        }
         summary[name].update(extra)
         print(f"{name:9s} " + " ".join(f"{k}={v:.4g}" for k, v in summary[name].items()))
     if results["loraloop"][0]["target_tokens"] != results["trl"][0]["target_tokens"]:

@@ -260,6 +260,8 @@ class EmbeddedVllm:
         deadline = time.monotonic() + (timeout_s or self.config.startup_timeout_s)
         with httpx.Client(timeout=2.0) as http:
             while time.monotonic() < deadline:
+                if self._stopping.is_set():
+                    raise EmbeddedVllmError("stopped while starting")
                 proc = self._proc
                 if proc is None or proc.poll() is not None:
                     code = None if proc is None else proc.returncode
@@ -308,11 +310,12 @@ class EmbeddedVllm:
         backoff = 1.0
         while not self._stopping.wait(1.0):
             proc = self._proc
-            if proc is None or proc.poll() is None:
-                if proc is not None and time.monotonic() - self._started_at > 60:
+            if proc is not None and proc.poll() is None:
+                if time.monotonic() - self._started_at > 60:
                     backoff = 1.0  # stayed up a while: next crash restarts quickly
                 continue
-            log.error("embedded vLLM exited with code %s; restarting in %.0f s", proc.returncode, backoff)
+            code = None if proc is None else proc.returncode
+            log.error("embedded vLLM is down (exit code %s); restarting in %.0f s", code, backoff)
             if self._stopping.wait(backoff):
                 return
             backoff = min(backoff * 2, 30.0)
@@ -325,6 +328,8 @@ class EmbeddedVllm:
                 self.wait_ready()
             except EmbeddedVllmError as exc:
                 log.error("embedded vLLM restart failed: %s", exc)
+                with self._lock:
+                    self._terminate()  # a hung start is ended too; the next round starts afresh
                 continue
             self.restarts += 1
             if self.on_restart is not None:

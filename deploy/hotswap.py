@@ -187,9 +187,10 @@ class HotSwapper:
         path_str = str(path)
         with self._lock(self._namespace_locks, namespace):
             with self._state_lock:
-                known = name in self._retired or self._current.get(namespace) == _Version(
-                    int(version), path_str
-                )
+                known = self._current.get(namespace) == _Version(int(version), path_str)
+                # a draining version coming back: take it off the drain list BEFORE loading, so a
+                # concurrent collect() cannot unload it between our load and _make_current
+                reclaimed_since = self._retired.pop(name, None)
             self._evict_over_budget(incoming=0 if known else 1, keep=name)
             futures = {
                 c.base_url: self._pool.submit(self._ensure_loaded, c, name, path_str) for c in self.clients
@@ -205,6 +206,8 @@ class HotSwapper:
             if errors:
                 with self._state_lock:
                     is_current = self._current.get(namespace) == _Version(int(version), path_str)
+                    if reclaimed_since is not None and not is_current:
+                        self._retired.setdefault(name, reclaimed_since)
                 if not is_current:
                     for client in loaded_on:
                         try:
@@ -230,13 +233,21 @@ class HotSwapper:
         return done + self._evict_over_budget(incoming=0)
 
     def _unload_everywhere(self, name: str) -> bool:
+        """Unload a retired version from every replica; stops (False) as soon as it is no longer
+        retired, e.g. a swap brought it back (checked under the name's lock, per replica)."""
         ok = True
         for client in self.clients:
-            try:
-                self._unload(client, name)
-            except VllmError as exc:
-                ok = False
-                log.warning("could not unload %s from %s (retrying later): %s", name, client, exc)
+            with self._lock(self._name_locks, name):
+                with self._state_lock:
+                    if name not in self._retired:
+                        return False
+                try:
+                    client.unload_adapter(name)
+                except AdapterNotFound:
+                    pass
+                except VllmError as exc:
+                    ok = False
+                    log.warning("could not unload %s from %s (retrying later): %s", name, client, exc)
         if ok:
             with self._state_lock:
                 self._retired.pop(name, None)

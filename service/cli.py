@@ -311,6 +311,11 @@ def _load_item(settings: Settings, feedback_id: int | None, file: Path | None) -
         return {"messages": row.messages, "target_index": row.target_index, "continuation": row.continuation}
 
 
+def _plain_target(item: dict[str, Any]) -> bool:
+    """An item whose target is one continuation (not `target_roles`/`target_content_pattern`)."""
+    return "target_roles" not in item and "target_content_pattern" not in item
+
+
 @app.command()
 def inspect(
     feedback_id: Annotated[int | None, typer.Argument(help="A stored feedback id.")] = None,
@@ -326,14 +331,15 @@ def inspect(
     ] = False,
 ) -> None:
     """Show the training example of a feedback item: every token and whether it is trained."""
+    from service.feedback_intake import default_target_index, render_config
     from training.inspect import inspect_item, render_table
     from training.render import render_example
-
-    from service.feedback_intake import render_config
     from training.tokenizers import load_tokenizer
 
     settings = _settings()
     item = _load_item(settings, feedback_id, file)
+    if isinstance(item.get("messages"), list) and item.get("target_index") is None and _plain_target(item):
+        item = {**item, "target_index": default_target_index(item["messages"])}  # as POST /feedback stores it
     loaded = load_tokenizer(str(tokenizer or settings.tokenizer_path))
     config = render_config(settings)
     if as_json:
@@ -545,10 +551,11 @@ def distill(
 def main() -> None:
     """Console-script entry point: errors become one line on stderr, never a traceback."""
     from memory_store.errors import DatabaseUnavailable, NotFound, StoreError
+    from service.auth import TokenConfigError
 
     try:
         app()
-    except ValidationError as error:
+    except (ValidationError, TokenConfigError) as error:
         err_console.print(f"invalid settings: {error}")
         sys.exit(2)
     except (CliError, NotFound, DatabaseUnavailable, StoreError) as error:

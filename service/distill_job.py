@@ -99,6 +99,7 @@ def distill_config(settings: Settings) -> DistillConfig:
         time_budget_s=settings.train_time_budget_s,
         device=settings.device,
         probe_templates=templates,
+        max_new_tokens=settings.distill_max_new_tokens,
         lora_rank=settings.lora_rank,
         lora_alpha=settings.lora_alpha,
         lora_dropout=settings.lora_dropout,

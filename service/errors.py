@@ -101,6 +101,10 @@ def field_path(loc: Sequence[str | int]) -> str:
 
 def _validation_reason(error: Any) -> str:
     message = str(error.get("msg", "invalid value"))
+    if error.get("type") == "json_invalid":
+        loc, cause = error.get("loc", ()), (error.get("ctx") or {}).get("error")
+        where = f" at character {loc[-1]}" if loc and isinstance(loc[-1], int) else ""
+        return f"{message}{where}" + (f": {cause}" if cause else "")
     return message.removeprefix("Value error, ")
 
 
@@ -114,10 +118,14 @@ async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
     return _json(exc.status_code, error_body(exc.error_type, exc.message, exc.field, **extra), headers)
 
 
+def _validation_field(error: Any) -> str:
+    if error.get("type") == "json_invalid":
+        return "body"  # its loc is ("body", <character offset>), not a field of the request
+    return field_path(error.get("loc", ()))
+
+
 async def _request_validation(request: Request, exc: RequestValidationError) -> JSONResponse:
-    errors = [
-        {"field": field_path(err.get("loc", ())), "reason": _validation_reason(err)} for err in exc.errors()
-    ]
+    errors = [{"field": _validation_field(err), "reason": _validation_reason(err)} for err in exc.errors()]
     first = errors[0] if errors else {"field": "body", "reason": "invalid request"}
     return _json(
         422,

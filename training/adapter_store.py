@@ -159,7 +159,9 @@ def _temp_owner_alive(name: str) -> bool:
 class AdapterStore:
     """The adapter registry's files under `root` (e.g. `<data_dir>/adapters`)."""
 
-    def __init__(self, root: Path, *, clean_stale_temp: bool = True, stale_temp_age_s: float = 3600.0) -> None:
+    def __init__(
+        self, root: Path, *, clean_stale_temp: bool = True, stale_temp_age_s: float = 3600.0
+    ) -> None:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.stale_temp_age_s = stale_temp_age_s
@@ -253,7 +255,9 @@ class AdapterStore:
                 os.rename(temp, final)  # fails on an existing non-empty folder: never overwrites
             except OSError as error:
                 if final.exists():
-                    raise AdapterExists(f"adapter {namespace} v{version} already exists at {final}") from error
+                    raise AdapterExists(
+                        f"adapter {namespace} v{version} already exists at {final}"
+                    ) from error
                 raise
             _fsync_path(final.parent)
         except BaseException:
@@ -300,7 +304,9 @@ class AdapterStore:
             )
         for relpath, entry in actual_files.items():
             if entry != recorded_files[relpath]:
-                raise AdapterIntegrityError(f"{folder / relpath}: content does not match its recorded sha256/size")
+                raise AdapterIntegrityError(
+                    f"{folder / relpath}: content does not match its recorded sha256/size"
+                )
         actual_sha = _digest_of(actual_files)
         if actual_sha != recorded_sha:
             raise AdapterIntegrityError(f"{folder}: digest {actual_sha} != recorded {recorded_sha}")
@@ -362,8 +368,11 @@ def build_zero_adapter(base_model: Path, lora_config: Any, out_dir: Path, *, see
     if not weights:
         raise ValueError(f"target_modules {lora_config.target_modules} matched no module of {base_model}")
     out_dir.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in weights.items()}, str(out_dir / ADAPTER_WEIGHTS_FILE),
-              metadata={"format": "pt"})
+    save_file(
+        {k: v.contiguous() for k, v in weights.items()},
+        str(out_dir / ADAPTER_WEIGHTS_FILE),
+        metadata={"format": "pt"},
+    )
     peft_model.peft_config["default"].save_pretrained(str(out_dir))
     return out_dir
 

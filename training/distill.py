@@ -2,7 +2,7 @@
 context predicts what it predicts WITH them.
 
 Owns the distillation data (memories -> prefix messages, conversation and probe prompts, held-out
-split), teacher response generation, the teacher cache (log-probs computed once, full vocabulary or
+split), teacher response generation, the teacher cache (probabilities computed once, full vocabulary or
 top-k plus a rest-mass bucket), the KL loss with its per-batch alignment check, gap closure and the
 `MemoryDistiller` recipe. Knows nothing of the database, the queue, HTTP or vLLM: the caller passes
 memories, conversations, optional responses and paths, and records the returned metrics.

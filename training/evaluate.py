@@ -40,22 +40,40 @@ __all__ = [
 # Varied, short, unrelated to any namespace's feedback: (user prompt, reference assistant reply).
 GENERIC_PROBE_CONVERSATIONS: tuple[tuple[str, str], ...] = (
     ("What is the capital of France?", "The capital of France is Paris."),
-    ("Write a haiku about autumn rain.", "Cold rain on red leaves,\nthe gutter hums a slow song,\nlamps glow in puddles."),
-    ("How do I reverse a list in Python?", "Use `items.reverse()` to reverse in place, or `items[::-1]` for a reversed copy."),
-    ("Explain photosynthesis in one sentence.",
-     "Plants use sunlight to turn water and carbon dioxide into sugar, releasing oxygen."),
-    ("Translate 'good morning' into Spanish.", "\"Good morning\" in Spanish is \"buenos días\"."),
+    (
+        "Write a haiku about autumn rain.",
+        "Cold rain on red leaves,\nthe gutter hums a slow song,\nlamps glow in puddles.",
+    ),
+    (
+        "How do I reverse a list in Python?",
+        "Use `items.reverse()` to reverse in place, or `items[::-1]` for a reversed copy.",
+    ),
+    (
+        "Explain photosynthesis in one sentence.",
+        "Plants use sunlight to turn water and carbon dioxide into sugar, releasing oxygen.",
+    ),
+    ("Translate 'good morning' into Spanish.", '"Good morning" in Spanish is "buenos días".'),
     ("What is 17 multiplied by 6?", "17 multiplied by 6 is 102."),
-    ("Give me three tips for better sleep.",
-     "1. Keep a regular schedule.\n2. Avoid screens an hour before bed.\n3. Keep the bedroom cool and dark."),
-    ("Summarize the plot of Romeo and Juliet briefly.",
-     "Two young lovers from feuding families marry in secret, and a chain of misunderstandings ends in both "
-     "of their deaths, which finally reconciles the families."),
+    (
+        "Give me three tips for better sleep.",
+        "1. Keep a regular schedule.\n2. Avoid screens an hour before bed.\n3. Keep the bedroom cool and dark.",
+    ),
+    (
+        "Summarize the plot of Romeo and Juliet briefly.",
+        (
+            "Two young lovers from feuding families marry in secret, and a chain of misunderstandings ends in "
+            "both of their deaths, which finally reconciles the families."
+        ),
+    ),
     ("What does HTTP status code 404 mean?", "404 Not Found: the server cannot find the requested resource."),
     ("Suggest a name for a grey cat.", "How about Pebble, Smokey or Ash?"),
-    ("Why is the sky blue?",
-     "Air molecules scatter short blue wavelengths of sunlight much more than red ones, so blue light "
-     "reaches our eyes from all directions."),
+    (
+        "Why is the sky blue?",
+        (
+            "Air molecules scatter short blue wavelengths of sunlight much more than red ones, so blue light "
+            "reaches our eyes from all directions."
+        ),
+    ),
     ("Write a SQL query that counts rows in the table users.", "SELECT COUNT(*) FROM users;"),
 )
 
@@ -124,10 +142,14 @@ def _scoring_batches(
     pad_token_id = causal_lm_of(module).config.pad_token_id
     groups = length_bucketed_batches(list(examples), batch_tokens, 0)
     device = _device_of(model)
-    return [batch.to(device) for batch in batches_from_groups(groups, 0 if pad_token_id is None else pad_token_id)]
+    return [
+        batch.to(device) for batch in batches_from_groups(groups, 0 if pad_token_id is None else pad_token_id)
+    ]
 
 
-def mean_nll(model: torch.nn.Module | AdapterView, examples: Sequence[Example], batch_tokens: int = 4096) -> float:
+def mean_nll(
+    model: torch.nn.Module | AdapterView, examples: Sequence[Example], batch_tokens: int = 4096
+) -> float:
     """Token-mean negative log-likelihood (nats) of every supervised token of `examples`."""
     if not examples:
         raise ValueError("mean_nll needs at least one example")
@@ -249,12 +271,17 @@ def evaluate_gate(metrics: Mapping[str, float], config: GateConfig) -> GateDecis
     if missing:
         raise ValueError(f"evaluate_gate: metrics lack {missing}")
     nll_before, nll_after, kl = (float(metrics[k]) for k in ("nll_before", "nll_after", "drift_kl"))
-    not_finite = [k for k, v in (("nll_before", nll_before), ("nll_after", nll_after), ("drift_kl", kl))
-                  if not math.isfinite(v)]
+    not_finite = [
+        k
+        for k, v in (("nll_before", nll_before), ("nll_after", nll_after), ("drift_kl", kl))
+        if not math.isfinite(v)
+    ]
     if not_finite:
         return GateDecision(False, f"non-finite metrics: {', '.join(not_finite)}")
     drop = relative_nll_drop(nll_before, nll_after)
-    nll_text = f"nll {nll_before:.4f} -> {nll_after:.4f} (drop {drop:.1%}, required {config.min_nll_drop:.1%})"
+    nll_text = (
+        f"nll {nll_before:.4f} -> {nll_after:.4f} (drop {drop:.1%}, required {config.min_nll_drop:.1%})"
+    )
     kl_text = f"drift_kl {kl:.4f} (max {config.max_drift_kl:g})"
     failures = []
     if nll_before <= 1e-9 and drop == 0.0:

@@ -17,10 +17,11 @@ Rules (each one is tested in tests/unit/test_render*.py):
   token crossing that boundary (e.g. ChatML's trailing "\\n" merged with a continuation that starts with
   "\\n"), the prompt is encoded on its own and the crossing token's remainder after the boundary is
   encoded on its own; everything after it keeps the single pass's tokens.
-* Overlap rule (every other boundary, and segments). A token is labelled iff at least one of its
-  characters is target text (the continuation, a selected message body or a labelled segment) or the
-  end-of-turn marker. So a token that merges template whitespace with the first target characters
-  (Llama-2's " Sure" after "[/INST]") is labelled: the model has to emit it.
+* Majority rule (every other boundary, and segments). A token is labelled iff at least half of its
+  characters are target text (the continuation, a selected message body or a labelled segment) or
+  end-of-turn marker. So Llama-2's "▁Tokyo" (template space + target) after "[/INST]" is labelled (the
+  model has to emit it), a tool body's last token "}\n" (body + wrap newline) is labelled, and
+  SentencePiece's "▁good" (a labelled segment's trailing space + a masked word) is not.
 * End-of-turn marker. For an assistant target, the characters from the end of its text through the
   first special token that follows it are labelled: "<|im_end|>", "<|eot_id|>", " </s>", "<|end|>".
   A template that closes a turn only with the next turn's header (GLM-style) is rendered with one more
@@ -332,7 +333,12 @@ def _plan_conversation(tokenizer: PreTrainedTokenizerBase, item: Mapping[str, An
         prompt = _render(tokenizer, messages[:index], tools, generation_prompt=role == "assistant")
         if not full.startswith(prompt):
             return _plan_rewritten(tokenizer, messages, targets, tools, field_of)
-        located = _locate_body(tokenizer, messages, index, full, tools)
+        located = None
+        if role == "assistant":
+            expected_at = len(prompt) + len(_profile(tokenizer).generation_scaffold(tokenizer))
+            located = _locate_verbatim(full, expected_at, messages[index]["content"])
+        if located is None:
+            located = _locate_body(tokenizer, messages, index, full, tools)
         if located is None or located[0] < len(prompt) or (spans and located[0] < spans[-1].end):
             return _plan_rewritten(tokenizer, messages, targets, tools, field_of)
         start, end = located
@@ -367,6 +373,14 @@ def _plan_rewritten(tokenizer, messages, targets, tools, field_of) -> _Plan:
     text = head + full[start:end]
     return _Plan(text=text, spans=[_Span(len(head), len(text), field_of(index))], protected_from=len(prompt),
                  context_end=len(prompt), trim_after_last_target=True, history_rewritten=True)
+
+
+def _locate_verbatim(full: str, at: int, body: str) -> tuple[int, int] | None:
+    """Fast path: the body rendered verbatim (or stripped) right where the template's scaffold puts it."""
+    for text in (body, body.strip()):
+        if full.startswith(text, at):
+            return at, at + len(text)
+    return None
 
 
 def _locate_body(tokenizer, messages, index, full, tools) -> tuple[int, int] | None:
@@ -421,6 +435,13 @@ def _build_example(tokenizer: PreTrainedTokenizerBase, plan: _Plan, config: Rend
 
 
 def _encode(tokenizer: PreTrainedTokenizerBase, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+    """Token ids and character offsets of `text`, no special tokens added. Calls the Rust tokenizer
+    directly (what the tokenizer's __call__ does, minus its Python wrapping) unless the backend is
+    configured to truncate or pad."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None and backend.truncation is None and backend.padding is None:
+        encoding = backend.encode(text, add_special_tokens=False)
+        return encoding.ids, encoding.offsets
     encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     return list(encoding["input_ids"]), [tuple(pair) for pair in encoding["offset_mapping"]]
 
@@ -471,15 +492,30 @@ def _nfc(text: str) -> str:
 
 
 def _label(ids: list[int], offsets: list[tuple[int, int]], spans: list[_Span]) -> list[int]:
-    """The overlap rule: a token is labelled iff one of its characters lies in a span (a zero-width
-    token counts as the character at its position)."""
-    starts = [span.start for span in spans]
-    labels = []
-    for token_id, (start, end) in zip(ids, offsets):
-        probe = end - 1 if end > start else start
-        k = bisect.bisect_right(starts, probe) - 1
-        labels.append(token_id if k >= 0 and start >= 0 and spans[k].end > start else IGNORE_INDEX)
+    """The majority rule: a token is labelled iff at least half of its characters are target
+    characters (a zero-width token counts as the character at its position)."""
+    labels = [IGNORE_INDEX] * len(ids)
+    starts = [start for start, _ in offsets]
+    ends = [end for _, end in offsets]
+    for span in spans:
+        # tokens that can touch the span: ending after its start, starting before its end
+        first = bisect.bisect_left(ends, span.start)
+        stop = bisect.bisect_left(starts, span.end)
+        for index in range(first, stop):
+            start, end = offsets[index]
+            if start < 0:
+                continue
+            if span.start <= start and end <= span.end:  # inside (zero-width tokens included)
+                labels[index] = ids[index]
+            elif _target_share_is_majority(start, end, spans):
+                labels[index] = ids[index]
     return labels
+
+
+def _target_share_is_majority(start: int, end: int, spans: list[_Span]) -> bool:
+    end = max(end, start + 1)
+    covered = sum(max(0, min(end, span.end) - max(start, span.start)) for span in spans)
+    return 2 * covered >= end - start
 
 
 def _check_target_sizes(offsets, spans: list[_Span], config: RenderConfig) -> None:

@@ -66,6 +66,10 @@ def build_tiny_model(
     torch.manual_seed(seed)
     model = model_class(config).to(torch.float32)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
+    # Like a real chat model's generation_config: serving stops at the template's end-of-turn token
+    # (which training labels), not only at the tokenizer's EOS (for qwen2: <|im_end|>, <|endoftext|>).
+    stop_ids = [*end_of_turn_ids(tokenizer), tokenizer.eos_token_id]
+    model.generation_config.eos_token_id = list(dict.fromkeys(i for i in stop_ids if i is not None))
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
     try:
@@ -96,6 +100,20 @@ def ensure_tiny_model(out_dir: str | os.PathLike[str], family: str = "qwen2") ->
             pass
     arch = "llama" if family in {"llama2", "llama3", "mistral", "phi3"} else "qwen2"
     return build_tiny_model(out, family=family, arch=arch)
+
+
+def end_of_turn_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """The special token that closes an assistant turn in the tokenizer's chat template (the first
+    special token rendered after the assistant's content), or [] without a template."""
+    if not getattr(tokenizer, "chat_template", None):
+        return []
+    marker = "loraloop-end-of-turn-probe"
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "hi"}, {"role": "assistant", "content": marker}], tokenize=False
+    )
+    after = str(text)[str(text).index(marker) + len(marker) :]
+    special = set(tokenizer.all_special_ids) | set(tokenizer.added_tokens_decoder)
+    return [i for i in tokenizer(after, add_special_tokens=False).input_ids if i in special][:1]
 
 
 def _make_world_readable(folder: Path) -> None:

@@ -68,7 +68,9 @@ class TokenBatch:
         )
 
     def to(self, device: torch.device | str) -> TokenBatch:
-        move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
+        def move(tensor: torch.Tensor | None) -> torch.Tensor | None:
+            return None if tensor is None else tensor.to(device, non_blocking=True)
+
         return TokenBatch(
             input_ids=move(self.input_ids),
             attention_mask=move(self.attention_mask),

@@ -92,13 +92,20 @@ class TrainConfig:
     )
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
     num_threads: int | None = field(
-        default=None, metadata={"help": "torch CPU threads during train(), restored after; None = leave as is"}
+        default=None,
+        metadata={"help": "torch CPU threads during train(), restored after; None = leave as is"},
     )
     logits_chunk: int = field(default=DEFAULT_LOGITS_CHUNK, metadata={"help": "LM-head chunk (positions)"})
 
     def __post_init__(self) -> None:
-        positive = {"rank": self.rank, "alpha": self.alpha, "epochs": self.epochs, "batch_tokens": self.batch_tokens,
-                    "grad_accum_steps": self.grad_accum_steps, "logits_chunk": self.logits_chunk}
+        positive = {
+            "rank": self.rank,
+            "alpha": self.alpha,
+            "epochs": self.epochs,
+            "batch_tokens": self.batch_tokens,
+            "grad_accum_steps": self.grad_accum_steps,
+            "logits_chunk": self.logits_chunk,
+        }
         for name, value in positive.items():
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"TrainConfig.{name} must be an int >= 1, got {value!r}")
@@ -121,7 +128,9 @@ class TrainConfig:
         if self.dtype != "auto" and self.dtype not in _DTYPES:
             raise ValueError(f"TrainConfig.dtype must be auto, float32 or bfloat16, got {self.dtype!r}")
         if self.lr_schedule not in ("constant", "linear", "cosine"):
-            raise ValueError(f"TrainConfig.lr_schedule must be constant, linear or cosine, got {self.lr_schedule!r}")
+            raise ValueError(
+                f"TrainConfig.lr_schedule must be constant, linear or cosine, got {self.lr_schedule!r}"
+            )
         if self.num_threads is not None and self.num_threads < 1:
             raise ValueError(f"TrainConfig.num_threads must be >= 1 or None, got {self.num_threads!r}")
         if isinstance(self.target_modules, str) or not self.target_modules:
@@ -269,7 +278,9 @@ class LoraTrainer:
         model.train()
         return model
 
-    def _setup_batches(self, model: PeftModel, examples: Sequence[Example], device: torch.device) -> list[TokenBatch]:
+    def _setup_batches(
+        self, model: PeftModel, examples: Sequence[Example], device: torch.device
+    ) -> list[TokenBatch]:
         from training.collate import length_bucketed_batches
 
         pad_token_id = model.config.pad_token_id
@@ -293,7 +304,11 @@ class LoraTrainer:
             raise ValueError("the adapter has no trainable parameter (check target_modules)")
         on_cuda = params[0].device.type == "cuda"
         optimizer = torch.optim.AdamW(
-            params, lr=config.lr, weight_decay=config.weight_decay, fused=on_cuda or None, foreach=None if on_cuda else True
+            params,
+            lr=config.lr,
+            weight_decay=config.weight_decay,
+            fused=on_cuda or None,
+            foreach=None if on_cuda else True,
         )
         generator = torch.Generator().manual_seed(config.seed)
         plan = _plan_micro_batches(len(batches), config, generator)
@@ -317,7 +332,8 @@ class LoraTrainer:
             loss = (loss_sum / step_targets).item()  # the one host sync per step
             if not math.isfinite(loss) or not math.isfinite(float(grad_norm)):
                 raise TrainingDiverged(
-                    f"non-finite loss {loss} or gradient norm {float(grad_norm)} at step {step + 1}", step=step + 1
+                    f"non-finite loss {loss} or gradient norm {float(grad_norm)} at step {step + 1}",
+                    step=step + 1,
                 )
             lr = lr_at_step(step, total_steps, config)
             for group in optimizer.param_groups:

@@ -49,6 +49,8 @@ async def _json_body(request: Request, kind: str) -> dict[str, Any]:
         body = json.loads(await request.body())
     except ValueError as exc:
         raise InvalidInferenceRequest(f"the body is not valid JSON: {exc}", param="body") from exc
+    except RecursionError as exc:  # e.g. 100k nested arrays: the decoder runs out of stack
+        raise InvalidInferenceRequest("the body is nested too deeply", param="body") from exc
     if not isinstance(body, dict):
         raise InvalidInferenceRequest("the body must be a JSON object", param="body")
     if kind == "chat" and not (isinstance(body.get("messages"), list) and body["messages"]):

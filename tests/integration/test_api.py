@@ -136,6 +136,22 @@ def test_default_target_index_is_resolved_and_stored(
     assert stored["target_index"] == expected
 
 
+def test_tool_calls_and_tool_messages_are_accepted(client: TestClient) -> None:
+    call = {"id": "c1", "type": "function", "function": {"name": "weather", "arguments": '{"city": "Paris"}'}}
+    messages = [
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "c1", "name": "weather", "content": "18C, sunny"},
+    ]
+    accepted = client.post(
+        "/feedback", json=item(messages=messages, continuation="18C and sunny."), headers=bearer(WRITER)
+    )
+    assert accepted.status_code == 202, accepted.text
+    stored = client.get(f"/feedback/{accepted.json()['id']}", headers=bearer(READER)).json()
+    assert stored["messages"][1] == {"role": "assistant", "content": None, "tool_calls": [call]}
+    assert stored["target_index"] == 3
+
+
 def test_idempotency_key_replays_and_conflicts(client: TestClient) -> None:
     headers = {**bearer(WRITER), "Idempotency-Key": "req-1"}
     first = client.post("/feedback", json=item(), headers=headers)

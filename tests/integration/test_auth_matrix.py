@@ -17,9 +17,8 @@ from typing import Any
 
 import pytest
 from fastapi import FastAPI
-from fastapi.routing import APIRoute
+from fastapi.routing import APIRoute, iter_route_contexts
 from fastapi.testclient import TestClient
-from starlette.routing import Route
 
 import service.auth
 from service.app import create_app
@@ -81,7 +80,12 @@ def client(app: FastAPI) -> Iterator[TestClient]:
         yield test_client
 
 
-def declared_scopes(route: APIRoute) -> tuple[list[str], bool]:
+def all_routes(app: FastAPI) -> list[Any]:
+    """Every route the app serves, with included routers flattened (their effective dependencies)."""
+    return list(iter_route_contexts(app.routes))
+
+
+def declared_scopes(route: Any) -> tuple[list[str], bool]:
     """(scopes the route's `authorize` dependencies require, whether it carries the PUBLIC marker)."""
     scopes: list[str] = []
     is_public = False
@@ -89,7 +93,7 @@ def declared_scopes(route: APIRoute) -> tuple[list[str], bool]:
     while stack:
         dependant = stack.pop()
         if dependant.call is authorize:
-            scopes.extend(dependant.oauth_scopes or [])
+            scopes.extend(dependant.own_oauth_scopes or [])
         if dependant.call is public:
             is_public = True
         stack.extend(dependant.dependencies)
@@ -98,8 +102,8 @@ def declared_scopes(route: APIRoute) -> tuple[list[str], bool]:
 
 def api_operations(app: FastAPI) -> list[tuple[str, str, str | None]]:
     operations = []
-    for route in app.routes:
-        if not isinstance(route, APIRoute):
+    for route in all_routes(app):
+        if not isinstance(route.original_route, APIRoute):
             continue
         scopes, is_public = declared_scopes(route)
         for method in sorted(route.methods):
@@ -135,8 +139,8 @@ def test_every_route_is_scoped_or_explicitly_public(app: FastAPI) -> None:
     assert {(m, p) for m, p, scope in operations if scope is None} == PUBLIC_API_ROUTES
     others = {
         (method, route.path)
-        for route in app.routes
-        if isinstance(route, Route) and not isinstance(route, APIRoute)
+        for route in all_routes(app)
+        if not isinstance(route.original_route, APIRoute)
         for method in route.methods or ()
         if method != "HEAD"
     }
@@ -215,9 +219,7 @@ def test_info_logs_hold_no_token_and_no_feedback_content(
     app: FastAPI, client: TestClient, caplog: pytest.LogCaptureFixture
 ) -> None:
     admin = token_for("admin")
-    with caplog.at_level(logging.INFO):
-        for name in ("uvicorn", "uvicorn.access", "uvicorn.error", "service", "memory_store", "sqlalchemy"):
-            logging.getLogger(name).setLevel(logging.INFO)
+    with caplog.at_level(logging.INFO):  # the root logger at INFO, as `loraloop serve` configures it
         _request_everything(app, client, admin)
     assert caplog.records, "nothing was logged: the capture is not working"
     logged = "\n".join(

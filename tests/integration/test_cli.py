@@ -116,3 +116,39 @@ def test_train_wait_exits_zero_only_on_success(store: str, outcome: str, exit_co
 def test_train_refuses_unsafe_namespace(store: str) -> None:
     code, output = invoke("train", "--namespace", "../etc")
     assert code == 2 and "namespace" in output
+
+
+def test_inspect_prints_exactly_ids_and_labels(store: str, tmp_path: Path) -> None:
+    from training.render import IGNORE_INDEX, RenderConfig, render_example
+    from training.tokenizers import load_tokenizer, tokenizer_dir
+
+    folder = tokenizer_dir("qwen2")
+    item = {
+        "messages": [
+            {"role": "user", "content": "Capital of France?"},
+            {"role": "assistant", "content": "Lyon."},
+        ],
+        "continuation": "Paris.",
+    }
+    item_file = tmp_path / "item.json"
+    item_file.write_text(json.dumps(item))
+    result = CliRunner().invoke(
+        app, ["inspect", "--file", str(item_file), "--tokenizer", str(folder), "--json"]
+    )
+    assert result.exit_code == 0, result.output
+    printed = json.loads(result.stdout)
+    assert set(printed) == {"input_ids", "labels"}
+    expected = render_example(load_tokenizer(folder), {**item, "target_index": 1}, RenderConfig())
+    assert expected is not None
+    assert printed == {"input_ids": expected.input_ids, "labels": expected.labels}
+    assert IGNORE_INDEX in printed["labels"] and any(label != IGNORE_INDEX for label in printed["labels"])
+
+    # a stored item by id, as a table
+    factory = make_session_factory(make_engine(store))
+    with factory.begin() as session:
+        stored, _ = FeedbackRepository(session).add(
+            namespace="geo", continuation="Paris.", messages=item["messages"], target_index=1
+        )
+    table = CliRunner().invoke(app, ["inspect", str(stored.id), "--tokenizer", str(folder)])
+    assert table.exit_code == 0, table.output
+    assert "Paris" in table.stdout

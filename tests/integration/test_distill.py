@@ -23,8 +23,8 @@ from training.distill import (
     teacher_messages,
 )
 from training.evaluate import GateConfig, score_candidate
-from training.render import render_distillation_pair
-from training.trainer import TrainConfig, load_base_model
+from training.render import render_distillation_pair, render_example
+from training.trainer import TrainConfig, TrainingDiverged, load_base_model
 
 pytestmark = pytest.mark.slow
 
@@ -155,7 +155,7 @@ def test_adapter_is_saved_in_peft_format(distilled: DistillResult, tiny_model_di
     assert lora_b and any(p.abs().sum() > 0 for p in lora_b)  # trained away from the zero parent
 
 
-def test_alignment_assertion_fires_on_a_misaligned_pair(tiny_model_dir, tokenizer, plan, tmp_path):
+def test_alignment_assertion_fires_on_a_shifted_student(tokenizer, plan):
     prompt = plan.train[0]
     pair = render_distillation_pair(
         tokenizer,
@@ -172,18 +172,68 @@ def test_alignment_assertion_fires_on_a_misaligned_pair(tiny_model_dir, tokenize
     with pytest.raises(DistillAlignmentError):
         assert_aligned(torch.tensor(teacher_ids), [shifted])
 
-    # the training loop checks every batch: one bad pair stops the run before any update
-    distiller = MemoryDistiller(dataclasses.replace(CONFIG, epochs=1))
+
+@pytest.fixture(scope="module")
+def one_epoch(tiny_model_dir, tokenizer, plan):
+    """A prepared (model loaded, teacher cached) one-epoch run, for loop-level checks."""
+    distiller = MemoryDistiller(dataclasses.replace(CONFIG, epochs=1, feedback_mix=0.5))
     prepared = distiller.prepare(
         base_model=tiny_model_dir, tokenizer=tokenizer, plan=plan, parent_adapter=None
     )
-    bad = prepared.train_pairs[0]
-    other_response = dataclasses.replace(
-        bad.student, input_ids=bad.student.input_ids[:-2] + [bad.student.input_ids[-1]] * 2
+    return distiller, prepared
+
+
+def trainable(prepared) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in prepared.model.named_parameters() if p.requires_grad}
+
+
+def test_training_loop_refuses_a_misaligned_batch_before_any_update(one_epoch, tokenizer, plan):
+    distiller, prepared = one_epoch
+    index = 0
+    prompt = next(p for p in plan.train if p.response)
+    # the student renders a different response than the one the teacher cache holds
+    wrong = render_distillation_pair(
+        tokenizer,
+        prefix_messages=[*plan.prefix_messages, *prompt.history],
+        messages=list(prompt.messages),
+        response=prompt.response + " and more",
+        retained_turns=0,
+        config=CONFIG.render,
     )
-    prepared.train_pairs[0] = dataclasses.replace(bad, student=other_response)
-    before = {n: p.detach().clone() for n, p in prepared.model.named_parameters() if p.requires_grad}
-    with pytest.raises(DistillAlignmentError):
-        distiller.train_student(prepared, feedback_examples=(), started=0.0)
-    after = dict(prepared.model.named_parameters())
+    misaligned = dataclasses.replace(
+        prepared, train_pairs=[dataclasses.replace(prepared.train_pairs[index], student=wrong.student),
+                               *prepared.train_pairs[1:]],
+    )  # fmt: skip
+    before = trainable(prepared)
+    with pytest.raises(DistillAlignmentError, match="response tokens differ"):
+        distiller.train_student(misaligned)
+    after = trainable(prepared)
     assert all(torch.equal(before[n], after[n]) for n in before)
+
+
+def test_nan_guard_raises_training_diverged(one_epoch):
+    distiller, prepared = one_epoch
+    param = next(p for n, p in prepared.model.named_parameters() if "lora_A" in n)
+    saved = param.detach().clone()
+    try:
+        with torch.no_grad():
+            param.fill_(float("nan"))
+        with pytest.raises(TrainingDiverged):
+            distiller.train_student(prepared)
+    finally:
+        with torch.no_grad():
+            param.copy_(saved)
+
+
+def test_feedback_mix_adds_the_online_loss(one_epoch, tokenizer):
+    distiller, prepared = one_epoch
+    feedback = render_example(
+        tokenizer,
+        {"messages": [{"role": "user", "content": "Kestrel?"}], "continuation": "Password 7-4-1-9."},
+        CONFIG.render,
+    )
+    progress: list[dict] = []
+    result = distiller.train_student(prepared, [feedback], on_progress=progress.append)
+    assert result.metrics["steps"] == len(progress) >= 1
+    # loss = KL + 0.5 x CE of the feedback continuation (random model: CE ~ log |V| >> KL)
+    assert all(p["loss"] > p["kl"] + 1.0 for p in progress)

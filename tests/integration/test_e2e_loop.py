@@ -124,7 +124,6 @@ def loop(vllm_server: VllmServer, tmp_path_factory: pytest.TempPathFactory) -> I
         vllm_timeout_s=120.0,
         auth_disabled=True,
         reconcile_interval_s=1.0,
-        swap_drain_s=3.0,
         train_debounce_s=0.0,
         distill_enabled=False,
         job_heartbeat_s=2.0,

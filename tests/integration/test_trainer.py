@@ -412,3 +412,16 @@ def test_lr_schedule() -> None:
     assert rates[:3] == pytest.approx([0.25, 0.5, 0.75])
     assert rates[3] == pytest.approx(1.0) and rates[-1] == pytest.approx(0.1)
     assert trainer_module.lr_at_step(10, 13, TrainConfig(lr=0.5)) == 0.5
+
+
+def test_settings_build_the_train_and_gate_configs(monkeypatch) -> None:
+    from service.config import Settings
+
+    monkeypatch.setenv("LORALOOP_LORA_TARGET_MODULES", "q_proj,v_proj")
+    monkeypatch.setenv("LORALOOP_TRAIN_TIME_BUDGET_S", "30")
+    settings = Settings(auth_disabled=True, lora_rank=4, gate_max_drift_kl=0.25)
+    config = settings.train_config()
+    assert config.rank == 4 and config.target_modules == ("q_proj", "v_proj") and config.time_budget_s == 30
+    assert config.lr == settings.learning_rate and config.epochs == settings.train_epochs
+    gate = settings.gate_config()
+    assert gate.max_drift_kl == 0.25 and gate.min_nll_drop == settings.gate_min_nll_drop

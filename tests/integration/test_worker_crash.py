@@ -175,32 +175,37 @@ def test_sigkill_mid_training_then_restart(service, spawn) -> None:
     assert adapter["current"] == 1
 
 
-@pytest.mark.parametrize("point", ["after_rename", "mid_copy"])
-def test_sigkill_while_writing_the_version_then_restart(service, spawn, point: str) -> None:
+def test_sigkill_while_writing_the_version_then_restart(service, spawn) -> None:
+    """Worker 1 dies halfway through copying v1 into its temp folder, worker 2 right after renaming
+    it into place (before the registry row commits), worker 3 completes the job."""
     client, settings = service
     assert client.post("/feedback", json=FEEDBACK).status_code == 202
-    crashing = spawn([sys.executable, "-c", CRASHING_WORKER, point], worker_env(settings), f"crash-{point}")
-    crashing.wait(300)
-    assert crashing.returncode == -signal.SIGKILL
+    folder = settings.adapters_dir / "default"
 
-    store = AdapterStore(settings.adapters_dir, clean_stale_temp=False)
-    leftovers = [p.name for p in (settings.adapters_dir / "default").iterdir()]
-    if point == "after_rename":
-        assert "v1" in leftovers  # on disk, but no row: invisible through the API
-    else:
-        assert any(name.startswith(".tmp-v1-") for name in leftovers) and "v1" not in leftovers
-    (adapter,) = client.get("/adapters").json()["adapters"]
-    assert adapter["current"] == 0 and [v["version"] for v in adapter["versions"]] == [0]
-    assert client.get("/adapters/default/versions/1").status_code == 404
-    assert train_job(client)["status"] == "running"
+    def crash_at(point: str) -> list[str]:
+        crashing = spawn([sys.executable, "-c", CRASHING_WORKER, point], worker_env(settings), f"crash-{point}")
+        crashing.wait(300)
+        assert crashing.returncode == -signal.SIGKILL, f"worker did not die at {point}"
+        (adapter,) = client.get("/adapters").json()["adapters"]
+        assert adapter["current"] == 0 and [v["version"] for v in adapter["versions"]] == [0]
+        assert client.get("/adapters/default/versions/1").status_code == 404
+        assert train_job(client)["status"] == "running"
+        return sorted(p.name for p in folder.iterdir())
 
-    restarted = spawn(worker_args(), worker_env(settings), f"restart-{point}")
+    leftovers = crash_at("mid_copy")
+    assert "v1" not in leftovers and [n for n in leftovers if n.startswith(".tmp-v1-")]  # half a version
+    leftovers = crash_at("after_rename")
+    assert "v1" in leftovers  # on disk, but without its row: invisible through the API
+    assert not [n for n in leftovers if n.startswith(".tmp-")]  # the dead publisher's temp folder is gone
+
+    restarted = spawn(worker_args(), worker_env(settings), "restarted")
     job = wait_for(lambda: (j := train_job(client))["status"] in ("succeeded", "failed", "dead") and j, 300,
                    "the re-leased job", restarted)  # fmt: skip
-    assert job["status"] == "succeeded" and job["result"]["version"] == 1, job
+    assert job["status"] == "succeeded" and job["result"]["version"] == 1 and job["attempts"] == 3, job
     adapter = assert_no_partial_version(client, settings)
     assert adapter["current"] == 1
+    store = AdapterStore(settings.adapters_dir, clean_stale_temp=False)
     assert store.read_metadata("default", 1)["training_run_id"] == job["result"]["training_run_id"]
-    assert not [p for p in (settings.adapters_dir / "default").iterdir() if p.name.startswith(".")]
+    assert not [p for p in folder.iterdir() if p.name.startswith(".")]
     with client.app.state.session_factory() as session:
         assert JobQueue(session).depth() == {"queued": 0, "running": 0}

@@ -353,3 +353,40 @@ def test_unrenderable_and_empty_feedback_is_skipped(pipeline) -> None:
         assert [i.status for i in session.query(FeedbackItem).all()] == ["skipped", "skipped"]
     assert adapter_of(client)["current"] == 0
 
+
+
+# --- memories -> distill job -> served version, through the CLI (tiny model) ----------------------
+
+
+@pytest.mark.slow
+def test_distill_now_bakes_the_memories(pipeline, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`loraloop distill --namespace ops --now --wait` against a running worker: a new current
+    version whose held-out gap closure passed the gate, and the memories marked baked in it."""
+    from typer.testing import CliRunner
+
+    from service.cli import app
+    from service.daemon import job_handlers
+
+    client, settings, worker = pipeline(distill_epochs=12, distill_learning_rate=3e-3, distill_max_new_tokens=12)
+    memory = {"namespace": "ops", "content": "The deploy password for project Kestrel is 7-4-1-9", "priority": 2}
+    assert client.post("/memories", json=memory).status_code == 201
+    factory = client.app.state.session_factory
+    worker.handlers = job_handlers(settings, factory, AdapterRegistry.from_settings(settings, factory))
+    for name, value in settings.model_dump().items():
+        if value is not None and not isinstance(value, list):
+            monkeypatch.setenv(f"LORALOOP_{name.upper()}", str(value))
+    worker.start()
+    try:
+        result = CliRunner().invoke(app, ["distill", "--namespace", "ops", "--now", "--wait", "--poll", "0.2"])
+    finally:
+        worker.stop()
+    assert result.exit_code == 0, result.output
+    assert "succeeded (promoted) version v1" in result.output, result.output
+
+    (adapter,) = [a for a in client.get("/adapters").json()["adapters"] if a["name"] == "ops"]
+    assert adapter["current"] == 1
+    metrics = adapter["versions"][1]["metrics"]
+    assert metrics["gap_closure"] >= settings.gate_min_gap_closure and metrics["drift_kl"] <= settings.gate_max_drift_kl
+    memories = client.get("/memories", params={"namespace": "ops", "state": "baked"}).json()["items"]
+    assert [(m["content"], m["baked_in_version"]) for m in memories] == [(memory["content"], 1)]
+    assert client.get("/memories", params={"namespace": "ops", "state": "active"}).json()["items"] == []

@@ -198,6 +198,8 @@ def test_zero_adapter_is_identical_to_base(tmp_path: Path, tiny_model_dir: Path)
     with torch.inference_mode():
         expected = base(input_ids=input_ids).logits.clone()
         with_adapter = PeftModel.from_pretrained(base, str(zero.path)).eval()
-        loaded_a = [m.lora_A["default"].weight for m in with_adapter.modules() if hasattr(m, "lora_A") and m.lora_A]
+        loaded_a = [
+            m.lora_A["default"].weight for m in with_adapter.modules() if hasattr(m, "lora_A") and m.lora_A
+        ]
         assert loaded_a and all(torch.count_nonzero(w) > 0 for w in loaded_a)
         assert torch.equal(with_adapter(input_ids=input_ids).logits, expected)

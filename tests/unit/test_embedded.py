@@ -126,6 +126,10 @@ STAND_IN_SERVER = textwrap.dedent(
                              "lora": os.environ.get("VLLM_ALLOW_RUNTIME_LORA_UPDATING")}) + "\\n")
     if os.environ.get("STAND_IN_FAIL"):
         sys.exit(3)
+    fail_once = os.environ.get("STAND_IN_FAIL_ONCE")
+    if fail_once and os.path.exists(fail_once):
+        os.remove(fail_once)
+        sys.exit(4)
 
     class Health(BaseHTTPRequestHandler):
         def do_GET(self):
@@ -220,3 +224,22 @@ def test_a_server_that_exits_while_starting_raises_with_its_log(
     server.stop()
     assert time.monotonic() - started < 20
     assert _gone(_starts(state)[0]["engine"])
+
+
+def test_a_failed_restart_is_retried(tmp_path: Path, stand_in: tuple[Path, Path]) -> None:
+    pkg, state = stand_in
+    fail_once = tmp_path / "fail-next-start"
+    restarted = threading.Event()
+    server = EmbeddedVllm(
+        _config(tmp_path, pkg, state, STAND_IN_FAIL_ONCE=str(fail_once)),
+        on_restart=lambda url: restarted.set(),
+    )
+    server.start()
+    try:
+        fail_once.touch()
+        os.kill(_starts(state)[0]["pid"], signal.SIGKILL)
+        assert restarted.wait(40), server.log_tail()
+        assert len(_starts(state)) == 3 and not fail_once.exists()  # crashed, failed once, came back
+        assert server.restarts == 1 and httpx.get(f"{server.url}/health").status_code == 200
+    finally:
+        server.stop()

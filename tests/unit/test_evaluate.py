@@ -38,7 +38,9 @@ def test_gate_rejects_too_small_an_nll_drop() -> None:
 
 
 def test_gate_rejects_an_nll_increase() -> None:
-    assert not evaluate_gate({"nll_before": 2.0, "nll_after": 2.5, "drift_kl": 0.0}, GateConfig(0.0, 0.5)).passed
+    assert not evaluate_gate(
+        {"nll_before": 2.0, "nll_after": 2.5, "drift_kl": 0.0}, GateConfig(0.0, 0.5)
+    ).passed
 
 
 def test_gate_rejects_drift_above_the_bound() -> None:
@@ -108,8 +110,10 @@ def load_base(tiny_model_dir: Path):
 def examples(tokenizer):
     items = [
         {"messages": [{"role": "user", "content": "Name a colour."}], "continuation": "Teal."},
-        {"messages": [{"role": "user", "content": "Describe the weather in a long sentence, please."}],
-         "continuation": "It is grey and windy, with light rain coming in from the west all afternoon."},
+        {
+            "messages": [{"role": "user", "content": "Describe the weather in a long sentence, please."}],
+            "continuation": "It is grey and windy, with light rain coming in from the west all afternoon.",
+        },
         {"context": "Once upon a time", "continuation": " there was a tiny model."},
     ]
     return [render_example(tokenizer, item, RenderConfig()) for item in items]
@@ -123,7 +127,9 @@ def adapters(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     from training.adapter_store import build_zero_adapter
 
     root = tmp_path_factory.mktemp("eval-adapters")
-    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False)
+    config = LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False
+    )
     torch.manual_seed(1)
     noisy = get_peft_model(load_base(tiny_model_dir), config)
     with torch.no_grad():
@@ -131,7 +137,9 @@ def adapters(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> 
             if "lora_B" in name:
                 param.mul_(20.0)  # large enough to move the tiny model's near-uniform outputs
     noisy.save_pretrained(str(root / "noisy"))
-    zero = build_zero_adapter(tiny_model_dir, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"]), root / "zero")
+    zero = build_zero_adapter(
+        tiny_model_dir, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"]), root / "zero"
+    )
     return {"noisy": root / "noisy", "zero": zero}
 
 
@@ -173,16 +181,22 @@ def test_mean_nll_restores_training_mode(tiny_model_dir: Path, examples) -> None
     assert model.training
 
 
-def test_drift_kl_is_zero_against_itself_and_against_a_zero_adapter(tiny_model_dir, examples, adapters) -> None:
+def test_drift_kl_is_zero_against_itself_and_against_a_zero_adapter(
+    tiny_model_dir, examples, adapters
+) -> None:
     from peft import PeftModel
 
     base = load_base(tiny_model_dir)
     assert drift_kl(base, base, examples) == pytest.approx(0.0, abs=1e-6)
     model = PeftModel.from_pretrained(load_base(tiny_model_dir), str(adapters["zero"]), adapter_name="zero")
-    assert drift_kl(AdapterView(model, None), AdapterView(model, "zero"), examples) == pytest.approx(0.0, abs=1e-6)
+    assert drift_kl(AdapterView(model, None), AdapterView(model, "zero"), examples) == pytest.approx(
+        0.0, abs=1e-6
+    )
 
 
-def test_drift_kl_between_two_adapters_of_one_model_matches_reference(tiny_model_dir, examples, adapters) -> None:
+def test_drift_kl_between_two_adapters_of_one_model_matches_reference(
+    tiny_model_dir, examples, adapters
+) -> None:
     from peft import PeftModel
 
     model = PeftModel.from_pretrained(load_base(tiny_model_dir), str(adapters["zero"]), adapter_name="zero")
@@ -207,7 +221,9 @@ def test_drift_kl_between_two_adapters_of_one_model_matches_reference(tiny_model
     assert measured == pytest.approx(expected, rel=1e-4)
     # the same numbers with the parent as a separate model object
     separate_parent = load_base(tiny_model_dir)
-    assert drift_kl(separate_parent, AdapterView(model, "noisy"), examples) == pytest.approx(measured, rel=1e-5)
+    assert drift_kl(separate_parent, AdapterView(model, "noisy"), examples) == pytest.approx(
+        measured, rel=1e-5
+    )
     # and the NLL of one adapter through a view equals the reference
     with torch.inference_mode():
         model.set_adapter("noisy")

@@ -1,5 +1,5 @@
 """training.render: the invariants of DESIGN.md "The training example" on every real tokenizer family,
-plus the explicit rules (BOS, context boundary, overlap, end marker, history rewrite, truncation)."""
+plus the explicit rules (BOS, context boundary, majority, end marker, history rewrite, truncation)."""
 
 from __future__ import annotations
 
@@ -111,7 +111,7 @@ def test_raw_path_prepends_bos_once_when_the_tokenizer_adds_it(tokenizer_for):
     assert labelled_text(qwen2, no_bos) == " Paris."
 
 
-# --- one pass, context boundary and overlap rules -----------------------------------------------------
+# --- one pass, context boundary and majority rules ----------------------------------------------------
 
 
 def test_one_tokenization_pass_when_no_token_crosses_the_prompt_end(tokenizer_for, monkeypatch):
@@ -141,7 +141,7 @@ def test_a_token_crossing_the_prompt_end_is_split_there(tokenizer_for):
     assert labelled_text(tokenizer, example) == "\n\nTokyo.<|im_end|>"
 
 
-def test_overlap_rule_labels_a_token_merging_template_space_with_the_target(tokenizer_for):
+def test_majority_rule_labels_a_token_merging_template_space_with_the_target(tokenizer_for):
     """Llama-2 renders ' ' + answer after [/INST]; SentencePiece makes '▁Tokyo' one token carrying
     the template's space: it is labelled (the model must emit it), and nothing before it is."""
     tokenizer = tokenizer_for("llama2")
@@ -236,7 +236,7 @@ def test_tool_bodies_are_labelled_without_their_wrap(tokenizer_for):
     tokenizer = tokenizer_for("qwen3-reasoning")
     example = render_example(tokenizer, {"messages": TOOL_CONVERSATION, "target_roles": ["tool"]})
     labelled = tokenizer.decode([example.input_ids[i] for i in labelled_positions(example)])
-    # the body's last token "}\n" also carries the wrap's newline: the overlap rule labels it
+    # the body's last token "}\n" also carries the wrap's newline: the majority rule labels it
     assert labelled == "{\"sky\": \"sunny\", \"temp\": 21}\n"
     assert "<tool_response>" in tokenizer.decode(example.input_ids)
     assert example.input_ids[-1] in example.labels  # the sequence ends with the last target token
@@ -380,7 +380,7 @@ def test_segments_follow_the_axolotl_example(tokenizer_for):
                                           add_special_tokens=False)["input_ids"]
     assert example.input_ids.count(tokenizer.bos_token_id) == 1
     masked = tokenizer.decode([t for t, label in zip(example.input_ids, example.labels) if label == IGNORE_INDEX])
-    assert masked.strip() == "goodbye"
+    assert masked.strip() == "goodbye"  # "▁good" carries the labelled segment's space: 1 of 5 characters
     assert example.labels[-1] == tokenizer.eos_token_id
 
 

@@ -80,12 +80,12 @@ def test_segments_label_exactly_the_labelled_text(family_tokenizer, segments):
     whole = "".join(t for t, _ in segments)
     expected = tokenizer(whole, add_special_tokens=False)["input_ids"]
     assert example.input_ids == expected  # one pass, nothing added
-    # the overlap rule, checked against a per-character mask built independently of the renderer
+    # the majority rule, checked against a per-character mask built independently of the renderer
     labelled_char = [label for t, label in segments for _ in t]
     offsets = tokenizer(whole, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
     for token, label, (start, end) in zip(example.input_ids, example.labels, offsets):
         chars = labelled_char[start:end] if end > start else labelled_char[start:start + 1]
-        assert label == (token if any(chars) else IGNORE_INDEX)
+        assert label == (token if 2 * sum(chars) >= len(chars) else IGNORE_INDEX)
 
 
 @PROPERTY_SETTINGS
