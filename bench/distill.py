@@ -1,8 +1,9 @@
 """Benchmark: memory distillation throughput (response tokens/s) and gap closure per minute of training.
 
-Runs `training.distill.MemoryDistiller` (teacher log-probs computed once and cached) and, in the same
-process on the same pairs, steps and learning rate, a naive loop that keeps a frozen second copy of
-the model as the teacher and recomputes its logits every step. Prints a JSON summary; the last
+Trains with `training.distill.MemoryDistiller` (teacher distributions computed once and cached) and,
+in lockstep in the same process (same pairs, batch order, steps and learning rate, so both see the same
+machine load), a naive loop that keeps a frozen second copy of the model as the teacher and recomputes
+its logits every step. Throughput counts the cache build. Prints a JSON summary; the last
 stdout line is one JSON object with metric, value, baseline, baseline_value and ratio (> 1 = better).
 Usage: `python bench/distill.py [--epochs N] [--topk K] [--out FILE]`.
 """
@@ -11,10 +12,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -52,49 +51,47 @@ CONVERSATIONS = [
 ]
 
 
-def naive_distillation(
-    prepared: PreparedDistillation, teacher_model: torch.nn.Module, distiller: MemoryDistiller
-) -> dict[str, float]:
-    """Same pairs, batches and optimiser, but the teacher's logits are recomputed every step."""
-    config, train_config = distiller.config, distiller.train_config
-    student = prepared.model
-    params = [p for p in student.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=train_config.weight_decay)
-    generator = torch.Generator().manual_seed(config.seed)
-    n = len(prepared.train_pairs)
-    steps = config.epochs * math.ceil(n / config.batch_size)
-    tokens, done = 0, 0
-    student.train()
-    started = time.perf_counter()
-    while done < steps:
-        order = torch.randperm(n, generator=generator).tolist()
-        for i in range(0, n, config.batch_size):
-            if done == steps:
-                break
-            pairs = [prepared.train_pairs[j] for j in order[i : i + config.batch_size]]
-            teacher_batch = TokenBatch.from_padded(
-                pad_collate([p.teacher for p in pairs], prepared.pad_token_id)
-            )
-            student_batch = TokenBatch.from_padded(
-                pad_collate([p.student for p in pairs], prepared.pad_token_id)
-            )
-            with torch.no_grad():
-                teacher_logp = F.log_softmax(
-                    supervised_logits(teacher_model, teacher_batch) / config.temperature, -1
-                )
-            student_logp = F.log_softmax(supervised_logits(student, student_batch) / config.temperature, -1)
-            kl = (
-                F.kl_div(student_logp, teacher_logp, log_target=True, reduction="sum")
-                / student_batch.num_targets
-            )
-            (kl * config.temperature**2).backward()
-            torch.nn.utils.clip_grad_norm_(params, train_config.max_grad_norm)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            tokens += student_batch.num_targets
-            done += 1
-    seconds = time.perf_counter() - started
-    return {"train_tokens": float(tokens), "loop_seconds": seconds, "steps": float(done)}
+class NaiveLoop:
+    """The baseline: same pairs, batch order, optimiser and loss, but a frozen teacher copy's logits
+    are recomputed every step (what a straightforward implementation does)."""
+
+    def __init__(self, prepared: PreparedDistillation, teacher: torch.nn.Module, distiller: MemoryDistiller):
+        self.prepared, self.teacher, self.config = prepared, teacher, distiller.config
+        self.params = [p for p in prepared.model.parameters() if p.requires_grad]
+        train_config = distiller.train_config
+        self.max_grad_norm = train_config.max_grad_norm
+        self.optimizer = torch.optim.AdamW(
+            self.params, lr=self.config.learning_rate, weight_decay=train_config.weight_decay
+        )
+        self.generator = torch.Generator().manual_seed(self.config.seed)  # same order as the recipe
+        self.batches: list[list[int]] = []
+        self.seconds = 0.0
+        self.tokens = 0
+
+    def step(self) -> None:
+        started = time.perf_counter()
+        n, size = len(self.prepared.train_pairs), self.config.batch_size
+        if not self.batches:
+            order = torch.randperm(n, generator=self.generator).tolist()
+            self.batches = [order[i : i + size] for i in range(0, n, size)]
+        pairs = [self.prepared.train_pairs[j] for j in self.batches.pop(0)]
+        pad = self.prepared.pad_token_id
+        teacher_batch = TokenBatch.from_padded(pad_collate([p.teacher for p in pairs], pad))
+        student_batch = TokenBatch.from_padded(pad_collate([p.student for p in pairs], pad))
+        t = self.config.temperature
+        self.prepared.model.train()
+        with torch.no_grad():
+            teacher_logp = F.log_softmax(supervised_logits(self.teacher, teacher_batch) / t, -1)
+        student_logp = F.log_softmax(supervised_logits(self.prepared.model, student_batch) / t, -1)
+        kl = (
+            F.kl_div(student_logp, teacher_logp, log_target=True, reduction="sum") / student_batch.num_targets
+        )
+        (kl * t**2).backward()
+        torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.tokens += student_batch.num_targets
+        self.seconds += time.perf_counter() - started
 
 
 def main() -> None:
@@ -133,55 +130,52 @@ def main() -> None:
     generation_seconds = time.perf_counter() - generation_started
     plan = plan.with_responses(responses)
 
-    with tempfile.TemporaryDirectory(prefix="bench-distill-") as scratch:
-        result = distiller.run(
-            base_model=model_dir,
-            tokenizer=tokenizer,
-            plan=plan,
-            parent_adapter=None,
-            out_dir=Path(scratch) / "a",
-        )
-    cached = result.metrics
-    cached_seconds = cached["teacher_seconds"] + cached["loop_seconds"]
-
-    # the naive loop on the very same pairs: a fresh student, a frozen teacher copy (base == parent here)
+    # two identical students (same seed: same LoRA init, same batch order); the recipe trains one and,
+    # after each of its steps, the naive loop takes the same step on the other: both are timed under
+    # the same machine load (this machine's 2 cores are shared)
     torch.manual_seed(config.seed)
-    prepared = distiller.prepare(base_model=model_dir, tokenizer=tokenizer, plan=plan, parent_adapter=None)
-    kl_args = {"temperature": config.temperature, "pad_token_id": prepared.pad_token_id}
-    students = [p.student for p in prepared.heldout_pairs]
-    naive_before = mean_teacher_student_kl(prepared.model, students, prepared.heldout_teacher, **kl_args)
-    naive = naive_distillation(prepared, teacher, distiller)
-    naive_after = mean_teacher_student_kl(prepared.model, students, prepared.heldout_teacher, **kl_args)
-    naive_gap = gap_closure(naive_before, naive_after)
+    cached = distiller.prepare(base_model=model_dir, tokenizer=tokenizer, plan=plan, parent_adapter=None)
+    torch.manual_seed(config.seed)
+    naive_prepared = distiller.prepare(
+        base_model=model_dir, tokenizer=tokenizer, plan=plan, parent_adapter=None
+    )
+    naive = NaiveLoop(naive_prepared, teacher, distiller)
+    heldout = [p.student for p in cached.heldout_pairs]
+    kl_args = {"temperature": config.temperature, "pad_token_id": cached.pad_token_id}
 
-    cached_tps = cached["train_tokens"] / cached_seconds
-    naive_tps = naive["train_tokens"] / naive["loop_seconds"]
+    def heldout_kl(prepared: PreparedDistillation) -> float:
+        return mean_teacher_student_kl(prepared.model, heldout, cached.heldout_teacher, **kl_args)
+
+    kl_before = heldout_kl(cached)
+    loop = distiller.train_student(cached, on_progress=lambda progress: naive.step())
+    cached_loop_seconds = loop.metrics["loop_seconds"] - naive.seconds
+    cached_seconds = cached.stats["teacher_seconds"] + cached_loop_seconds
+    cached_gap = gap_closure(kl_before, heldout_kl(cached))
+    naive_gap = gap_closure(kl_before, heldout_kl(naive_prepared))
+    cached_tps = loop.metrics["train_tokens"] / cached_seconds
+    naive_tps = naive.tokens / naive.seconds
     summary = {
         "model": str(model_dir),
         "topk": config.topk,
-        "steps": cached["steps"],
-        "train_pairs": cached["train_pairs"],
-        "heldout_pairs": cached["heldout_pairs"],
+        "steps": loop.metrics["steps"],
+        "train_pairs": len(cached.train_pairs),
+        "heldout_pairs": len(cached.heldout_pairs),
+        "generation_seconds": generation_seconds,
+        "kl_before": kl_before,
         "cached_teacher": {
             "response_tokens_per_s": cached_tps,
-            "loop_tokens_per_s": cached["tokens_per_s"],
-            "teacher_seconds": cached["teacher_seconds"],
-            "loop_seconds": cached["loop_seconds"],
-            "generation_seconds": generation_seconds,
-            "teacher_cache_bytes": cached["teacher_cache_bytes"],
-            "kl_before": cached["kl_before"],
-            "kl_after": cached["kl_after"],
-            "gap_closure": cached["gap_closure"],
-            "gap_closure_per_minute": cached["gap_closure"] / (cached_seconds / 60),
-            "drift_kl": cached.get("drift_kl"),
+            "loop_tokens_per_s": loop.metrics["train_tokens"] / cached_loop_seconds,
+            "teacher_cache_seconds": cached.stats["teacher_seconds"],
+            "loop_seconds": cached_loop_seconds,
+            "teacher_cache_bytes": sum(t.nbytes for t in (*cached.train_teacher, *cached.heldout_teacher)),
+            "gap_closure": cached_gap,
+            "gap_closure_per_minute": cached_gap / (cached_seconds / 60),
         },
         "naive_teacher_every_step": {
             "response_tokens_per_s": naive_tps,
-            "loop_seconds": naive["loop_seconds"],
-            "kl_before": naive_before,
-            "kl_after": naive_after,
+            "loop_seconds": naive.seconds,
             "gap_closure": naive_gap,
-            "gap_closure_per_minute": naive_gap / (naive["loop_seconds"] / 60),
+            "gap_closure_per_minute": naive_gap / (naive.seconds / 60),
         },
     }
     print(json.dumps(summary, indent=2))
@@ -191,7 +185,7 @@ def main() -> None:
         "baseline": "naive_teacher_recomputed_every_step",
         "baseline_value": round(naive_tps, 2),
         "ratio": round(cached_tps / naive_tps, 3),
-        "gap_closure": round(cached["gap_closure"], 4),
+        "gap_closure": round(cached_gap, 4),
         "gap_closure_per_minute": round(summary["cached_teacher"]["gap_closure_per_minute"], 4),
         "baseline_gap_closure_per_minute": round(
             summary["naive_teacher_every_step"]["gap_closure_per_minute"], 4

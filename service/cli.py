@@ -333,7 +333,7 @@ def inspect(
     """Show the training example of a feedback item: every token and whether it is trained."""
     from service.feedback_intake import default_target_index, render_config
     from training.inspect import inspect_item, render_table
-    from training.render import render_example
+    from training.render import RenderError, render_example
     from training.tokenizers import load_tokenizer
 
     settings = _settings()
@@ -342,11 +342,14 @@ def inspect(
         item = {**item, "target_index": default_target_index(item["messages"])}  # as POST /feedback stores it
     loaded = load_tokenizer(str(tokenizer or settings.tokenizer_path))
     config = render_config(settings)
-    if as_json:
-        inspected = inspect_item(loaded, item, config)
-        _print_json({"input_ids": inspected["input_ids"], "labels": inspected["labels"]})
-        return
-    example = render_example(loaded, item, config)
+    try:
+        if as_json:
+            inspected = inspect_item(loaded, item, config)
+            _print_json({"input_ids": inspected["input_ids"], "labels": inspected["labels"]})
+            return
+        example = render_example(loaded, item, config)
+    except RenderError as error:
+        raise CliError(f"the item cannot be rendered: {error.field}: {error.reason}") from error
     if example is None:
         raise CliError("this item has no supervised token (empty target): it would not be trained")
     render_table(console, loaded, example)
@@ -402,8 +405,8 @@ def _job_line(job_id: int, status: str, result: dict[str, Any]) -> str:
         line += f" ({outcome})"
     if version is not None:
         line += f" version v{version}"
-    if result.get("gate"):
-        line += f": {result['gate']}"
+    if result.get("gate") or result.get("reason"):
+        line += f": {result.get('gate') or result.get('reason')}"
     return line
 
 

@@ -97,6 +97,7 @@ class Settings(BaseSettings):
     distill_learning_rate: float = Field(2e-3, gt=0)
     distill_probe_template: str = "What do you know about {topic}?"
     distill_max_new_tokens: int = Field(64, ge=1)  # teacher responses generated for probe prompts
+    distill_no_repeat_ngram_size: int = Field(0, ge=0)  # > 0 only for degenerate (random-init) models
     gate_min_gap_closure: float = Field(0.3, ge=0, le=1)
 
     # --- vLLM / hot-swap ---------------------------------------------------------------------------

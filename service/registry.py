@@ -22,8 +22,8 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from deploy.hotswap import HotSwapper, served_name
-from deploy.vllm_client import VllmClient, VllmError
+from deploy.hotswap import HotSwapper, SwapFailed, served_name
+from deploy.vllm_client import VllmClient, VllmError, VllmUnavailable
 from memory_store.errors import Conflict, NotFound
 from memory_store.models import Adapter, AdapterVersion
 from memory_store.repositories import SERVABLE_STATUSES, AdapterRepository
@@ -37,6 +37,7 @@ __all__ = [
     "PromotionFailed",
     "StaleParent",
     "build_hot_swapper",
+    "replicas_unreachable",
     "served_name",
     "train_config",
     "vllm_base_urls",
@@ -105,6 +106,13 @@ def build_hot_swapper(settings: Settings) -> HotSwapper | None:
         return None
     clients = [VllmClient(url, timeout=settings.vllm_timeout_s, retries=settings.vllm_retries) for url in urls]
     return HotSwapper(clients, drain_s=settings.swap_drain_s, max_loras=settings.vllm_max_loras)
+
+
+def replicas_unreachable(error: VllmError) -> bool:
+    """Whether a failed swap failed only because replicas could not be reached (not a refusal)."""
+    if isinstance(error, SwapFailed):
+        return bool(error.errors) and all(isinstance(e, VllmUnavailable) for e in error.errors.values())
+    return isinstance(error, VllmUnavailable)
 
 
 class AdapterRegistry:
@@ -337,7 +345,9 @@ class AdapterRegistry:
             try:
                 self.swapper.swap(namespace, version, path)
             except VllmError as error:
-                if mark_failed:
+                # an unreachable replica says nothing about the version: it stays a candidate and
+                # the job's retry (or a later promote) tries again once vLLM is back
+                if mark_failed and not replicas_unreachable(error):
                     self._mark_failed(namespace, version, f"hot-swap failed: {error}", already_current)
                 raise PromotionFailed(namespace, version, f"hot-swap failed: {error}") from error
         with self.session_factory.begin() as session:

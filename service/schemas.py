@@ -7,6 +7,7 @@ caps that also appear in the OpenAPI schema; the tighter, configurable limits of
 
 from __future__ import annotations
 
+import math
 import re
 from datetime import datetime
 from typing import Annotated, Any, Literal
@@ -57,6 +58,8 @@ def _check_json_value(value: Any, depth: int = 0) -> Any:
         raise ValueError(f"nested deeper than {MAX_JSON_DEPTH} levels")
     if isinstance(value, str):
         check_text(value)
+    elif isinstance(value, float) and not math.isfinite(value):
+        raise ValueError("NaN and Infinity are not JSON numbers")
     elif isinstance(value, dict):
         for key, item in value.items():
             check_text(key)
@@ -75,6 +78,8 @@ def _check_continuation(value: str) -> str:
 
 Text = Annotated[str, Field(max_length=MAX_TEXT_CHARS), AfterValidator(check_text)]
 ShortText = Annotated[str, Field(max_length=MAX_SHORT_CHARS), AfterValidator(check_text)]
+# 200, not 256: a batch derives `<key>#<index>` per item and the column holds 256 characters.
+IdempotencyKeyText = Annotated[str, Field(min_length=1, max_length=200), AfterValidator(check_text)]
 Namespace = Annotated[
     str, Field(min_length=1, max_length=64, pattern=NAMESPACE_PATTERN), AfterValidator(check_namespace)
 ]
@@ -159,7 +164,7 @@ class FeedbackCreate(_Strict):
 class FeedbackBatchItem(FeedbackCreate):
     """An item of `POST /feedback:batch`; `idempotency_key` overrides the key derived from the header."""
 
-    idempotency_key: ShortText | None = None
+    idempotency_key: IdempotencyKeyText | None = None
 
 
 class FeedbackBatchCreate(_Strict):

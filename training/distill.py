@@ -30,6 +30,7 @@ from training.token_nll import IGNORE_INDEX, TokenBatch, supervised_logits, toke
 from training.trainer import (
     LoraTrainer,
     TrainConfig,
+    TrainingBudgetExceeded,
     TrainingCancelled,
     TrainingDiverged,
     lr_at_step,
@@ -406,14 +407,13 @@ def _teacher_rows(
     probs = logprobs.exp()
     if topk == 0:
         neg_entropy = torch.xlogy(probs, probs).sum(-1)
-        return TeacherTargets(targets.cpu(), probs.cpu(), neg_entropy.cpu())
+        return TeacherTargets(targets.cpu().clone(), probs.cpu(), neg_entropy.cpu())
     top_probs, top_ids = probs.topk(min(topk, probs.shape[-1]), dim=-1)
     rest = (1.0 - top_probs.sum(-1)).clamp_min(0.0)
     neg_entropy = torch.xlogy(top_probs, top_probs).sum(-1) + torch.xlogy(rest, rest)
     return TeacherTargets(targets.cpu(), top_probs.cpu(), neg_entropy.cpu(), top_ids.cpu(), rest.cpu())
 
 
-@torch.inference_mode()
 def precompute_teacher(
     model: torch.nn.Module,
     teachers: Sequence[Example],
@@ -423,7 +423,8 @@ def precompute_teacher(
     pad_token_id: int,
     batch_size: int = 8,
 ) -> list[TeacherTargets]:
-    """Run the teacher once over every teacher sequence and keep its response-token distributions."""
+    """Run the teacher once (inference mode) over every teacher sequence and keep its response-token
+    distributions on CPU, as ordinary tensors (inference tensors cannot be loss targets later)."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -432,13 +433,16 @@ def precompute_teacher(
         for start in range(0, len(teachers), batch_size):
             group = teachers[start : start + batch_size]
             batch = _collate(group, pad_token_id).to(device)
-            logits = supervised_logits(model, batch)
-            offset = 0
-            for example in group:
-                n = len(_target_ids(example))
-                rows = slice(offset, offset + n)
-                cached.append(_teacher_rows(logits[rows], batch.targets[rows], topk, temperature))
-                offset += n
+            with torch.inference_mode():
+                logits = supervised_logits(model, batch)
+            with torch.no_grad():
+                logits, targets = logits.clone(), batch.targets.clone()
+                offset = 0
+                for example in group:
+                    n = len(_target_ids(example))
+                    rows = slice(offset, offset + n)
+                    cached.append(_teacher_rows(logits[rows], targets[rows], topk, temperature))
+                    offset += n
     finally:
         model.train(was_training)
     return cached
@@ -449,23 +453,33 @@ def distill_kl_sum(
 ) -> torch.Tensor:
     """Sum over response tokens of KL(teacher || student), times T^2 (float32 scalar).
 
-    Full vocabulary when the teacher rows are `[n, V]` (a soft-target cross-entropy minus the
-    teacher's entropy); otherwise the teacher's top-k tokens plus one bucket holding the rest of the
-    mass, compared with the student's mass on the same buckets."""
+    `student_logits` rows follow `teacher` (pair after pair). Full vocabulary when the teacher rows are
+    `[n, V]` (a soft-target cross-entropy minus the teacher's entropy); otherwise the teacher's top-k
+    tokens plus one bucket holding the rest of the mass, compared with the student's mass on the same
+    buckets. Works pair by pair on the cached tensors: no per-step copy of the whole cache."""
     device = student_logits.device
     scaled = student_logits.float() / temperature
-    neg_entropy = torch.cat([t.neg_entropy for t in teacher]).to(device).sum()
-    probs = torch.cat([t.probs for t in teacher]).to(device, torch.float32)
-    if teacher[0].token_ids is None:
-        cross_entropy = F.cross_entropy(scaled, probs, reduction="sum")
-    else:
-        ids = torch.cat([t.token_ids for t in teacher]).to(device)
-        rest = torch.cat([t.rest_prob for t in teacher]).to(device, torch.float32)
-        student = torch.log_softmax(scaled, dim=-1)
+    total = torch.zeros((), device=device)
+    offset = 0
+    for cached in teacher:
+        rows = scaled[offset : offset + cached.num_tokens]
+        offset += cached.num_tokens
+        probs = cached.probs.to(device, torch.float32, non_blocking=True)
+        total = total + cached.neg_entropy.to(device).sum()
+        if cached.token_ids is None:
+            total = total + F.cross_entropy(rows, probs, reduction="sum")
+            continue
+        ids = cached.token_ids.to(device)
+        student = torch.log_softmax(rows, dim=-1)
         # a finite fill keeps an empty rest bucket (k = V) at 0 x finite instead of 0 x -inf = nan
         student_rest = student.scatter(-1, ids, -1e30).logsumexp(-1)
-        cross_entropy = -(probs * student.gather(-1, ids)).sum() - (rest * student_rest).sum()
-    return (neg_entropy + cross_entropy) * temperature**2
+        rest = cached.rest_prob.to(device, torch.float32)
+        total = total - (probs * student.gather(-1, ids)).sum() - (rest * student_rest).sum()
+    if offset != student_logits.shape[0]:
+        raise DistillAlignmentError(
+            f"{student_logits.shape[0]} student rows for {offset} cached teacher rows"
+        )
+    return total * temperature**2
 
 
 def _check_batch(batch: TokenBatch, teacher: Sequence[TeacherTargets], students: Sequence[Example]) -> None:
@@ -615,7 +629,8 @@ class MemoryDistiller:
         should_stop: Callable[[], bool] | None = None,
     ) -> DistillResult:
         """Distil `plan` into a new adapter in `out_dir`. Raises NothingToDistill, TrainingDiverged,
-        TrainingCancelled or DistillAlignmentError (and writes nothing) when the run cannot finish.
+        TrainingCancelled, TrainingBudgetExceeded (no step fitted in the budget) or
+        DistillAlignmentError, and writes nothing, when the run cannot finish.
         `drift_probes=None` uses the built-in generic probes; `[]` skips drift."""
         started = time.perf_counter()
         out_dir = Path(out_dir)
@@ -787,6 +802,8 @@ class MemoryDistiller:
                 on_progress({"step": step + 1, "total_steps": len(plan), "loss": value, "kl": float(kl.detach()),
                              "tokens": tokens, "tokens_per_s": tokens / elapsed if elapsed > 0 else 0.0,
                              "elapsed_s": time.perf_counter() - started})  # fmt: skip
+        if not losses:
+            raise TrainingBudgetExceeded(f"time budget {config.time_budget_s:g}s spent before the first step")
         if not all(bool(torch.isfinite(p).all()) for p in params):
             raise TrainingDiverged("adapter weights are not finite after training", step=len(losses))
         loop_seconds = time.perf_counter() - loop_started
@@ -795,7 +812,7 @@ class MemoryDistiller:
             "train_tokens": float(tokens),
             "loop_seconds": loop_seconds,
             "tokens_per_s": tokens / loop_seconds if loop_seconds > 0 else 0.0,
-            "final_loss": losses[-1] if losses else math.nan,
+            "final_loss": losses[-1],
         }
         return StudentTrainingResult(metrics, tuple(losses), stopped_reason)
 

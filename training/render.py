@@ -44,7 +44,7 @@ import bisect
 import re
 import unicodedata
 import weakref
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -351,7 +351,8 @@ def _plan_conversation(tokenizer: PreTrainedTokenizerBase, item: Mapping[str, An
                  trim_after_last_target=True)
 
 
-def _plan_rewritten(tokenizer, messages, targets, tools, field_of) -> _Plan:
+def _plan_rewritten(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, Any]], targets: list[int],
+                    tools: Any, field_of: Callable[[int], str]) -> _Plan:
     """The documented strategy for templates that rewrite history: the inference view of the last
     assistant target (its exact prompt + the template's scaffold + its text + end marker)."""
     assistants = [index for index in targets if messages[index]["role"] == "assistant"]
@@ -383,7 +384,8 @@ def _locate_verbatim(full: str, at: int, body: str) -> tuple[int, int] | None:
     return None
 
 
-def _locate_body(tokenizer, messages, index, full, tools) -> tuple[int, int] | None:
+def _locate_body(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, Any]], index: int, full: str,
+                 tools: Any) -> tuple[int, int] | None:
     """Character range of messages[index]'s text inside `full`, found by rendering the same
     conversation with a probe string as that body: the text before and after the probe must frame
     `full`. None when the template renders the body other than verbatim (or stripped)."""
@@ -402,7 +404,8 @@ def _locate_body(tokenizer, messages, index, full, tools) -> tuple[int, int] | N
     return start, end
 
 
-def _with_end_marker(tokenizer, messages, tools, full, end, is_last, field_name) -> tuple[str, int]:
+def _with_end_marker(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, Any]], tools: Any, full: str,
+                     end: int, is_last: bool, field_name: str) -> tuple[str, int]:
     """(text, end of the end-of-turn marker after position `end`)."""
     match = _profile(tokenizer).marker_pattern.search(full, end)
     if match is None and is_last:
@@ -446,7 +449,7 @@ def _encode(tokenizer: PreTrainedTokenizerBase, text: str) -> tuple[list[int], l
     return list(encoding["input_ids"]), [tuple(pair) for pair in encoding["offset_mapping"]]
 
 
-def _tokenize(tokenizer, plan: _Plan) -> tuple[list[int], list[tuple[int, int]]]:
+def _tokenize(tokenizer: PreTrainedTokenizerBase, plan: _Plan) -> tuple[list[int], list[tuple[int, int]]]:
     ids, offsets = _encode(tokenizer, plan.text)
     boundary = plan.context_end
     if boundary is not None and 0 < boundary < len(plan.text):
@@ -459,7 +462,9 @@ def _tokenize(tokenizer, plan: _Plan) -> tuple[list[int], list[tuple[int, int]]]
     return ids, offsets
 
 
-def _split_at_context_boundary(tokenizer, text, boundary, ids, offsets, crossing):
+def _split_at_context_boundary(tokenizer: PreTrainedTokenizerBase, text: str, boundary: int, ids: list[int],
+                               offsets: list[tuple[int, int]], crossing: int
+                               ) -> tuple[list[int], list[tuple[int, int]]]:
     """The context-boundary rule: prompt encoded alone + the crossing token's remainder encoded alone."""
     prompt_ids, prompt_offsets = _encode(tokenizer, text[:boundary])
     remainder_end, resume = offsets[crossing][1], crossing + 1
@@ -505,9 +510,7 @@ def _label(ids: list[int], offsets: list[tuple[int, int]], spans: list[_Span]) -
             start, end = offsets[index]
             if start < 0:
                 continue
-            if span.start <= start and end <= span.end:  # inside (zero-width tokens included)
-                labels[index] = ids[index]
-            elif _target_share_is_majority(start, end, spans):
+            if span.start <= start and end <= span.end or _target_share_is_majority(start, end, spans):  # inside (zero-width tokens included)
                 labels[index] = ids[index]
     return labels
 
@@ -518,7 +521,7 @@ def _target_share_is_majority(start: int, end: int, spans: list[_Span]) -> bool:
     return 2 * covered >= end - start
 
 
-def _check_target_sizes(offsets, spans: list[_Span], config: RenderConfig) -> None:
+def _check_target_sizes(offsets: list[tuple[int, int]], spans: list[_Span], config: RenderConfig) -> None:
     starts = [start for start, _ in offsets]
     ends = [end for _, end in offsets]
     for span in spans:
@@ -528,7 +531,9 @@ def _check_target_sizes(offsets, spans: list[_Span], config: RenderConfig) -> No
                                                   f"max_continuation_tokens is {config.max_continuation_tokens}")
 
 
-def _truncate_left(tokenizer, ids, labels, offsets, plan: _Plan, config: RenderConfig):
+def _truncate_left(tokenizer: PreTrainedTokenizerBase, ids: list[int], labels: list[int],
+                   offsets: list[tuple[int, int]], plan: _Plan, config: RenderConfig
+                   ) -> tuple[list[int], list[int], int]:
     """Drop context from the left (keeping a leading BOS) so the sequence fits max_seq_len; the tokens
     from `plan.protected_from` on (the last target's generated region) are never dropped."""
     excess = len(ids) - config.max_seq_len
@@ -548,7 +553,8 @@ def _truncate_left(tokenizer, ids, labels, offsets, plan: _Plan, config: RenderC
 # ------------------------------------------------------------------------------------------ helpers
 
 
-def _render(tokenizer, messages, tools, *, generation_prompt: bool) -> str:
+def _render(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, Any]], tools: Any, *,
+            generation_prompt: bool) -> str:
     try:
         return tokenizer.apply_chat_template(messages, tools=tools, tokenize=False,
                                              add_generation_prompt=generation_prompt)
@@ -594,7 +600,8 @@ def _content_pattern(value: Any) -> re.Pattern[str] | None:
         raise RenderError("target_content_pattern", f"invalid regular expression: {error}") from error
 
 
-def _select_targets(messages, roles: frozenset[str], pattern: re.Pattern[str] | None) -> list[int]:
+def _select_targets(messages: list[dict[str, Any]], roles: frozenset[str], pattern: re.Pattern[str] | None
+                    ) -> list[int]:
     return [index for index, message in enumerate(messages)
             if message["role"] in roles and (pattern is None or pattern.search(message["content"]))]
 
@@ -635,7 +642,7 @@ class _TokenizerProfile:
         return self._scaffold
 
 
-_PROFILES: "weakref.WeakKeyDictionary[PreTrainedTokenizerBase, _TokenizerProfile]" = weakref.WeakKeyDictionary()
+_PROFILES: weakref.WeakKeyDictionary[PreTrainedTokenizerBase, _TokenizerProfile] = weakref.WeakKeyDictionary()
 
 
 def _profile(tokenizer: PreTrainedTokenizerBase) -> _TokenizerProfile:

@@ -23,6 +23,9 @@ _MARKER = "loraloop-tiny-model.json"
 _VOCAB_MULTIPLE = 64
 
 
+_DEFAULT_NUM_HEADS = 2
+
+
 class UnknownArchitecture(ValueError):
     """The requested architecture is not one the tiny-model factory builds."""
 
@@ -34,8 +37,8 @@ def build_tiny_model(
     arch: str = "qwen2",
     hidden_size: int = 64,
     num_layers: int = 2,
-    num_heads: int = 4,
-    num_kv_heads: int = 2,
+    num_heads: int = 2,  # head_dim 32: vLLM's CPU attention serves head sizes >= 32 only
+    num_kv_heads: int = 1,
     intermediate_size: int = 128,
     seed: int = 0,
 ) -> Path:
@@ -94,7 +97,8 @@ def ensure_tiny_model(out_dir: str | os.PathLike[str], family: str = "qwen2") ->
     marker = out / _MARKER
     if marker.is_file() and (out / "model.safetensors").is_file() and (out / "config.json").is_file():
         try:
-            if json.loads(marker.read_text()).get("family") == family:
+            built = json.loads(marker.read_text())
+            if built.get("family") == family and built.get("num_heads") == _DEFAULT_NUM_HEADS:
                 return out
         except json.JSONDecodeError:
             pass

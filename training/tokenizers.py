@@ -207,7 +207,7 @@ def _llama_cpp_sdist() -> Path:
     downloads.mkdir(parents=True, exist_ok=True)
     command = [sys.executable, "-m", "pip", "download", "--disable-pip-version-check", "--no-deps",
                "--no-binary", ":all:", f"llama-cpp-python=={LLAMA_CPP_PYTHON_VERSION}", "-d", str(downloads)]
-    completed = subprocess.run(command, capture_output=True, text=True)
+    completed = subprocess.run(command, check=False, capture_output=True, text=True)
     if completed.returncode != 0 or not archive.is_file():
         raise TokenizerFetchError(f"pip download of {LLAMA_CPP_SDIST} failed: {completed.stderr[-2000:]}")
     digest = _sha256(archive)

@@ -9,6 +9,9 @@ budget and not cancelled. It knows nothing of the database, the registry layout 
 from __future__ import annotations
 
 import math
+import os
+import shutil
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -253,7 +256,7 @@ class LoraTrainer:
         finally:
             torch.set_num_threads(previous_threads)
         saving = time.perf_counter()
-        model.save_pretrained(str(out_dir), safe_serialization=True)
+        self._save_adapter(model, out_dir)
         metrics["setup_seconds"] = setup_seconds
         metrics["save_seconds"] = time.perf_counter() - saving
         metrics["train_seconds"] = time.perf_counter() - started
@@ -261,6 +264,19 @@ class LoraTrainer:
         if device.type == "cuda":
             torch.cuda.empty_cache()
         return TrainResult(adapter_dir=out_dir, metrics=metrics, loss_history=tuple(losses))
+
+    @staticmethod
+    def _save_adapter(model: PeftModel, out_dir: Path) -> None:
+        """peft files into a sibling temp folder, renamed to `out_dir`: never a half-written adapter."""
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
+        try:
+            model.save_pretrained(str(staging), safe_serialization=True)
+            if out_dir.exists():
+                out_dir.rmdir()  # checked empty at the start of train()
+            os.replace(staging, out_dir)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
 
     # --- setup -----------------------------------------------------------------------------------
     def _setup_model(self, base_model: Path, parent_adapter: Path | None, device: torch.device) -> PeftModel:

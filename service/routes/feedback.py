@@ -19,8 +19,8 @@ from service.schemas import (
     FeedbackCreate,
     FeedbackPage,
     FeedbackPublic,
+    IdempotencyKeyText,
     Namespace,
-    ShortText,
 )
 
 router = APIRouter(tags=["feedback"])
@@ -28,7 +28,7 @@ router = APIRouter(tags=["feedback"])
 PathId = Path(ge=1, le=MAX_ID)
 
 IdempotencyKey = Annotated[
-    ShortText | None,
+    IdempotencyKeyText | None,
     Header(
         alias="Idempotency-Key",
         description="Replaying a request with the same key answers the same id and stores nothing new.",

@@ -159,11 +159,22 @@ def test_idempotency_key_replays_and_conflicts(client: TestClient) -> None:
     assert first.status_code == replay.status_code == 202
     assert replay.json() == first.json() and replay.headers["Idempotent-Replayed"] == "true"
 
+    for bad_key in ("", "k" * 201):
+        refused = client.post(
+            "/feedback", json=item(), headers={**bearer(WRITER), "Idempotency-Key": bad_key}
+        )
+        assert refused.status_code == 422 and refused.json()["error"]["field"] == "Idempotency-Key"
+    longest = {**bearer(WRITER), "Idempotency-Key": "k" * 200}
+    batch = client.post(
+        "/feedback:batch", json={"items": [item(continuation=f"P{i}.") for i in range(12)]}, headers=longest
+    )
+    assert batch.status_code == 202, batch.text  # derived keys `<key>#<i>` still fit the column
+
     clash = client.post("/feedback", json=item(continuation="Marseille."), headers=headers)
     assert clash.status_code == 409
     assert clash.json()["error"]["type"] == "idempotency_conflict"
     assert clash.json()["error"]["field"] == "Idempotency-Key"
-    assert stored_count(client) == 1
+    assert stored_count(client) == 13
 
 
 def test_batch_is_all_or_nothing_and_idempotent(client: TestClient) -> None:
@@ -234,10 +245,14 @@ def test_malformed_and_oversized_bodies(client: TestClient) -> None:
     streamed = client.post("/feedback", content=chunks(), headers=headers)
     assert streamed.status_code == 413 and streamed.json()["error"]["limit_bytes"] == 65536
 
-    for payload in (b'{"continuation": "\xff\xfe"}', b"[" * 50_000, b"{not json", b""):
+    nan_arguments = (
+        b'{"namespace": "geo", "continuation": "x", "messages": [{"role": "user", "content": "q"}, '
+        b'{"role": "assistant", "content": null, "tool_calls": [{"function": {"name": "f", "arguments": {"v": NaN}}}]}]}'
+    )
+    for payload in (b'{"continuation": "\xff\xfe"}', b"[" * 50_000, b"{not json", b"", nan_arguments):
         response = client.post("/feedback", content=payload, headers=headers)
         assert 400 <= response.status_code < 500, (payload[:20], response.text)
-        assert response.json()["error"]["field"] in ("body", "") or response.json()["error"]["field"]
+        assert response.json()["error"]["field"], response.text  # "body" or the offending field
     assert stored_count(client) == 0
 
 

@@ -425,3 +425,15 @@ def test_settings_build_the_train_and_gate_configs(monkeypatch) -> None:
     assert config.lr == settings.learning_rate and config.epochs == settings.train_epochs
     gate = settings.gate_config()
     assert gate.max_drift_kl == 0.25 and gate.min_nll_drop == settings.gate_min_nll_drop
+
+
+def test_gradient_checkpointing_gives_the_same_updates(tiny_model_dir: Path, example, tmp_path: Path) -> None:
+    plain = LoraTrainer(TrainConfig(max_steps=2, **FAST)).train(
+        base_model=tiny_model_dir, examples=[example], out_dir=tmp_path / "plain"
+    )
+    checkpointed = LoraTrainer(TrainConfig(max_steps=2, gradient_checkpointing=True, **FAST)).train(
+        base_model=tiny_model_dir, examples=[example], out_dir=tmp_path / "checkpointed"
+    )
+    assert checkpointed.loss_history == pytest.approx(plain.loss_history, rel=1e-6)
+    a, b = weights_of(plain.adapter_dir), weights_of(checkpointed.adapter_dir)
+    assert all(torch.allclose(a[k], b[k], atol=1e-7) for k in a)

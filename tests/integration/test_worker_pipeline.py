@@ -367,7 +367,10 @@ def test_distill_now_bakes_the_memories(pipeline, monkeypatch: pytest.MonkeyPatc
     from service.cli import app
     from service.daemon import job_handlers
 
-    client, settings, worker = pipeline(distill_epochs=12, distill_learning_rate=3e-3, distill_max_new_tokens=12)
+    client, settings, worker = pipeline(
+        distill_epochs=12, distill_learning_rate=3e-3, distill_max_new_tokens=12,
+        distill_no_repeat_ngram_size=1,  # the random-init model's greedy answer is otherwise empty
+    )  # fmt: skip
     memory = {"namespace": "ops", "content": "The deploy password for project Kestrel is 7-4-1-9", "priority": 2}
     assert client.post("/memories", json=memory).status_code == 201
     factory = client.app.state.session_factory

@@ -148,9 +148,9 @@ class _Server(ThreadingHTTPServer):
 class FakeVllm:
     """Context manager: a running fake vLLM on 127.0.0.1:<free port>."""
 
-    def __init__(self) -> None:
+    def __init__(self, port: int = 0) -> None:
         self.state = FakeVllmState()
-        self._server = _Server(("127.0.0.1", 0), _Handler)
+        self._server = _Server(("127.0.0.1", port), _Handler)
         self._server.state = self.state
         self._thread = threading.Thread(target=self._server.serve_forever, args=(0.02,), daemon=True)
 

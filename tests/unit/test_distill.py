@@ -193,3 +193,28 @@ def test_gap_closure():
         gap_closure(0.0, 0.0)
     with pytest.raises(ValueError):
         gap_closure(math.nan, 1.0)
+
+
+def test_cached_teacher_can_be_a_loss_target_after_inference_mode():
+    """The teacher runs under inference mode; its cache must still work as a target with autograd."""
+    from training.distill import precompute_teacher
+
+    class Head(torch.nn.Module):  # a causal-LM-shaped stub: supervised_logits needs config + backbone
+        def __init__(self) -> None:
+            super().__init__()
+            self.config = type("Config", (), {})()
+            self.embed = torch.nn.Embedding(20, 8)
+            self.lm_head = torch.nn.Linear(8, 20, bias=False)
+            self.base_model = lambda input_ids, attention_mask, use_cache: (self.embed(input_ids),)
+
+        def get_output_embeddings(self):
+            return self.lm_head
+
+    torch.manual_seed(0)
+    model = Head()
+    teacher = example([1, 2, 3, 4, 5], [-100, -100, 3, 4, 5])
+    cached = precompute_teacher(model, [teacher], topk=0, temperature=1.0, pad_token_id=0)
+    assert cached[0].probs.shape == (3, 20) and not cached[0].probs.is_inference()
+    student_logits = torch.randn(3, 20, requires_grad=True)
+    distill_kl_sum(student_logits, cached, 1.0).backward()
+    assert student_logits.grad is not None

@@ -28,10 +28,11 @@ def test_render_table_marks_masked_and_trained_tokens(tokenizer_for):
     example = render_example(tokenizer, ITEM)
     console = Console(record=True, width=120, color_system="truecolor")
     render_table(console, tokenizer, example)
+    styled = console.export_text(styles=True, clear=False)
     text = console.export_text()
     assert "masked" in text and str(tokenizer.convert_tokens_to_ids("<|im_end|>")) in text
     assert f"{len(example.input_ids)} tokens, {example.num_target_tokens} trained" in text
-    assert "\x1b[" in console.export_text(styles=True)  # coloured
+    assert "\x1b[" in styled  # coloured
 
 
 def test_inspect_item_json_form(tokenizer_for):

@@ -49,7 +49,7 @@ def conversations(draw):
 @PROPERTY_SETTINGS
 @given(case=conversations())
 def test_random_conversations_hold_every_invariant(chat_family_tokenizer, case):
-    family, tokenizer = chat_family_tokenizer
+    _, tokenizer = chat_family_tokenizer
     messages, target_index, continuation = case
     item = {"messages": messages, "target_index": target_index, "continuation": continuation}
     example = render_example(tokenizer, item, RenderConfig(max_seq_len=100_000, max_continuation_tokens=100_000))
