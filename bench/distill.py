@@ -34,7 +34,7 @@ from training.distill import (
     plan_distillation,
     teacher_messages,
 )
-from training.tiny_model import ensure_tiny_model
+from training.tiny_model import build_tiny_model, ensure_tiny_model
 from training.token_nll import TokenBatch, supervised_logits
 from training.trainer import load_base_model, resolve_device
 
@@ -102,12 +102,28 @@ def main() -> None:
     parser.add_argument(
         "--model-dir", type=Path, default=None, help="default: a tiny qwen2 model in the cache"
     )
+    parser.add_argument(
+        "--hidden-size", type=int, default=64, help="of the built model (64 = the test model)"
+    )
+    parser.add_argument("--layers", type=int, default=2, help="of the built model")
     parser.add_argument("--out", type=Path, default=None, help="also write the JSON summary here")
     args = parser.parse_args()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
 
     cache = Path(os.environ.get("LORALOOP_CACHE_DIR", Path.home() / ".cache" / "loraloop"))
-    model_dir = args.model_dir or ensure_tiny_model(cache / "models" / "tiny-qwen2-bench")
+    if args.model_dir is not None:
+        model_dir = args.model_dir
+    elif (args.hidden_size, args.layers) == (64, 2):
+        model_dir = ensure_tiny_model(cache / "models" / "tiny-qwen2-bench")
+    else:  # a bigger random model: the teacher's forward weighs more against the vocabulary softmax
+        model_dir = cache / "models" / f"qwen2-h{args.hidden_size}-l{args.layers}-bench"
+        if not (model_dir / "config.json").is_file():
+            build_tiny_model(
+                model_dir,
+                hidden_size=args.hidden_size,
+                num_layers=args.layers,
+                intermediate_size=3 * args.hidden_size,
+            )
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
@@ -156,6 +172,8 @@ def main() -> None:
     naive_tps = naive.tokens / naive.seconds
     summary = {
         "model": str(model_dir),
+        "hidden_size": args.hidden_size,
+        "layers": args.layers,
         "topk": config.topk,
         "steps": loop.metrics["steps"],
         "train_pairs": len(cached.train_pairs),

@@ -27,7 +27,7 @@ from typing import Any
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from ingest import (  # noqa: E402 - bench/ is a folder of scripts, not a package
+from ingest import (
     DEFAULT_POSTGRES_URL,
     REPO_ROOT,
     TOKEN,
@@ -46,7 +46,9 @@ AUTH = {"Authorization": f"Bearer {TOKEN}"}
 # --- load process --------------------------------------------------------------------------------
 
 
-async def drive_mix(url: str, duration_s: float, concurrency: dict[str, int], batch_size: int) -> dict[str, Any]:
+async def drive_mix(
+    url: str, duration_s: float, concurrency: dict[str, int], batch_size: int
+) -> dict[str, Any]:
     """Every route at once, each with its own connection pool and in-flight requests."""
     results = await asyncio.gather(
         *(drive(url, mode, duration_s, concurrency[mode], batch_size) for mode in ROUTES)
@@ -126,7 +128,9 @@ def server_env(extra: dict[str, str] | None = None) -> dict[str, str]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--duration", type=float, default=10.0, help="seconds of load per run")
     parser.add_argument("--concurrency", type=int, default=4, help="single-item requests in flight")
     parser.add_argument("--batch-concurrency", type=int, default=1, help="batch requests in flight")
@@ -195,9 +199,9 @@ def main() -> None:
                     mix = run_mix(server.url, args)
                 for line in report_lines(run, backend, mix, args.p99_bound_ms):
                     if run == "training" and line["route"] == "all":
-                        line["training_steps_during_load"] = (
-                            training["after"].get("step", 0) - training["before"].get("step", 0)
-                        )
+                        line["training_steps_during_load"] = training["after"].get("step", 0) - training[
+                            "before"
+                        ].get("step", 0)
                     results[(run, f"{backend}/{line['route']}")] = line
                     print(json.dumps(line), flush=True)
             finally:

@@ -119,7 +119,7 @@ def main() -> int:
             feedback_to_serving_s = time.monotonic() - posted
 
             timings = result.get("timings") or {}
-            breakdown = {
+            breakdown: dict[str, float | None] = {
                 "queue_wait_s": seconds_between(job.get("created_at"), job.get("started_at")),
                 "render_s": timings.get("render_seconds"),
                 "train_s": timings.get("train_seconds"),
@@ -128,6 +128,7 @@ def main() -> int:
                 "load_s": timings.get("promote_seconds"),
                 "job_total_s": timings.get("total_seconds"),
             }
+            breakdown = {key: None if value is None else round(value, 3) for key, value in breakdown.items()}
             # without hot-swap: restart vLLM and load the new version at start-up
             vllm = next(s for s in app.state.background_services if s.name == "vllm").vllm
             restarted = time.monotonic()

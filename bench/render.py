@@ -1,6 +1,7 @@
 """Rendering throughput: training.render on 10k mixed feedback items vs the per-message prefix-delta
 approach (seed 004: re-render and re-tokenize every message prefix through the chat template and
-mask the delta of the target turn), both in the same run on the same items and tokenizer.
+mask the delta of the target turn), both in the same run on the same items and tokenizer, item by
+item in alternation so that background load on a shared machine affects both alike.
 
 Prints one line per approach, then the comparison as the last line:
 {"metric", "value", "baseline", "baseline_value", "ratio"} (examples/s; ratio > 1 = faster).
@@ -110,10 +111,19 @@ def _first_label(labels: list[int]) -> int:
     return next(i for i, label in enumerate(labels) if label != IGNORE_INDEX)
 
 
-def timed(function, tokenizer, items) -> tuple[float, list]:
-    started = time.perf_counter()
-    results = [function(tokenizer, item) for item in items]
-    return time.perf_counter() - started, results
+def interleaved(tokenizer, items, ours, baseline) -> tuple[float, float, list, list]:
+    """Both approaches item by item, alternating, so background load hits both alike."""
+    ours_seconds = base_seconds = 0.0
+    ours_results, base_results = [], []
+    clock = time.perf_counter
+    for item in items:
+        started = clock()
+        ours_results.append(ours(tokenizer, item))
+        middle = clock()
+        base_results.append(baseline(tokenizer, item))
+        ours_seconds += middle - started
+        base_seconds += clock() - middle
+    return ours_seconds, base_seconds, ours_results, base_results
 
 
 def main() -> None:
@@ -133,8 +143,7 @@ def main() -> None:
     for warm in items[:50]:  # compile templates, build caches
         ours(tokenizer, warm)
         prefix_delta_render(tokenizer, warm)
-    ours_seconds, examples = timed(ours, tokenizer, items)
-    base_seconds, baseline = timed(prefix_delta_render, tokenizer, items)
+    ours_seconds, base_seconds, examples, baseline = interleaved(tokenizer, items, ours, prefix_delta_render)
 
     rendered = [e for e in examples if e is not None]
     tokens = sum(len(e.input_ids) for e in rendered)

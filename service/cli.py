@@ -362,7 +362,7 @@ def inspect(
 def train(
     namespace: Annotated[str, typer.Option(help="Namespace (adapter) to train.")],
     wait: Annotated[
-        bool, typer.Option("--wait", help="Wait for the job; exit 0 only if it succeeded.")
+        bool, typer.Option("--wait", help="Wait for the job; exit 0 only if it succeeded (nothing to train, or a new current version).")
     ] = False,
     timeout: Annotated[float, typer.Option(help="Give up waiting after this many seconds.")] = 3600.0,
     poll: Annotated[float, typer.Option(help="Seconds between status checks.", min=0.05)] = 1.0,
@@ -513,7 +513,12 @@ def distill(
     """Queue memory distillation (a running `serve` or `worker` executes it): with --now for
     NAMESPACE (or every namespace with active memories), otherwise the runs the schedule has due."""
     from memory_store.queue import JobQueue
-    from service.distill_job import distill_dedupe_key, distill_namespaces, enqueue_distill, scheduler_callables
+    from service.distill_job import (
+        distill_dedupe_key,
+        distill_namespaces,
+        enqueue_distill,
+        scheduler_callables,
+    )
     from service.scheduler import DistillScheduler
     from service.schemas import check_namespace
 

@@ -9,14 +9,10 @@ here by the `*_config()` methods, so those layers stay importable on their own.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
-
-if TYPE_CHECKING:
-    from training.evaluate import GateConfig
-    from training.trainer import TrainConfig
 
 SCOPES = ("feedback:write", "feedback:read", "adapters:read", "adapters:write", "inference", "admin")
 
@@ -159,28 +155,3 @@ class Settings(BaseSettings):
     @property
     def is_sqlite(self) -> bool:
         return self.database_url.startswith("sqlite")
-
-    # --- config objects for the layers below -------------------------------------------------------
-    def train_config(self) -> TrainConfig:
-        from training.trainer import TrainConfig
-
-        return TrainConfig(
-            rank=self.lora_rank,
-            alpha=self.lora_alpha,
-            dropout=self.lora_dropout,
-            target_modules=tuple(self.lora_target_modules),
-            lr=self.learning_rate,
-            epochs=self.train_epochs,
-            max_steps=self.max_steps,
-            batch_tokens=self.batch_tokens,
-            grad_accum_steps=self.grad_accum_steps,
-            gradient_checkpointing=self.gradient_checkpointing,
-            seed=self.train_seed,
-            time_budget_s=self.train_time_budget_s,
-            device=self.device,
-        )
-
-    def gate_config(self) -> GateConfig:
-        from training.evaluate import GateConfig
-
-        return GateConfig(min_nll_drop=self.gate_min_nll_drop, max_drift_kl=self.gate_max_drift_kl)

@@ -59,6 +59,8 @@ def log_to_file(path: Path, level: str) -> None:
         root.removeHandler(existing)
     root.addHandler(handler)
     root.setLevel(level.upper())
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per proxied request otherwise
+    logging.captureWarnings(True)  # library deprecation warnings go to the file too
 
 
 class DemoClient:
@@ -118,6 +120,15 @@ class DemoClient:
         return items[-1] if items else None
 
 
+def describe_progress(phase: str, progress: dict[str, Any]) -> str:
+    """One short line per phase (and per reported training step)."""
+    if phase == "train" and "step" in progress:
+        return f"[cyan]train[/] step {progress['step']}/{progress.get('total_steps', '?')}, loss {progress.get('loss', 0):.3f}"
+    if phase == "publish" and progress.get("gate"):
+        return f"[cyan]gate[/] {progress['gate']}"
+    return f"[cyan]{phase}[/]"
+
+
 def follow_job(client: DemoClient, console: Console, timeout_s: float) -> dict[str, Any]:
     """Print the training job's phases as they change; return the finished job."""
     deadline = time.monotonic() + timeout_s
@@ -127,10 +138,10 @@ def follow_job(client: DemoClient, console: Console, timeout_s: float) -> dict[s
         if job is not None:
             progress = job.get("progress") or {}
             phase = progress.get("phase") or job["status"]
-            if phase != last_phase:
-                detail = {k: v for k, v in progress.items() if k != "phase"}
-                console.print(f"  job {job['id']}: [cyan]{phase}[/] {detail if detail else ''}")
-                last_phase = phase
+            line = describe_progress(phase, progress)
+            if line != last_phase:
+                console.print(f"  job {job['id']}: {line}")
+                last_phase = line
             if job["status"] in TERMINAL:
                 return job
         time.sleep(0.5)
@@ -139,9 +150,12 @@ def follow_job(client: DemoClient, console: Console, timeout_s: float) -> dict[s
 
 def run_demo(console: Console, *, keep_serving: bool = True) -> dict[str, float]:
     """The demo; returns its timings (seconds)."""
+    from transformers.utils import logging as transformers_logging
+
     from service.app import create_app
     from service.daemon import ThreadedServer, background_services, prepare_serving
 
+    transformers_logging.disable_progress_bar()
     settings = demo_settings()
     if settings.data_dir.exists():
         shutil.rmtree(settings.data_dir)

@@ -27,7 +27,6 @@ from deploy.vllm_client import VllmClient
 from memory_store.models import Job, Memory
 from memory_store.queue import JobQueue
 from memory_store.repositories import (
-    ConversationRepository,
     FeedbackRepository,
     MemoryRepository,
     TrainingRunRepository,
@@ -43,7 +42,14 @@ from service.registry import (
     train_config,
     vllm_base_urls,
 )
-from service.train_job import drift_probes, render_feedback, scratch_dir, shared_tokenizer
+from service.train_job import (
+    drift_probes,
+    feedback_item_dict,
+    recent_conversations,
+    render_feedback,
+    scratch_dir,
+    worker_tokenizer,
+)
 from service.worker import JobCancelled, JobContext, JobFailed, JobOutcome
 from training.distill import (
     DEFAULT_PROBE_TEMPLATES,
@@ -168,15 +174,15 @@ class DistillJobHandler:
             parent = self.registry.ensure_base_version(namespace)
         except PromotionFailed as error:
             raise JobFailed(f"no servable base version: {error}") from error
-        tokenizer = shared_tokenizer(self.settings.tokenizer_path)
+        tokenizer = worker_tokenizer(self.settings.tokenizer_path)
         with self.session_factory() as session:
-            memories = list(MemoryRepository(session).list(namespace=namespace, state="active", limit=None))
-            rows = ConversationRepository(session).list(namespace=namespace, limit=None)
-            conversations = [row.messages for row in rows[-MAX_CONVERSATIONS:]]
-            probes, _source = drift_probes(session, tokenizer, namespace, self.config.render)
-            feedback_examples = self._mix_feedback(session, tokenizer, namespace)
-        memory_ids = [m.id for m in memories]
-        notes = [MemoryNote(content=m.content, topic=m.title, priority=m.priority) for m in memories]
+            memories = MemoryRepository(session).list(namespace=namespace, state="active", limit=None)
+            memory_ids = [m.id for m in memories]
+            notes = [MemoryNote(content=m.content, topic=m.title, priority=m.priority) for m in memories]
+            conversations = recent_conversations(session, namespace, MAX_CONVERSATIONS)
+            mix_items = self._mix_feedback_items(session, namespace)
+        probes, _source = drift_probes(tokenizer, conversations, self.config.render)
+        feedback_examples = render_feedback(tokenizer, mix_items, self.config.render).examples
         try:
             plan = plan_distillation(notes, conversations, self.config)
         except NothingToDistill as error:
@@ -244,11 +250,12 @@ class DistillJobHandler:
         log.info("distill %s: v%d is current, %d memories baked (%s)", namespace, version, baked, decision.reason)
         return JobOutcome({**outcome, "outcome": "promoted", "baked": baked, "seconds": time.perf_counter() - started})
 
-    def _mix_feedback(self, session: Session, tokenizer: Any, namespace: str) -> list[Any]:
+    def _mix_feedback_items(self, session: Session, namespace: str) -> list[tuple[int, dict[str, Any]]]:
+        """The most recent trained feedback, mixed into the loss so baking keeps recent corrections."""
         if self.config.feedback_mix <= 0:
             return []
         items = FeedbackRepository(session).list(namespace=namespace, status="trained", limit=10_000)
-        return render_feedback(tokenizer, list(items)[-MAX_MIX_FEEDBACK:], self.config.render).examples
+        return [(item.id, feedback_item_dict(item)) for item in list(items)[-MAX_MIX_FEEDBACK:]]
 
     def _teacher_responses(self, namespace: str, parent: CurrentAdapter, plan: DistillPlan) -> tuple[DistillPlan, str]:
         """Fill the plan's missing responses through vLLM when a replica is up; otherwise leave them

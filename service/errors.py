@@ -17,10 +17,10 @@ from fastapi.responses import JSONResponse
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from training.render import RenderError
 
 from memory_store.errors import Conflict, DatabaseUnavailable, IdempotencyConflict, NotFound
 from service.proxy import ProxyError
+from training.render import RenderError
 
 logger = logging.getLogger(__name__)
 

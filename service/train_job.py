@@ -17,6 +17,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,7 @@ from memory_store.models import FeedbackItem, utcnow
 from memory_store.queue import JobQueue
 from memory_store.repositories import ConversationRepository, FeedbackRepository, TrainingRunRepository
 from service.config import Settings
-from service.feedback_intake import TRAIN_JOB_KIND, _shared_tokenizer, render_config, train_dedupe_key
+from service.feedback_intake import TRAIN_JOB_KIND, render_config, train_dedupe_key
 from service.registry import AdapterRegistry, CurrentAdapter, PromotionFailed, StaleParent, train_config
 from service.worker import JobCancelled, JobContext, JobFailed, JobOutcome
 from training.evaluate import GateConfig, builtin_probe_examples, evaluate_gate, score_candidate
@@ -40,9 +41,10 @@ __all__ = [
     "conversation_probes",
     "drift_probes",
     "feedback_item_dict",
+    "recent_conversations",
     "render_feedback",
     "scratch_dir",
-    "shared_tokenizer",
+    "worker_tokenizer",
 ]
 
 log = logging.getLogger(__name__)
@@ -51,10 +53,17 @@ MAX_PROBE_CONVERSATIONS = 32  # the most recent stored conversations used as dri
 STALE_SCRATCH_S = 6 * 3600.0
 
 
-def shared_tokenizer(path: Path) -> Any:
-    """The process-wide tokenizer of `path` (loaded once; the API's feedback validation shares it)."""
-    tokenizer, _lock = _shared_tokenizer(str(Path(path).resolve()))
-    return tokenizer
+@lru_cache(maxsize=4)
+def _worker_tokenizer(path: str) -> Any:
+    from training.tokenizers import load_tokenizer
+
+    return load_tokenizer(path)
+
+
+def worker_tokenizer(path: Path) -> Any:
+    """The worker's tokenizer of `path`, loaded once per process. Not the API's instance: a fast
+    tokenizer must not be used by two threads at once, and a run uses it for minutes."""
+    return _worker_tokenizer(str(Path(path).resolve()))
 
 
 def feedback_item_dict(item: FeedbackItem) -> dict[str, Any]:
@@ -69,22 +78,25 @@ class RenderedFeedback:
     skipped: dict[int, str]  # feedback id -> why it produced no example
 
 
-def render_feedback(tokenizer: Any, items: Sequence[FeedbackItem], config: RenderConfig) -> RenderedFeedback:
-    """Render each item; an item that fails to render or has an empty target is skipped with a reason."""
+def render_feedback(
+    tokenizer: Any, items: Sequence[tuple[int, Mapping[str, Any]]], config: RenderConfig
+) -> RenderedFeedback:
+    """Render each `(feedback id, item)`; an item that fails to render or has an empty target is
+    skipped with the reason."""
     examples: list[Example] = []
     ids: list[int] = []
     skipped: dict[int, str] = {}
-    for item in items:
+    for item_id, item in items:
         try:
-            example = render_example(tokenizer, feedback_item_dict(item), config)
+            example = render_example(tokenizer, item, config)
         except RenderError as error:
-            skipped[item.id] = f"{error.field}: {error.reason}"
+            skipped[item_id] = f"{error.field}: {error.reason}"
             continue
         if example is None or example.num_target_tokens == 0:
-            skipped[item.id] = "empty target: no supervised token"
+            skipped[item_id] = "empty target: no supervised token"
             continue
         examples.append(example)
-        ids.append(item.id)
+        ids.append(item_id)
     return RenderedFeedback(examples, ids, skipped)
 
 
@@ -111,11 +123,17 @@ def conversation_probes(tokenizer: Any, conversations: Sequence[Sequence[Mapping
     return probes
 
 
-def drift_probes(session: Session, tokenizer: Any, namespace: str, config: RenderConfig) -> tuple[list[Example], str]:
-    """(probes, source): the namespace's recent stored conversations, else the built-in prompts."""
+def recent_conversations(session: Session, namespace: str, limit: int) -> list[list[dict[str, Any]]]:
+    """The messages of the namespace's `limit` most recent stored conversations, oldest first."""
     rows = ConversationRepository(session).list(namespace=namespace, limit=None)
-    recent = [row.messages for row in rows[-MAX_PROBE_CONVERSATIONS:]]
-    probes = conversation_probes(tokenizer, recent, config)
+    return [list(row.messages) for row in rows[-limit:]]
+
+
+def drift_probes(
+    tokenizer: Any, conversations: Sequence[Sequence[Mapping[str, Any]]], config: RenderConfig
+) -> tuple[list[Example], str]:
+    """(probes, source): the stored conversations rendered as probes, else the built-in prompts."""
+    probes = conversation_probes(tokenizer, conversations, config)
     if probes:
         return probes, "conversations"
     return builtin_probe_examples(tokenizer, config), "builtin"
@@ -157,26 +175,27 @@ class TrainJobHandler:
             parent = self.registry.ensure_base_version(namespace)
         except PromotionFailed as error:
             raise JobFailed(f"no servable base version: {error}") from error
-        tokenizer = shared_tokenizer(self.settings.tokenizer_path)
+        tokenizer = worker_tokenizer(self.settings.tokenizer_path)
 
         clock = time.perf_counter()
-        with self.session_factory.begin() as session:
+        with self.session_factory() as session:  # read, then render without holding a transaction
             feedback = FeedbackRepository(session)
-            new_items = list(feedback.pending_since(namespace=namespace))
+            new_items = [(item.id, feedback_item_dict(item)) for item in feedback.pending_since(namespace=namespace)]
             if not new_items:
                 return self._nothing_to_train(namespace, {})
             replay_n = min(self.settings.replay_max_items, math.ceil(self.settings.replay_ratio * len(new_items)))
-            replay_items = list(feedback.replay_sample(
-                namespace=namespace, before_id=new_items[0].id, n=replay_n, seed=self.settings.train_seed + context.job_id
-            ))  # fmt: skip
-            new = render_feedback(tokenizer, new_items, self.render_config)
-            replay = render_feedback(tokenizer, replay_items, self.render_config)
-            if new.skipped:
-                feedback.mark_skipped(ids=new.skipped)
-                for item_id, reason in new.skipped.items():
-                    log.warning("feedback %d skipped: %s", item_id, reason)
-            probes, probe_source = drift_probes(session, tokenizer, namespace, self.render_config)
-            from_id, to_id = new_items[0].id, new_items[-1].id
+            replay_items = [(item.id, feedback_item_dict(item)) for item in feedback.replay_sample(
+                namespace=namespace, before_id=new_items[0][0], n=replay_n, seed=self.settings.train_seed + context.job_id
+            )]  # fmt: skip
+            conversations = recent_conversations(session, namespace, MAX_PROBE_CONVERSATIONS)
+        new = render_feedback(tokenizer, new_items, self.render_config)
+        replay = render_feedback(tokenizer, replay_items, self.render_config)
+        probes, probe_source = drift_probes(tokenizer, conversations, self.render_config)
+        from_id, to_id = new_items[0][0], new_items[-1][0]
+        for item_id, reason in new.skipped.items():
+            log.warning("feedback %d skipped: %s", item_id, reason)
+        with self.session_factory.begin() as session:
+            FeedbackRepository(session).mark_skipped(ids=new.skipped)
             if not new.examples:
                 return self._nothing_to_train(namespace, new.skipped)
             run_id = TrainingRunRepository(session).start(

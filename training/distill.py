@@ -48,6 +48,7 @@ __all__ = [
     "MemoryNote",
     "NothingToDistill",
     "PreparedDistillation",
+    "StudentTrainingResult",
     "TeacherTargets",
     "assert_aligned",
     "build_pairs",

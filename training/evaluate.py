@@ -218,13 +218,15 @@ def score_candidate(
     parent_adapter: Path | None,
     examples: Sequence[Example],
     probes: Sequence[Example] | None = None,
+    tokenizer: Any | None = None,
     device: str = "auto",
     dtype: str = "auto",
     batch_tokens: int = 4096,
 ) -> dict[str, float]:
     """Load the base once with the candidate (and parent) adapters and compute the gate metrics:
     `nll_before` (parent), `nll_after` (candidate), `nll_drop` (relative), `drift_kl`, `eval_seconds`.
-    `parent_adapter=None` means the parent is the base model. `probes=None` uses the built-in ones."""
+    `parent_adapter=None` means the parent is the base model. `probes=None` uses the built-in ones,
+    rendered with `tokenizer` (default: the one saved with the base model)."""
     from peft import PeftModel
 
     from training.trainer import load_base_model, resolve_device, resolve_dtype
@@ -237,9 +239,11 @@ def score_candidate(
         model.load_adapter(str(parent_adapter), adapter_name="parent")
     model.to(torch_device)
     if probes is None:
-        from transformers import AutoTokenizer
+        if tokenizer is None:
+            from transformers import AutoTokenizer
 
-        probes = builtin_probe_examples(AutoTokenizer.from_pretrained(str(base_model)))
+            tokenizer = AutoTokenizer.from_pretrained(str(base_model))
+        probes = builtin_probe_examples(tokenizer)
     parent = AdapterView(model, "parent" if parent_adapter is not None else None)
     candidate = AdapterView(model, "candidate")
     nll_before = mean_nll(parent, examples, batch_tokens)

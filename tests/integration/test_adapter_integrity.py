@@ -21,7 +21,12 @@ from memory_store.repositories import AdapterRepository
 from service.config import Settings
 from service.registry import AdapterRegistry, PromotionFailed
 from tests.unit.fake_vllm import FakeVllm
-from training.adapter_store import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, METADATA_FILE, build_zero_adapter
+from training.adapter_store import (
+    ADAPTER_CONFIG_FILE,
+    ADAPTER_WEIGHTS_FILE,
+    METADATA_FILE,
+    build_zero_adapter,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -53,7 +58,9 @@ def publish(registry: AdapterRegistry, tmp_path: Path, seed: int, parent: int | 
     source = tmp_path / f"src-{seed}"
     config = train_config(registry.settings).lora_config(registry.settings.base_model)
     build_zero_adapter(registry.settings.base_model, config, source, seed=seed)
-    return registry.publish_candidate(NAMESPACE, source, parent_version=parent, training_run_id=None, metrics={})
+    return registry.publish_candidate(
+        NAMESPACE, source, parent_version=parent, training_run_id=None, metrics={}
+    )
 
 
 def status_of(factory: sessionmaker[Session], version: int) -> str:

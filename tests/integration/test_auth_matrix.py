@@ -206,11 +206,15 @@ def _request_everything(app: FastAPI, client: TestClient, token: str) -> None:
             "reason": SECRET_CONTENT, "namespace": "geo"}  # fmt: skip
     client.post("/feedback", json=body, headers=bearer(token))
     client.post("/feedback", json={**body, "target_index": 7}, headers=bearer(token))  # 422
-    client.post("/feedback:batch", json={"items": [body, {**body, "continuation": " "}]}, headers=bearer(token))
+    client.post(
+        "/feedback:batch", json={"items": [body, {**body, "continuation": " "}]}, headers=bearer(token)
+    )
     client.post("/feedback", json=body, headers=bearer(token + "x"))  # 401
     client.post("/memories", json={"content": SECRET_CONTENT, "namespace": "geo"}, headers=bearer(token))
     client.post("/conversations", json={"messages": body["messages"]}, headers=bearer(token))
-    client.post("/v1/chat/completions", json={"model": "geo", "messages": body["messages"]}, headers=bearer(token))
+    client.post(
+        "/v1/chat/completions", json={"model": "geo", "messages": body["messages"]}, headers=bearer(token)
+    )
     for method, template, _scope in api_operations(app):
         client.request(method, example_path(template), headers=bearer(token))
 

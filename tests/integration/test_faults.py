@@ -42,7 +42,10 @@ SCOPES = "feedback:write feedback:read adapters:read adapters:write"
 
 def feedback(key: str, namespace: str) -> dict[str, Any]:
     return {
-        "messages": [{"role": "user", "content": f"Where is order {key}?"}, {"role": "assistant", "content": "?"}],
+        "messages": [
+            {"role": "user", "content": f"Where is order {key}?"},
+            {"role": "assistant", "content": "?"},
+        ],
         "continuation": f"Order {key} ships tomorrow.",
         "namespace": namespace,
     }
@@ -60,7 +63,9 @@ def wait_for(condition: Callable[[], Any], timeout_s: float, what: str, interval
 
 def start_server(db_url: str, data_dir: Path, env: dict[str, str]) -> ServerProcess:
     server = ServerProcess(db_url, data_dir, free_port())
-    server.env.update({"LORALOOP_AUTH_TOKENS": f"{TOKEN}={SCOPES}", "LORALOOP_DISTILL_ENABLED": "false", **env})
+    server.env.update(
+        {"LORALOOP_AUTH_TOKENS": f"{TOKEN}={SCOPES}", "LORALOOP_DISTILL_ENABLED": "false", **env}
+    )
     server.start(timeout_s=120)
     return server
 
@@ -116,11 +121,15 @@ def test_vllm_down_feedback_still_accepted_and_reconciliation_catches_up(
                 jobs = client.get("/jobs", params={"namespace": "default", "kind": "train"}).json()["items"]
                 return next((j for j in jobs if j["status"] == "queued" and j["attempts"] >= 1), None)
 
-            job = wait_for(failed_swap, 240, "a training job whose swap failed and is queued for a retry", 0.5)
+            job = wait_for(
+                failed_swap, 240, "a training job whose swap failed and is queued for a retry", 0.5
+            )
             assert "unavailable" in (job["error"] or "").lower() or "hot-swap" in (job["error"] or ""), job
             assert current() == 0, "a version became current while vLLM was down"
             versions = client.get("/adapters/default").json()["versions"]
-            assert all(v["status"] != "failed" for v in versions), f"an outage branded a version failed: {versions}"
+            assert all(v["status"] != "failed" for v in versions), (
+                f"an outage branded a version failed: {versions}"
+            )
 
             fake = FakeVllm(port=vllm_port).__enter__()  # vLLM is back, empty (as after a restart)
             served = wait_for(
@@ -227,7 +236,9 @@ def test_postgres_restart_under_load_fails_fast_and_recovers(
                 sequence += 1
                 started = time.monotonic()
                 try:
-                    response = client.post("/feedback", json=feedback(key, "pg"), headers={"Idempotency-Key": key})
+                    response = client.post(
+                        "/feedback", json=feedback(key, "pg"), headers={"Idempotency-Key": key}
+                    )
                     status = response.status_code
                     error_type = response.json().get("error", {}).get("type") if status >= 400 else None
                 except httpx.TransportError:
@@ -351,7 +362,9 @@ def test_disk_full_while_publishing_leaves_no_partial_version(
         assert raised.value.errno == errno.ENOSPC
 
         namespace_dir = small_filesystem / "adapters" / "shop"
-        assert sorted(p.name for p in namespace_dir.iterdir()) == ["v0"], "a partial version or temp dir remains"
+        assert sorted(p.name for p in namespace_dir.iterdir()) == ["v0"], (
+            "a partial version or temp dir remains"
+        )
         with registry.session_factory() as session:
             versions = [row.version for row in AdapterRepository(session).list_versions(name="shop")]
         assert versions == [0], "a version row without its files"
@@ -361,7 +374,9 @@ def test_disk_full_while_publishing_leaves_no_partial_version(
         assert list(fake.state.adapters) == ["shop-v0"]
 
         filler.unlink()  # space is back: the same publish now works and is served
-        version = registry.publish_candidate("shop", source, parent_version=0, training_run_id=None, metrics={})
+        version = registry.publish_candidate(
+            "shop", source, parent_version=0, training_run_id=None, metrics={}
+        )
         registry.promote("shop", version, expected_parent=0)
         current = registry.current("shop")
         assert current is not None and current.version == version == 1
@@ -373,7 +388,7 @@ def test_enospc_at_the_lowest_write_is_a_clean_failure(
     tmp_path: Path, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The same contract without a mount: the copy of the weights fails half-way with ENOSPC."""
-    import training.adapter_store as adapter_store
+    from training import adapter_store
 
     url = f"sqlite:///{tmp_path / 'registry.db'}"
     upgrade_database(url)

@@ -40,7 +40,12 @@ STORED_TABLES = ("feedback_items", "conversations", "memories")
 
 
 def feedback(**overrides: Any) -> dict[str, Any]:
-    return {"messages": [USER, ASSISTANT], "continuation": "It is on its way.", "namespace": "ops", **overrides}
+    return {
+        "messages": [USER, ASSISTANT],
+        "continuation": "It is on its way.",
+        "namespace": "ops",
+        **overrides,
+    }
 
 
 def make_hostile_app(data_dir: Path) -> FastAPI:
@@ -73,7 +78,7 @@ def stored_rows(app: FastAPI) -> dict[str, int]:
     try:
         with engine.connect() as connection:
             return {
-                table: connection.execute(sa.text(f"SELECT count(*) FROM {table}")).scalar_one()  # noqa: S608
+                table: connection.execute(sa.text(f"SELECT count(*) FROM {table}")).scalar_one()
                 for table in STORED_TABLES
             }
     finally:
@@ -128,7 +133,11 @@ def fuzz_app() -> Iterator[FastAPI]:
 @settings(
     deadline=None,
     max_examples=FUZZ_EXAMPLES,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much, HealthCheck.function_scoped_fixture],
+    suppress_health_check=[
+        HealthCheck.too_slow,
+        HealthCheck.filter_too_much,
+        HealthCheck.function_scoped_fixture,
+    ],
     derandomize=True,
     database=None,
 )
@@ -167,7 +176,9 @@ def test_body_over_the_limit_is_413_declared_or_chunked(app: FastAPI, client: Te
     [
         pytest.param(b"[" * 200_000 + b"]" * 200_000, id="nested-arrays-200k"),
         pytest.param(b'{"a":' * 50_000 + b"1" + b"}" * 50_000, id="nested-objects-50k"),
-        pytest.param(b'{"continuation": "x", "memories": ' + b"[" * 5000 + b"]" * 5000 + b"}", id="nested-field"),
+        pytest.param(
+            b'{"continuation": "x", "memories": ' + b"[" * 5000 + b"]" * 5000 + b"}", id="nested-field"
+        ),
         pytest.param(b'{"continuation": "\xff\xfe broken"}', id="invalid-utf8"),
         pytest.param(b'{"continuation": "\xc0\xae\xc0\xae"}', id="overlong-utf8"),
         pytest.param(b'{"continuation": "a\x01\x02b", "messages": []}', id="raw-control-chars"),
@@ -252,13 +263,17 @@ def test_hostile_feedback_fields_are_refused_by_name(
     assert_refused(client.post("/feedback", content=json.dumps(body), headers=headers), field, (413, 422))
     batch = client.post("/feedback:batch", content=json.dumps({"items": [feedback(), body]}), headers=headers)
     if batch.status_code != 413:
-        assert_refused(batch, f"items[1].{field}" if not field.startswith("[") else f"items[1]{field}", (422,))
+        assert_refused(
+            batch, f"items[1].{field}" if not field.startswith("[") else f"items[1]{field}", (422,)
+        )
     assert stored_rows(app) == before
 
 
 def test_control_characters_are_stored_faithfully_or_refused(app: FastAPI, client: TestClient) -> None:
     text = "bell\x07 esc\x1b[31m del\x7f rtl\u202e zero\u200b bom\ufeff line\u2028 emoji\U0001f600"
-    accepted = client.post("/feedback", json=feedback(continuation=text, reason=text, tags=["\x1b"]), headers=AUTH)
+    accepted = client.post(
+        "/feedback", json=feedback(continuation=text, reason=text, tags=["\x1b"]), headers=AUTH
+    )
     assert accepted.status_code == 202, accepted.text
     stored = client.get(f"/feedback/{accepted.json()['id']}", headers=AUTH).json()
     assert stored["continuation"] == text and stored["reason"] == text and stored["tags"] == ["\x1b"]

@@ -220,6 +220,19 @@ def test_warm_start_continues_from_the_parent(
     assert child_weights.keys() == parent_weights.keys()
     assert any(not torch.equal(child_weights[k], parent_weights[k]) for k in child_weights)
 
+    # the gate compares the child with its parent adapter (both loaded into one model), not the base
+    metrics = score_candidate(
+        base_model=tiny_model_dir,
+        candidate_adapter=child.adapter_dir,
+        parent_adapter=parent_dir,
+        examples=[other_example],
+        probes=[example],
+        device="cpu",
+    )
+    assert metrics["nll_before"] == pytest.approx(parent_nll_on_new, rel=1e-5)
+    assert metrics["nll_after"] < metrics["nll_before"]
+    assert 0 < metrics["drift_kl"] < GateConfig().max_drift_kl
+
 
 def test_warm_start_from_the_zero_v0_adapter(tiny_model_dir: Path, example, tmp_path: Path) -> None:
     config = TrainConfig(max_steps=3, **FAST)
@@ -412,19 +425,6 @@ def test_lr_schedule() -> None:
     assert rates[:3] == pytest.approx([0.25, 0.5, 0.75])
     assert rates[3] == pytest.approx(1.0) and rates[-1] == pytest.approx(0.1)
     assert trainer_module.lr_at_step(10, 13, TrainConfig(lr=0.5)) == 0.5
-
-
-def test_settings_build_the_train_and_gate_configs(monkeypatch) -> None:
-    from service.config import Settings
-
-    monkeypatch.setenv("LORALOOP_LORA_TARGET_MODULES", "q_proj,v_proj")
-    monkeypatch.setenv("LORALOOP_TRAIN_TIME_BUDGET_S", "30")
-    settings = Settings(auth_disabled=True, lora_rank=4, gate_max_drift_kl=0.25)
-    config = settings.train_config()
-    assert config.rank == 4 and config.target_modules == ("q_proj", "v_proj") and config.time_budget_s == 30
-    assert config.lr == settings.learning_rate and config.epochs == settings.train_epochs
-    gate = settings.gate_config()
-    assert gate.max_drift_kl == 0.25 and gate.min_nll_drop == settings.gate_min_nll_drop
 
 
 def test_gradient_checkpointing_gives_the_same_updates(tiny_model_dir: Path, example, tmp_path: Path) -> None:

@@ -194,9 +194,9 @@ def test_graceful_stop_gives_the_job_back(tmp_path: Path, migrated_db_url: str, 
 # --- feedback -> train job -> served version (tiny model, SQLite) ---------------------------------
 
 # The random-init tiny model's logits span about +-1.3 (tied 64-d embeddings, std 0.02), so no
-# adapter can lower a continuation's NLL by more than ~3% below ln|V|: the NLL gate is set to 1%
-# here (5% by default). Few steps keep each run short.
-TINY_TRAINING: dict[str, Any] = {"learning_rate": 0.03, "max_steps": 3, "gate_min_nll_drop": 0.01}
+# adapter lowers a continuation's NLL by more than a few % below ln|V|: the NLL gate only asks for
+# "no worse" here (5% drop by default). Few steps keep each run short.
+TINY_TRAINING: dict[str, Any] = {"max_steps": 4, "gate_min_nll_drop": 0.0}
 
 
 @pytest.fixture
@@ -226,7 +226,7 @@ def adapter_of(client: TestClient, name: str = "default") -> dict[str, Any]:
 
 
 def first_job(client: TestClient, kind: str = "train") -> dict[str, Any]:
-    return [j for j in client.get("/jobs").json()["items"] if j["kind"] == kind][0]
+    return next(j for j in client.get("/jobs").json()["items"] if j["kind"] == kind)
 
 
 def test_feedback_trains_a_new_current_version(pipeline) -> None:
@@ -316,6 +316,7 @@ def test_gate_rejects_a_run_trained_on_corrupted_labels(pipeline, monkeypatch: p
     assert adapter["current"] == 0
     v1 = adapter["versions"][1]
     assert v1["status"] == "rejected" and "feedback NLL did not drop enough" in v1["reason"], v1
+    assert v1["metrics"]["nll_after"] > v1["metrics"]["nll_before"]
     with client.app.state.session_factory() as session:
         assert session.query(FeedbackItem).one().status == "pending"  # not in the served adapter
         assert session.query(TrainingRun).one().status == "rejected"
@@ -393,3 +394,36 @@ def test_distill_now_bakes_the_memories(pipeline, monkeypatch: pytest.MonkeyPatc
     memories = client.get("/memories", params={"namespace": "ops", "state": "baked"}).json()["items"]
     assert [(m["content"], m["baked_in_version"]) for m in memories] == [(memory["content"], 1)]
     assert client.get("/memories", params={"namespace": "ops", "state": "active"}).json()["items"] == []
+
+
+@pytest.mark.parametrize(("outcome", "exit_code"), [("promoted", 0), ("rejected", 1), ("nothing_to_train", 0)])
+def test_train_cli_waits_for_the_outcome(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, outcome: str, exit_code: int
+) -> None:
+    from typer.testing import CliRunner
+
+    from memory_store.db import upgrade_database
+    from service.cli import app
+
+    url = f"sqlite:///{tmp_path / 'cli.db'}"
+    upgrade_database(url)
+    settings = make_settings(tmp_path, url)
+    engine = make_engine(url)
+
+    def stub(context: JobContext) -> JobOutcome:
+        context.report_progress({"phase": "train", "step": 1, "total_steps": 2, "loss": 1.0})
+        time.sleep(0.3)
+        version = None if outcome == "nothing_to_train" else 1
+        return JobOutcome({"outcome": outcome, "version": version, "gate": "numbers"})
+
+    worker = Worker(settings, make_session_factory(engine), {"train": stub})
+    for name in ("database_url", "data_dir", "auth_disabled"):
+        monkeypatch.setenv(f"LORALOOP_{name.upper()}", str(getattr(settings, name)))
+    worker.start()
+    try:
+        result = CliRunner().invoke(app, ["train", "--namespace", "ns", "--wait", "--poll", "0.1"])
+    finally:
+        worker.stop()
+        engine.dispose()
+    assert result.exit_code == exit_code, result.output
+    assert f"job 1 succeeded ({outcome})" in result.output

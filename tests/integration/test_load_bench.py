@@ -1,0 +1,39 @@
+"""bench/load.py end to end, short: a real server, a second load process on loopback, SQLite idle and
+SQLite while the worker trains. The bench itself fails (exit 1) on any request error or when the
+training run was not going through the whole load window; the p99 bound is loose here because CI's
+two cores are shared (the README's figures come from the full-length run).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_load_bench_runs_idle_and_while_training() -> None:
+    completed = subprocess.run(
+        [sys.executable, "bench/load.py", "--duration", "3", "--no-postgres", "--p99-bound-ms", "30000",
+         "--train-items", "4"],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=500, check=False,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
+    lines = [json.loads(line) for line in completed.stdout.strip().splitlines() if line.startswith("{")]
+    summary = lines[-1]
+    assert set(summary) == {"metric", "value", "baseline", "baseline_value", "ratio"}
+    assert summary["metric"] == "sqlite_feedback_p99_ms_while_training" and summary["value"] > 0
+    runs = {(line["run"], line["route"]): line for line in lines[:-1]}
+    for run in ("idle", "training"):
+        assert runs[(run, "all")]["errors"] == 0
+        for route in ("single", "batch", "adapters"):
+            assert runs[(run, route)]["requests"] > 0, (run, route)
+    assert runs[("training", "all")]["training_steps_during_load"] >= 1

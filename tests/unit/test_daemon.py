@@ -1,0 +1,65 @@
+"""`loraloop serve` wiring without starting anything: which background services run for which
+Settings, in which order, and the embedded vLLM's flags and URL."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from service.app import create_app
+from service.config import Settings
+from service.daemon import background_services, embedded_vllm_config, prepare_serving
+from service.registry import vllm_base_urls
+
+
+def settings_for(tmp_path: Path, **overrides: object) -> Settings:
+    base = {
+        "database_url": f"sqlite:///{tmp_path / 'd.db'}",
+        "data_dir": tmp_path,
+        "base_model": tmp_path,  # exists: prepare_serving builds nothing
+        "auth_disabled": True,
+        "device": "cpu",
+    }
+    return Settings(**{**base, **overrides})  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "names"),
+    [
+        ({"vllm_urls": []}, ["worker", "scheduler"]),
+        ({"vllm_urls": ["http://a:8000", "http://b:8000"]}, ["reconciler", "worker", "scheduler"]),
+        ({"vllm_urls": ["embedded"]}, ["vllm", "reconciler", "worker", "scheduler"]),
+        (
+            {"vllm_urls": ["embedded"], "worker_enabled": False, "distill_enabled": False},
+            ["vllm", "reconciler"],
+        ),
+    ],
+)
+def test_background_services_follow_settings(
+    tmp_path: Path, overrides: dict[str, object], names: list[str]
+) -> None:
+    settings = prepare_serving(settings_for(tmp_path, **overrides))
+    app = create_app(settings, background=background_services(settings))
+    services = background_services(settings)(app.state.resources)
+    assert [service.name for service in services] == names
+
+
+def test_embedded_vllm_gets_a_fixed_port_and_cpu_flags(tmp_path: Path) -> None:
+    settings = prepare_serving(settings_for(tmp_path, vllm_urls=["embedded"], vllm_port=0))
+    assert settings.vllm_port != 0
+    assert vllm_base_urls(settings) == [f"http://127.0.0.1:{settings.vllm_port}"]
+    config = embedded_vllm_config(settings)
+    assert config.port == settings.vllm_port
+    assert (config.device, config.max_loras, config.max_lora_rank) == ("cpu", settings.vllm_max_loras, 16)
+    assert config.enable_sleep_mode is False  # no sleep mode in the CPU build
+
+
+def test_sleep_mode_only_on_gpu(tmp_path: Path) -> None:
+    gpu = embedded_vllm_config(
+        settings_for(tmp_path, vllm_urls=["embedded"], device="cuda", vllm_sleep_for_training=True)
+    )
+    cpu = embedded_vllm_config(
+        settings_for(tmp_path, vllm_urls=["embedded"], device="cpu", vllm_sleep_for_training=True)
+    )
+    assert (gpu.enable_sleep_mode, cpu.enable_sleep_mode) == (True, False)
