@@ -106,6 +106,12 @@ def main() -> None:
         "--hidden-size", type=int, default=64, help="of the built model (64 = the test model)"
     )
     parser.add_argument("--layers", type=int, default=2, help="of the built model")
+    parser.add_argument(
+        "--background-notes",
+        type=int,
+        default=0,
+        help="extra facts in one more memory: a longer prefix, as real memory sets are",
+    )
     parser.add_argument("--out", type=Path, default=None, help="also write the JSON summary here")
     args = parser.parse_args()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
@@ -139,7 +145,14 @@ def main() -> None:
     # the teacher's answers, generated once (base == parent: the run starts from a fresh LoRA, B = 0);
     # the same frozen model is the naive loop's teacher
     teacher = load_base_model(model_dir, device=resolve_device("cpu"), dtype=torch.float32)
-    plan = plan_distillation(MEMORIES, CONVERSATIONS, config)
+    memories = list(MEMORIES)
+    if args.background_notes:
+        facts = [
+            f"Service s{i} listens on port {8000 + i}, is owned by team t{i % 7} and pages {i % 5} people."
+            for i in range(args.background_notes)
+        ]
+        memories.append(MemoryNote("\n".join(facts), topic="the service inventory"))
+    plan = plan_distillation(memories, CONVERSATIONS, config)
     views = [teacher_messages(plan.prefix_messages, p) for p in plan.prompts_without_response()]
     generation_started = time.perf_counter()
     responses = generate_responses(teacher, tokenizer, views, config.max_new_tokens, no_repeat_ngram_size=1)
@@ -174,6 +187,13 @@ def main() -> None:
         "model": str(model_dir),
         "hidden_size": args.hidden_size,
         "layers": args.layers,
+        "background_notes": args.background_notes,
+        "prefix_tokens": len(
+            tokenizer(
+                tokenizer.apply_chat_template(list(plan.prefix_messages), tokenize=False),
+                add_special_tokens=False,
+            )["input_ids"]
+        ),
         "topk": config.topk,
         "steps": loop.metrics["steps"],
         "train_pairs": len(cached.train_pairs),

@@ -110,11 +110,15 @@ def create_app(
     app.state.settings = settings
     app.state.resources = resources
     app.state.session_factory = resources.session_factory
+    # GET/HEAD sessions only read: on SQLite they must not take the write lock (WAL readers run
+    # beside the writer instead of queueing behind every feedback insert)
+    app.state.read_session_factory = make_session_factory(engine, read_only=True)
     app.state.metrics = resources.metrics
     app.state.token_table = token_table
     app.state.feedback_validator = validator
     app.state.background_services = []
-    app.state.inference_proxy = InferenceProxy.from_settings(settings, resources.session_factory)
+    # alias lookups only read: they must not queue behind writers for SQLite's write lock
+    app.state.inference_proxy = InferenceProxy.from_settings(settings, app.state.read_session_factory)
 
     install_error_handlers(app)
     app.include_router(api_router)

@@ -29,8 +29,14 @@ def get_metrics(request: Request) -> ServiceMetrics:
     return request.app.state.metrics
 
 
+READ_ONLY_METHODS = frozenset({"GET", "HEAD"})
+
+
 def get_session(request: Request) -> Iterator[Session]:
-    factory: sessionmaker[Session] = request.app.state.session_factory
+    state = request.app.state
+    factory: sessionmaker[Session] = state.session_factory
+    if request.method in READ_ONLY_METHODS:
+        factory = getattr(state, "read_session_factory", None) or factory
     session = factory()
     try:
         yield session

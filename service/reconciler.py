@@ -108,12 +108,15 @@ class Reconciler:
             self._wake.wait(self.interval_s)
 
     def reconcile_once(self) -> ReconcileReport | None:
-        """One round; None when the desired state could not be read (database down)."""
+        """One round; None when the desired state could not be read (database down) or the
+        service is stopping."""
         if self.ensure_namespace is not None:
             try:
                 self.ensure_namespace()
             except Exception as error:  # noqa: BLE001 - e.g. vLLM still starting: retried next round
                 logger.warning("default namespace has no servable version yet: %s", error)
+        if self._stop.is_set():
+            return None  # stopping: do not start talking to vLLM now
         snapshot = self._clock()  # taken BEFORE the read: a newer concurrent swap wins
         try:
             desired = dict(self.desired_state())

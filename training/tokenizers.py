@@ -119,11 +119,6 @@ def load_tokenizer(family_or_path: str | os.PathLike[str]) -> PreTrainedTokenize
     return AutoTokenizer.from_pretrained(folder)
 
 
-def chat_template_fixture(name: str) -> str:
-    """The text of training/templates/<name>.jinja."""
-    return _template_text(name)
-
-
 def _spec(family: str) -> TokenizerSpec:
     try:
         return FAMILIES[family]

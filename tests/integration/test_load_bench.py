@@ -37,3 +37,31 @@ def test_load_bench_runs_idle_and_while_training() -> None:
         for route in ("single", "batch", "adapters"):
             assert runs[(run, route)]["requests"] > 0, (run, route)
     assert runs[("training", "all")]["training_steps_during_load"] >= 1
+
+
+def test_sqlite_reads_do_not_queue_behind_a_writer(tmp_path: Path) -> None:
+    """GET routes read in a DEFERRED transaction: while another connection holds SQLite's write lock
+    (a feedback batch being inserted), GET /adapters and GET /feedback still answer at once."""
+    import sqlite3
+    import time
+
+    from fastapi.testclient import TestClient
+
+    from service.app import create_app
+    from service.config import Settings
+
+    database = tmp_path / "reads.db"
+    settings = Settings(_env_file=None, database_url=f"sqlite:///{database}", data_dir=tmp_path,
+                        auth_tokens="t=admin", tokenizer=tmp_path / "none")  # fmt: skip
+    with TestClient(create_app(settings, start_background=False)) as client:
+        writer = sqlite3.connect(database, isolation_level=None)
+        try:
+            writer.execute("BEGIN IMMEDIATE")  # hold the write lock
+            started = time.monotonic()
+            for path in ("/adapters", "/feedback", "/jobs", "/memories"):
+                response = client.get(path, headers={"Authorization": "Bearer t"})
+                assert response.status_code == 200, (path, response.text)
+            assert time.monotonic() - started < 5, "a read waited for the write lock"
+        finally:
+            writer.execute("ROLLBACK")
+            writer.close()

@@ -5,8 +5,10 @@ the tiny model (promotion, gate rejection, NaN divergence)."""
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +37,21 @@ FEEDBACK = {
     ],
     "continuation": "The deploy code of project Kestrel is 7-4-1-9.",
 }
+
+
+@pytest.fixture
+def restore_logging() -> Iterator[Callable[[], None]]:
+    """The CLI configures the root logger onto CliRunner's streams, closed after `invoke`: call the
+    returned function right after `invoke` to put the test session's handlers back."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+
+    def restore() -> None:
+        root.handlers[:] = handlers
+        root.setLevel(level)
+
+    yield restore
+    restore()
 
 
 def make_settings(tmp_path: Path, database_url: str, **overrides: Any) -> Settings:
@@ -360,7 +377,7 @@ def test_unrenderable_and_empty_feedback_is_skipped(pipeline) -> None:
 
 
 @pytest.mark.slow
-def test_distill_now_bakes_the_memories(pipeline, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_distill_now_bakes_the_memories(pipeline, monkeypatch: pytest.MonkeyPatch, restore_logging: Callable[[], None]) -> None:
     """`loraloop distill --namespace ops --now --wait` against a running worker: a new current
     version whose held-out gap closure passed the gate, and the memories marked baked in it."""
     from typer.testing import CliRunner
@@ -383,6 +400,7 @@ def test_distill_now_bakes_the_memories(pipeline, monkeypatch: pytest.MonkeyPatc
     try:
         result = CliRunner().invoke(app, ["distill", "--namespace", "ops", "--now", "--wait", "--poll", "0.2"])
     finally:
+        restore_logging()
         worker.stop()
     assert result.exit_code == 0, result.output
     assert "succeeded (promoted) version v1" in result.output, result.output
@@ -398,7 +416,7 @@ def test_distill_now_bakes_the_memories(pipeline, monkeypatch: pytest.MonkeyPatc
 
 @pytest.mark.parametrize(("outcome", "exit_code"), [("promoted", 0), ("rejected", 1), ("nothing_to_train", 0)])
 def test_train_cli_waits_for_the_outcome(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, outcome: str, exit_code: int
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, restore_logging: Callable[[], None], outcome: str, exit_code: int
 ) -> None:
     from typer.testing import CliRunner
 
@@ -423,6 +441,7 @@ def test_train_cli_waits_for_the_outcome(
     try:
         result = CliRunner().invoke(app, ["train", "--namespace", "ns", "--wait", "--poll", "0.1"])
     finally:
+        restore_logging()
         worker.stop()
         engine.dispose()
     assert result.exit_code == exit_code, result.output
