@@ -69,6 +69,7 @@ def make_engine(
             pool_timeout=max(connect_timeout_s, 1.0) * 2,
             connect_args={"connect_timeout": max(round(connect_timeout_s), 1)},
             echo=echo,
+            hide_parameters=True,  # errors are logged: bound values (feedback text) must not be
         )
     else:
         raise ValueError(
@@ -89,6 +90,7 @@ def _make_sqlite_engine(url: URL, *, busy_timeout_s: float, synchronous: str, ec
         url,
         connect_args={"timeout": busy_timeout_s, "check_same_thread": False},
         echo=echo,
+        hide_parameters=True,
     )
     busy_timeout_ms = int(busy_timeout_s * 1000)
 

@@ -1,7 +1,8 @@
 """FastAPI dependencies: settings, a database session per request, and scope checks.
 
 `SessionDep` commits when the endpoint returns (before the response is sent, so a 2xx always
-means the data is durable) and rolls back on any error. `require(scope)` is the one way a route
+means the data is durable) and rolls back on any error; GET/HEAD requests get a read-only session
+(on SQLite it does not take the write lock). `require(scope)` is the one way a route
 declares the scope it needs. Knows nothing about individual routes or tables.
 """
 

@@ -160,7 +160,13 @@ async def _database_unavailable(request: Request, exc: Exception) -> JSONRespons
 async def _dbapi_error(request: Request, exc: DBAPIError) -> JSONResponse:
     if exc.connection_invalidated or _is_connection_error(exc):
         return await _database_unavailable(request, exc)
-    logger.error("database error on %s %s", request.method, request.url.path, exc_info=exc)
+    # Not the exception text: PostgreSQL's DETAIL ("Failing row contains (...)") holds the row's
+    # values, i.e. feedback content. The statement (placeholders only) and SQLSTATE locate the bug.
+    logger.error(
+        "database error on %s %s: %s (sqlstate %s) in %s",
+        request.method, request.url.path, type(exc.orig).__name__,
+        getattr(exc.orig, "sqlstate", None) or getattr(exc.orig, "sqlite_errorname", None), exc.statement,
+    )  # fmt: skip
     return _json(500, error_body("internal_error", "internal database error"))
 
 

@@ -28,11 +28,11 @@ from training.evaluate import AdapterView, builtin_probe_examples, drift_kl
 from training.render import DistillPair, Example, RenderConfig, RenderError, render_distillation_pair
 from training.token_nll import IGNORE_INDEX, TokenBatch, supervised_logits, token_nll_sum
 from training.trainer import (
-    LoraTrainer,
     TrainConfig,
     TrainingBudgetExceeded,
     TrainingCancelled,
     TrainingDiverged,
+    load_lora_model,
     lr_at_step,
     resolve_device,
 )
@@ -685,7 +685,7 @@ class MemoryDistiller:
         config = self.config
         stats: dict[str, float] = {}
         device = resolve_device(config.device)
-        model = LoraTrainer(self.train_config)._setup_model(base_model, parent_adapter, device)
+        model = load_lora_model(base_model, parent_adapter, self.train_config, device)
         pad_token_id = model.config.pad_token_id if model.config.pad_token_id is not None else 0
 
         clock = time.perf_counter()

@@ -37,6 +37,7 @@ __all__ = [
     "TrainingDiverged",
     "TrainingError",
     "load_base_model",
+    "load_lora_model",
     "lr_at_step",
     "resolve_device",
     "resolve_dtype",
@@ -213,6 +214,25 @@ def _plan_micro_batches(num_batches: int, config: TrainConfig, generator: torch.
     return [order[i : i + config.grad_accum_steps] for i in range(0, len(order), config.grad_accum_steps)]
 
 
+def load_lora_model(
+    base_model: Path, parent_adapter: Path | None, config: TrainConfig, device: torch.device
+) -> PeftModel:
+    """The base model with a trainable LoRA: warm-started from `parent_adapter` (its own rank and
+    targets) or freshly initialised from `config`; on `device`, in training mode."""
+    from peft import PeftModel, get_peft_model
+
+    base = load_base_model(base_model, device=device, dtype=resolve_dtype(config.dtype, device))
+    if config.gradient_checkpointing:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if parent_adapter is not None:
+        model = PeftModel.from_pretrained(base, str(parent_adapter), is_trainable=True)
+    else:
+        model = get_peft_model(base, config.lora_config(base_model))
+    model.to(device)
+    model.train()
+    return model
+
+
 class LoraTrainer:
     """Recipe: setup (model, adapter, batches, optimizer) -> train loop -> save, in `train()`."""
 
@@ -249,7 +269,7 @@ class LoraTrainer:
                 torch.set_num_threads(config.num_threads)
             with torch.random.fork_rng(devices=devices):
                 torch.manual_seed(config.seed)
-                model = self._setup_model(Path(base_model), parent_adapter, device)
+                model = load_lora_model(Path(base_model), parent_adapter, self.config, device)
                 batches = self._setup_batches(model, examples, device)
                 setup_seconds = time.perf_counter() - started
                 metrics, losses = self._run(model, batches, started, on_progress, should_stop)
@@ -279,21 +299,6 @@ class LoraTrainer:
             shutil.rmtree(staging, ignore_errors=True)
 
     # --- setup -----------------------------------------------------------------------------------
-    def _setup_model(self, base_model: Path, parent_adapter: Path | None, device: torch.device) -> PeftModel:
-        from peft import PeftModel, get_peft_model
-
-        config = self.config
-        base = load_base_model(base_model, device=device, dtype=resolve_dtype(config.dtype, device))
-        if config.gradient_checkpointing:
-            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if parent_adapter is not None:
-            model = PeftModel.from_pretrained(base, str(parent_adapter), is_trainable=True)
-        else:
-            model = get_peft_model(base, config.lora_config(base_model))
-        model.to(device)
-        model.train()
-        return model
-
     def _setup_batches(
         self, model: PeftModel, examples: Sequence[Example], device: torch.device
     ) -> list[TokenBatch]:

@@ -259,3 +259,34 @@ def test_cors_only_for_the_configured_origins(tmp_path: Path) -> None:
         refused = client.options("/feedback", headers={"Origin": "https://evil.example", **request})
     assert allowed.headers.get("access-control-allow-origin") == "https://ui.example"
     assert "access-control-allow-origin" not in refused.headers
+
+
+def test_database_errors_leave_no_feedback_text_in_logs(
+    db_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A failing INSERT is logged (ERROR) with neither SQLAlchemy's bound parameters nor
+    PostgreSQL's "Failing row contains (...)" detail: both would hold the feedback text."""
+    import sqlalchemy as sa
+
+    from memory_store.repositories import FeedbackRepository
+
+    def failing_add(self: FeedbackRepository, **item: Any) -> Any:
+        self.session.execute(
+            sa.text("INSERT INTO feedback_items (id, namespace, continuation) VALUES (:id, :ns, :text)"),
+            {"id": None, "ns": None, "text": item["continuation"]},  # violates NOT NULL
+        )
+        raise AssertionError("the INSERT should have failed")
+
+    monkeypatch.setattr(FeedbackRepository, "add", failing_add)
+    settings = Settings(_env_file=None, database_url=db_url, data_dir=tmp_path, auth_tokens=token_spec(),
+                        tokenizer=tmp_path / "none")  # fmt: skip
+    body = {"messages": [{"role": "user", "content": "q"}], "continuation": SECRET_CONTENT}
+    app = create_app(settings, start_background=False)
+    with TestClient(app, raise_server_exceptions=False) as client, caplog.at_level(logging.INFO):
+        response = client.post("/feedback", json=body, headers=bearer(token_for("admin")))
+    assert response.status_code == 500 and SECRET_CONTENT not in response.text
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert errors, "the database error was not logged"
+    logged = "\n".join(f"{r.getMessage()} {r.exc_text or ''}" for r in caplog.records)
+    assert "feedback_items" in logged  # the statement is there to locate the bug ...
+    assert SECRET_CONTENT not in logged  # ... the data is not

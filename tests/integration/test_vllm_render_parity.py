@@ -48,6 +48,17 @@ CASES: dict[str, dict[str, Any]] = {
         ],
         "continuation": "\nこんにちは 👋 ",
     },
+    # ChatML's prompt ends in "\n": a continuation opening with "\n\n" makes one BPE token straddle
+    # the context/target boundary in the single pass (the renderer's boundary rule splits it)
+    "straddling-newlines": {
+        "messages": [
+            {"role": "system", "content": "Be terse."},
+            {"role": "user", "content": "日本の首都は？ 🙂"},
+            {"role": "assistant", "content": "東京。"},
+            {"role": "user", "content": "\nAnd France?\n"},
+        ],
+        "continuation": "\n\nParis.",
+    },
 }
 
 
@@ -70,3 +81,14 @@ def test_context_tokens_equal_vllm_prompt_tokens(vllm_server: VllmServer, tokeni
     assert context == served
     bos = tokenizer.bos_token_id
     assert bos is None or served[:2] != [bos, bos]  # no double BOS
+
+
+def test_raw_context_tokens_equal_vllm_completion_prompt_tokens(vllm_server: VllmServer, tokenizer) -> None:
+    """Template-free items: the raw context is tokenized as vLLM tokenizes a completion prompt."""
+    context = "The capital of France is"
+    example = render_example(tokenizer, {"context": context, "continuation": " Paris."})
+    assert example is not None
+    first_target = next(i for i, label in enumerate(example.labels) if label != IGNORE_INDEX)
+    with VllmClient(vllm_server.url, timeout=60.0) as client:
+        served = client.tokenize(prompt=context, model=vllm_server.base_model_name)
+    assert example.input_ids[:first_target] == served
