@@ -93,6 +93,17 @@ class JobQueue:
             return existing
         return job
 
+    def reschedule(self, *, job_id: int, run_after: datetime) -> bool:
+        """Move a still-queued job's start to `run_after` (debouncing producers); False when it was
+        already claimed or finished (then the caller's change rides on the next run)."""
+        result = self.session.execute(
+            update(Job)
+            .where(Job.id == job_id, Job.status == "queued")
+            .values(run_after=run_after)
+            .execution_options(synchronize_session=False)
+        )
+        return result.rowcount == 1
+
     def cancel(self, *, job_id: int) -> Job:
         """Cancel a queued or running job (a running worker sees a lost lease on its next heartbeat).
         A finished job is returned unchanged."""

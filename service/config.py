@@ -48,7 +48,7 @@ class Settings(BaseSettings):
     max_continuation_tokens: int = Field(512, ge=1)
 
     # --- online training ---------------------------------------------------------------------------
-    train_trigger_count: int = Field(1, ge=1)  # N new feedback items start a run ...
+    train_trigger_count: int = Field(16, ge=1)  # N new feedback items start a run ...
     train_debounce_s: float = Field(2.0, ge=0)  # ... or T seconds after the last one
     replay_ratio: float = Field(0.5, ge=0)  # replayed old items per new item
     replay_max_items: int = Field(64, ge=0)

@@ -178,16 +178,23 @@ def _prepare(
 
 
 def _enqueue_training(session: Session, namespaces: set[str], settings: Settings) -> None:
+    """Trigger a namespace's `train` run: at once when `train_trigger_count` items are pending,
+    otherwise `train_debounce_s` after the LAST item (each new item pushes a queued run back)."""
     queue = JobQueue(session, default_max_attempts=settings.job_max_attempts)
-    run_after = utcnow() + timedelta(seconds=settings.train_debounce_s)
+    feedback = FeedbackRepository(session)
+    now = utcnow()
     for namespace in sorted(namespaces):
-        queue.enqueue(
+        enough = feedback.count_pending(namespace=namespace) >= settings.train_trigger_count
+        run_after = now if enough else now + timedelta(seconds=settings.train_debounce_s)
+        job = queue.enqueue(
             kind=TRAIN_JOB_KIND,
             namespace=namespace,
-            payload={"namespace": namespace, "trigger": "feedback"},
+            payload={"namespace": namespace, "trigger": "count" if enough else "debounce"},
             dedupe_key=train_dedupe_key(namespace),
             run_after=run_after,
         )
+        if job.status == "queued" and job.run_after != run_after:
+            queue.reschedule(job_id=job.id, run_after=run_after)
 
 
 def accept_feedback(

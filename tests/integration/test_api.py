@@ -547,3 +547,26 @@ def test_train_now_advances_a_debounced_job(tmp_path: Path, qwen2_tokenizer: Pat
         assert datetime.fromisoformat(stored) == run_after
         queued_at = datetime.fromisoformat(debounced["run_after"])
         assert run_after.replace(tzinfo=None) < queued_at.replace(tzinfo=None) - timedelta(minutes=50)
+
+
+def _queued_train_job(client: TestClient, namespace: str) -> dict[str, Any]:
+    jobs = client.get("/jobs", params={"status": "queued"}, headers=bearer(ADAPTER_READER)).json()["items"]
+    (job,) = [job for job in jobs if job["kind"] == "train" and job["namespace"] == namespace]
+    return job
+
+
+def test_each_item_pushes_the_debounced_run_back_until_the_count_trigger_fires(
+    db_url: str, tmp_path: Path, qwen2_tokenizer: Path
+) -> None:
+    settings = make_settings(db_url, tmp_path, qwen2_tokenizer, train_debounce_s=600, train_trigger_count=3)
+    with TestClient(create_app(settings, start_background=False)) as client:
+        client.post("/feedback", json=item(continuation="Paris."), headers=bearer(WRITER))
+        first = _queued_train_job(client, "geo")
+        client.post("/feedback", json=item(continuation="Paris!"), headers=bearer(WRITER))
+        second = _queued_train_job(client, "geo")
+        assert second["id"] == first["id"]  # one run per namespace, deduplicated
+        assert second["run_after"] > first["run_after"]  # debounced: T seconds after the LAST item
+        client.post("/feedback", json=item(continuation="It is Paris."), headers=bearer(WRITER))
+        third = _queued_train_job(client, "geo")
+        assert third["id"] == first["id"]
+        assert third["run_after"] < first["run_after"]  # 3 pending items: run now, not in 10 minutes
