@@ -100,9 +100,7 @@ def default_target_index(messages: Sequence[dict[str, Any]]) -> int:
     """The API's default `target_index`: the last message when it is an assistant turn (replace
     it), else `len(messages)` (append a new assistant turn). Items are stored with the resolved
     index, so the worker never applies a default of its own."""
-    if messages and messages[-1].get("role") == "assistant":
-        return len(messages) - 1
-    return len(messages)
+    return resolve_target_index(messages, None)
 
 
 def message_dicts(messages: Sequence[Message]) -> list[dict[str, Any]]:
