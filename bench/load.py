@@ -123,8 +123,24 @@ def server_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     return {
         "LORALOOP_AUTH_TOKENS": f"{TOKEN}=feedback:write adapters:read adapters:write",
         "LORALOOP_DISTILL_ENABLED": "false",
+        # the load's own feedback never starts a run: "idle" means idle, "training" trains one job
+        "LORALOOP_TRAIN_TRIGGER_COUNT": "1000000000",
         **(extra or {}),
     }
+
+
+def start_worker(
+    server: Server, db_url: str, data_dir: Path, extra: dict[str, str]
+) -> subprocess.Popen[bytes]:
+    """`loraloop worker` on the same database and data folder as `server` (its own process)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "LORALOOP_DATABASE_URL": db_url,
+           "LORALOOP_DATA_DIR": str(data_dir), "LORALOOP_LOG_LEVEL": "WARNING", **server_env(extra),
+           "LORALOOP_WORKER_ENABLED": "true"}  # fmt: skip
+    with (data_dir / "worker.log").open("ab") as log:
+        return subprocess.Popen(
+            [sys.executable, "-m", "service.cli", "worker"], cwd=REPO_ROOT, env=env,
+            stdout=log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
 
 
 def main() -> None:
@@ -143,6 +159,11 @@ def main() -> None:
     )
     parser.add_argument("--no-postgres", action="store_true")
     parser.add_argument("--no-training", action="store_true", help="skip the run with a training job")
+    parser.add_argument(
+        "--separate-worker",
+        action="store_true",
+        help="train in a `loraloop worker` process, not in the API's",
+    )
     parser.add_argument("--drive", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
@@ -179,11 +200,16 @@ def main() -> None:
                     # train for longer than the load window; the budget then ends the run
                     "LORALOOP_MAX_STEPS": "1000000",
                     "LORALOOP_TRAIN_TIME_BUDGET_S": str(args.duration + 240),
-                    "LORALOOP_JOB_HEARTBEAT_S": "0.5",
+                    "LORALOOP_JOB_HEARTBEAT_S": "2",  # progress visible to the bench; default 10
                     "LORALOOP_JOB_MAX_ATTEMPTS": "1",
                     "LORALOOP_WORKER_POLL_S": "0.1",
                 }
+            worker: subprocess.Popen[bytes] | None = None
+            if run == "training" and args.separate_worker:
+                extra["LORALOOP_WORKER_ENABLED"] = "false"
             server = Server(url, data_dir, tokenizer, server_env(extra))
+            if run == "training" and args.separate_worker:
+                worker = start_worker(server, url, data_dir, extra)
             try:
                 training: dict[str, Any] = {}
                 if run == "training":
@@ -205,6 +231,9 @@ def main() -> None:
                     results[(run, f"{backend}/{line['route']}")] = line
                     print(json.dumps(line), flush=True)
             finally:
+                if worker is not None:
+                    worker.terminate()
+                    worker.wait(timeout=60)
                 server.stop()
                 if callable(cleanup):
                     cleanup()

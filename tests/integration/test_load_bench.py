@@ -21,7 +21,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 
 def test_load_bench_runs_idle_and_while_training() -> None:
     completed = subprocess.run(
-        [sys.executable, "bench/load.py", "--duration", "3", "--no-postgres", "--p99-bound-ms", "30000",
+        [sys.executable, "bench/load.py", "--duration", "5", "--no-postgres", "--p99-bound-ms", "30000",
          "--train-items", "4"],
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=500, check=False,
         env={**os.environ, "OMP_NUM_THREADS": "1"},
