@@ -130,10 +130,31 @@ class FeedbackRepository:
         return item, created
 
     def add_many(self, *, items: Sequence[NewFeedback]) -> list[tuple[FeedbackItem, bool]]:
-        """Store several items in the caller's transaction; results in input order, as `add`."""
-        results = [self._add_one(new) for new in items]
-        self.session.flush()
-        return results
+        """Store several items in the caller's transaction; results in input order, as `add`.
+
+        Bulk path: one lookup for every idempotency key of the batch, one flush for all new rows.
+        When that flush loses a race (a concurrent request stored one of the keys meanwhile, or the
+        batch repeats a key), it falls back to the item-by-item path, which settles each key."""
+        stored = self._by_keys([(new.namespace, new.idempotency_key) for new in items if new.idempotency_key])
+        results: list[tuple[FeedbackItem, bool] | None] = []
+        fresh: list[FeedbackItem] = []
+        for new in items:
+            request_hash = new.request_hash()
+            hit = stored.get((new.namespace, new.idempotency_key)) if new.idempotency_key else None
+            if hit is not None:
+                results.append((self._replayed(hit, request_hash), False))
+                continue
+            fresh.append(self._new_item(new, request_hash))
+            results.append(None)
+        if fresh:
+            try:
+                with self.session.begin_nested():
+                    self.session.add_all(fresh)
+                    self.session.flush()
+            except IntegrityError:
+                return [self._add_one(new) for new in items]
+        created = iter(fresh)
+        return [result if result is not None else (next(created), True) for result in results]
 
     def _add_one(self, new: NewFeedback) -> tuple[FeedbackItem, bool]:
         request_hash = new.request_hash()
@@ -141,6 +162,21 @@ class FeedbackRepository:
             existing = self._by_key(new.namespace, new.idempotency_key)
             if existing is not None:
                 return self._replayed(existing, request_hash), False
+        item = self._new_item(new, request_hash)
+        if new.idempotency_key is None:
+            self.session.add(item)
+            return item, True
+        try:
+            with self.session.begin_nested():
+                self.session.add(item)
+        except IntegrityError:
+            winner = self._by_key(new.namespace, new.idempotency_key)
+            if winner is None:
+                raise
+            return self._replayed(winner, request_hash), False
+        return item, True
+
+    def _new_item(self, new: NewFeedback, request_hash: str) -> FeedbackItem:
         messages = new.messages
         if new.conversation_id is not None:
             conversation = ConversationRepository(self.session).get(
@@ -150,7 +186,7 @@ class FeedbackRepository:
                 messages = list(conversation.messages)
         if messages is None:
             raise ValueError("feedback needs messages or a conversation_id")
-        item = FeedbackItem(
+        return FeedbackItem(
             namespace=new.namespace,
             messages=messages,
             target_index=new.target_index,
@@ -164,18 +200,21 @@ class FeedbackRepository:
             status="pending",
             created_at=utcnow(),
         )
-        if new.idempotency_key is None:
-            self.session.add(item)
-            return item, True
-        try:
-            with self.session.begin_nested():
-                self.session.add(item)
-        except IntegrityError:
-            winner = self._by_key(new.namespace, new.idempotency_key)
-            if winner is None:
-                raise
-            return self._replayed(winner, request_hash), False
-        return item, True
+
+    def _by_keys(self, keys: Sequence[tuple[str, str]]) -> dict[tuple[str, str], FeedbackItem]:
+        """Stored items holding any of these (namespace, idempotency key) pairs."""
+        found: dict[tuple[str, str], FeedbackItem] = {}
+        by_namespace: dict[str, set[str]] = {}
+        for namespace, key in keys:
+            by_namespace.setdefault(namespace, set()).add(key)
+        for namespace, namespace_keys in by_namespace.items():
+            stmt = select(FeedbackItem).where(
+                FeedbackItem.namespace == namespace, FeedbackItem.idempotency_key.in_(sorted(namespace_keys))
+            )
+            for item in self.session.scalars(stmt):
+                assert item.idempotency_key is not None
+                found[(namespace, item.idempotency_key)] = item
+        return found
 
     def _by_key(self, namespace: str, key: str) -> FeedbackItem | None:
         stmt = select(FeedbackItem).where(

@@ -127,6 +127,23 @@ def test_feedback_add_many_replays_keys_within_and_across_batches(db_session_fac
     assert again[0][0].id == results[0][0].id and again[0][1] is False
 
 
+def test_feedback_add_many_settles_a_key_won_by_a_concurrent_request(db_session_factory, monkeypatch):
+    """The bulk lookup misses a key that another request stores before the batch's flush: the
+    batch still returns that request's row as a replay, stores the others once, duplicates none."""
+    raced = NewFeedback(namespace="ns", messages=MESSAGES, continuation="a", idempotency_key="raced")
+    with db_session_factory.begin() as session:
+        winner, _ = FeedbackRepository(session).add(**vars(raced))
+    monkeypatch.setattr(FeedbackRepository, "_by_keys", lambda self, keys: {})  # lookup ran before the race
+    others = [NewFeedback(namespace="ns", messages=MESSAGES, continuation=f"b{i}", idempotency_key=f"k{i}")
+              for i in range(3)]
+    with db_session_factory.begin() as session:
+        results = FeedbackRepository(session).add_many(items=[others[0], raced, *others[1:]])
+    assert [created for _, created in results] == [True, False, True, True]
+    assert results[1][0].id == winner.id
+    with db_session_factory() as session:
+        assert FeedbackRepository(session).count_pending(namespace="ns") == 4
+
+
 def test_feedback_list_filters_and_paginates(db_session_factory):
     with db_session_factory.begin() as session:
         repo = FeedbackRepository(session)
