@@ -8,21 +8,18 @@ fixtures in training/templates/. Knows nothing about rendering, training or the 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import fcntl
 import hashlib
 import json
 import os
 import shutil
-import subprocess
-import sys
 import tarfile
 import tempfile
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from training.offline_cache import CacheFetchError, cache_base, file_lock, pip_download_pinned
 
 LLAMA_CPP_PYTHON_VERSION = "0.3.36"
 LLAMA_CPP_SDIST = f"llama_cpp_python-{LLAMA_CPP_PYTHON_VERSION}.tar.gz"
@@ -35,7 +32,7 @@ _CONVERSION_VERSION = 1
 _MARKER = "loraloop-tokenizer.json"
 
 
-class TokenizerFetchError(RuntimeError):
+class TokenizerFetchError(CacheFetchError):
     """The pinned source could not be downloaded, verified or converted."""
 
 
@@ -95,9 +92,7 @@ FAMILIES: dict[str, TokenizerSpec] = {
 
 def cache_root() -> Path:
     """`$LORALOOP_CACHE_DIR/tokenizers`, else `~/.cache/loraloop/tokenizers`."""
-    base = os.environ.get("LORALOOP_CACHE_DIR")
-    root = Path(base) if base else Path.home() / ".cache" / "loraloop"
-    return root / "tokenizers"
+    return cache_base() / "tokenizers"
 
 
 def tokenizer_dir(family: str) -> Path:
@@ -106,7 +101,7 @@ def tokenizer_dir(family: str) -> Path:
     target = cache_root() / family
     if _is_current(target, spec):
         return target
-    with _cache_lock():
+    with file_lock(cache_root()):
         if not _is_current(target, spec):
             _build(spec, target)
     return target
@@ -138,18 +133,6 @@ def _is_current(target: Path, spec: TokenizerSpec) -> bool:
         return json.loads(marker.read_text()).get("fingerprint") == spec.fingerprint()
     except (OSError, json.JSONDecodeError):
         return False
-
-
-@contextlib.contextmanager
-def _cache_lock() -> Iterator[None]:
-    root = cache_root()
-    root.mkdir(parents=True, exist_ok=True)
-    with open(root / ".lock", "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _build(spec: TokenizerSpec, target: Path) -> None:
@@ -195,21 +178,11 @@ def _from_gguf(gguf_file: str) -> PreTrainedTokenizerBase:
 
 
 def _llama_cpp_sdist() -> Path:
-    downloads = cache_root() / "_downloads"
-    archive = downloads / LLAMA_CPP_SDIST
-    if archive.is_file() and _sha256(archive) == LLAMA_CPP_SDIST_SHA256:
-        return archive
-    downloads.mkdir(parents=True, exist_ok=True)
-    command = [sys.executable, "-m", "pip", "download", "--disable-pip-version-check", "--no-deps",
-               "--no-binary", ":all:", f"llama-cpp-python=={LLAMA_CPP_PYTHON_VERSION}", "-d", str(downloads)]
-    completed = subprocess.run(command, check=False, capture_output=True, text=True)
-    if completed.returncode != 0 or not archive.is_file():
-        raise TokenizerFetchError(f"pip download of {LLAMA_CPP_SDIST} failed: {completed.stderr[-2000:]}")
-    digest = _sha256(archive)
-    if digest != LLAMA_CPP_SDIST_SHA256:
-        archive.unlink()
-        raise TokenizerFetchError(f"{LLAMA_CPP_SDIST}: sha256 {digest} != pinned {LLAMA_CPP_SDIST_SHA256}")
-    return archive
+    try:
+        return pip_download_pinned(f"llama-cpp-python=={LLAMA_CPP_PYTHON_VERSION}", LLAMA_CPP_SDIST,
+                                   LLAMA_CPP_SDIST_SHA256, cache_root() / "_downloads", source=True)
+    except CacheFetchError as error:
+        raise TokenizerFetchError(str(error)) from error
 
 
 def _extract_gguf(archive: Path, gguf_file: str, out_dir: Path) -> None:
@@ -241,14 +214,6 @@ def _from_mistral_common(model_name: str) -> PreTrainedTokenizerBase:
     with tempfile.TemporaryDirectory() as folder:
         shutil.copyfile(source, Path(folder) / "tokenizer.model")
         return LlamaTokenizer.from_pretrained(folder)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def main(argv: list[str] | None = None) -> int:
