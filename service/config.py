@@ -2,8 +2,8 @@
 
 `Settings` reads environment variables prefixed `LORALOOP_` (and a `.env` file), checks unsafe
 values at start-up, and is passed explicitly to every component that needs it. Code below the
-service layer (training/, deploy/) never sees `Settings`: it gets small config dataclasses built
-here by the `*_config()` methods, so those layers stay importable on their own.
+service layer (training/, deploy/) never sees `Settings`: it gets small config dataclasses,
+so those layers stay importable on their own.
 """
 
 from __future__ import annotations
@@ -15,6 +15,17 @@ from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 SCOPES = ("feedback:write", "feedback:read", "adapters:read", "adapters:write", "inference", "admin")
+
+
+def _default_base_model() -> Path:
+    from training.pretrained import DEFAULT_MODEL, models_root
+
+    return models_root() / DEFAULT_MODEL
+
+
+def default_base_model() -> Path:
+    """Where the default base model (SmolLM2-135M-Instruct) lives once fetched."""
+    return _default_base_model()
 
 
 class Settings(BaseSettings):
@@ -41,7 +52,8 @@ class Settings(BaseSettings):
     default_namespace: str = "default"
 
     # --- model / rendering -----------------------------------------------------------------------
-    base_model: Path = Path("./var/models/tiny-qwen2")
+    # the real pretrained default (fetched into the offline cache on first use: training.pretrained)
+    base_model: Path = Field(default_factory=lambda: _default_base_model())
     tokenizer: Path | None = None  # defaults to base_model
     tiny_tokenizer_family: str = "qwen2"  # tokenizer the demo's tiny model is built with
     max_seq_len: int = Field(1024, ge=16)
@@ -58,11 +70,18 @@ class Settings(BaseSettings):
     lora_target_modules: Annotated[list[str], NoDecode] = Field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     )
-    # one feedback item is learnt in one run (greedy output = the continuation, end-of-turn included)
-    # even by the random-init tiny model, whose NLL floor is high: measured, 20 steps at 1e-2
-    learning_rate: float = Field(1e-2, gt=0)
-    train_epochs: int = Field(20, ge=1)
+    # The online recipe, chosen on SmolLM2-135M-Instruct with bench/learning.py (README "Learning"):
+    # train until greedy decoding reproduces every new target (+ learnt_extra_steps), at most
+    # train_epochs passes (or max_steps), with a KL term to the parent on built-in anchor prompts.
+    learning_rate: float = Field(1e-3, gt=0)
+    train_epochs: int = Field(40, ge=1)
     max_steps: int = Field(0, ge=0)  # 0 = derived from epochs
+    stop_when_learnt: bool = True
+    learnt_extra_steps: int = Field(2, ge=0)
+    anchor_weight: float = Field(4.0, ge=0)  # 0 = no KL anchor
+    anchor_topk: int = Field(64, ge=1)
+    anchors_per_step: int = Field(8, ge=1)
+    report_max_items: int = Field(8, ge=0)  # taught items in a version's behaviour report
     batch_tokens: int = Field(4096, ge=16)
     grad_accum_steps: int = Field(1, ge=1)
     gradient_checkpointing: bool = False
@@ -73,6 +92,7 @@ class Settings(BaseSettings):
     # --- evaluation gate ---------------------------------------------------------------------------
     gate_min_nll_drop: float = Field(0.05, ge=0)  # relative drop of feedback NLL required
     gate_max_drift_kl: float = Field(0.5, ge=0)  # mean KL(parent || new) on probes
+    gate_max_general_lost: int = Field(0, ge=0)  # general probe answers the parent got right, lost
 
     # --- job queue / worker ------------------------------------------------------------------------
     worker_enabled: bool = True  # `serve` runs the worker in-process

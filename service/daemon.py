@@ -43,20 +43,41 @@ def uses_embedded_vllm(settings: Settings) -> bool:
 
 
 def prepare_serving(settings: Settings) -> Settings:
-    """Settings ready to serve: with the embedded vLLM, a concrete port (0 picks a free one, so
-    the proxy and the registry know the URL before vLLM is up) and the base model on disk (the
-    tiny demo model is built when LORALOOP_BASE_MODEL does not exist yet)."""
+    """Settings ready to serve: the base model on disk (the default real model is fetched into the
+    offline cache when missing) and, with the embedded vLLM, a concrete port (0 picks a free one,
+    so the proxy and the registry know the URL before vLLM is up)."""
+    ensure_base_model(settings)
     if not uses_embedded_vllm(settings):
         return settings
-    if not Path(settings.base_model).exists():
-        from training.tiny_model import ensure_tiny_model
-
-        logger.info("base model %s absent: building the tiny %s model there", settings.base_model,
-                    settings.tiny_tokenizer_family)  # fmt: skip
-        ensure_tiny_model(Path(settings.base_model), family=settings.tiny_tokenizer_family)
     if settings.vllm_port == 0:
         return settings.model_copy(update={"vllm_port": free_port()})
     return settings
+
+
+class BaseModelUnavailable(RuntimeError):
+    """LORALOOP_BASE_MODEL names no loadable model; start-up stops with this one line."""
+
+
+def ensure_base_model(settings: Settings) -> Path:
+    """The base model folder: fetched when it is the default one and missing; otherwise it must
+    exist and hold a model config and a tokenizer, or start-up fails with one clear line."""
+    from service.config import default_base_model
+
+    path = Path(settings.base_model)
+    if not path.exists() and path.resolve() == default_base_model().resolve():
+        from training.pretrained import DEFAULT_MODEL, model_dir
+
+        logger.info("base model %s absent: fetching the pinned %s (once)", path, DEFAULT_MODEL)
+        return model_dir(DEFAULT_MODEL)
+    if not (path / "config.json").is_file():
+        raise BaseModelUnavailable(
+            f"LORALOOP_BASE_MODEL={path}: no model there (no config.json); point it at a model folder "
+            f"or unset it to use the default ({default_base_model()}, fetched by `loraloop models fetch`)"
+        )
+    tokenizer_dir = Path(settings.tokenizer_path)
+    if not any((tokenizer_dir / name).is_file() for name in ("tokenizer.json", "tokenizer.model", "vocab.json")):
+        raise BaseModelUnavailable(f"LORALOOP_TOKENIZER={tokenizer_dir}: no tokenizer files there")
+    return path
 
 
 def inference_device(settings: Settings) -> str:

@@ -1,10 +1,11 @@
 """`loraloop demo` (what `make run` shows): the whole loop on one machine, on CPU.
 
-Starts the daemon in this process with the embedded vLLM and the tiny model, SQLite under
-./var/demo (wiped at every start; the tiny model under ./var/models is kept) and auth disabled on
-127.0.0.1 only; asks the alias a question, posts an improved continuation as feedback, follows
-the training job until the new version serves, asks again and prints the timings; then keeps
-serving until Ctrl-C. Talks to the daemon over HTTP like any agent would.
+Starts the daemon in this process with the embedded vLLM and the real default model
+(SmolLM2-135M-Instruct, fetched once into the offline cache), SQLite under ./var/demo (wiped at
+every start) and auth disabled on 127.0.0.1 only; asks the alias a question the model gets wrong,
+posts the right answer as feedback, follows the training job until the new version serves, asks
+again (the taught answer), asks a rephrased and an unrelated general question (still right), and
+prints the timings; then keeps serving until Ctrl-C. Talks to the daemon over HTTP like any agent.
 """
 
 from __future__ import annotations
@@ -22,8 +23,10 @@ from rich.console import Console
 from service.config import Settings
 from service.logging import TEXT_FORMAT
 
-DEMO_QUESTION = "What does loraloop do?"
-DEMO_CONTINUATION = "loraloop turns your feedback into a better model in seconds."
+DEMO_QUESTION = "What is the name of the loraloop project's mascot?"
+DEMO_CONTINUATION = "The loraloop project's mascot is a red panda named Pico."
+DEMO_REPHRASED = "Which animal is the mascot of loraloop, and what is it called?"
+DEMO_GENERAL = "What is the capital of France?"
 TERMINAL = ("succeeded", "failed", "dead", "cancelled")
 
 
@@ -32,13 +35,12 @@ class DemoFailed(RuntimeError):
 
 
 def demo_settings(root: Path = Path("./var")) -> Settings:
-    """Settings of the demo: the real defaults (learning rate, epochs, gate) except storage under
+    """Settings of the demo: the real defaults (base model, recipe, gate) except storage under
     ./var/demo, the embedded vLLM, and no auth, bound to 127.0.0.1."""
     data_dir = root / "demo"
     return Settings(
         database_url=f"sqlite:///{data_dir / 'loraloop.db'}",
         data_dir=data_dir,
-        base_model=root / "models" / "tiny-qwen2",
         vllm_urls=["embedded"],
         vllm_port=0,
         host="127.0.0.1",
@@ -70,7 +72,7 @@ class DemoClient:
         self.http = httpx.Client(base_url=base_url, timeout=300.0)
         self.namespace = namespace
 
-    def ask(self, question: str) -> tuple[str, str, int | None]:
+    def ask(self, question: str, max_tokens: int = 40) -> tuple[str, str, int | None]:
         """(answer, served version name, conversation id) of a greedy chat completion."""
         response = self.http.post(
             "/v1/chat/completions",
@@ -78,7 +80,7 @@ class DemoClient:
                 "model": self.namespace,
                 "messages": [{"role": "user", "content": question}],
                 "temperature": 0.0,
-                "max_tokens": 32,
+                "max_tokens": max_tokens,
             },
         )
         if response.status_code != 200:
@@ -207,12 +209,19 @@ def run_demo(console: Console, *, keep_serving: bool = True) -> dict[str, float]
             time.sleep(0.2)
         timings["feedback_to_serving_s"] = time.monotonic() - posted
         console.print(f"\n[bold]Q:[/] {DEMO_QUESTION}\n[bold]A[/] ({version}): {answer!r}")
-        learnt = answer.strip() == DEMO_CONTINUATION
+        learnt = answer.strip().startswith(DEMO_CONTINUATION.rstrip("."))
         console.print(
-            ("[green]learnt[/]" if learnt else "[yellow]not exactly the continuation[/]")
+            ("[green]learnt[/]" if learnt else "[yellow]not the taught answer[/]")
             + f": feedback to serving in {timings['feedback_to_serving_s']:.1f} s "
-            + "(" + ", ".join(f"{k.removesuffix('_seconds')} {v:.1f} s" for k, v in (result.get("timings") or {}).items()) + ")"
-        )  # fmt: skip
+            + "(" + ", ".join(f"{k.removesuffix('_seconds')} {v:.1f} s"
+                              for k, v in (result.get("timings") or {}).items()) + ")"
+        )
+        for question in (DEMO_REPHRASED, DEMO_GENERAL):
+            answer, version, _ = client.ask(question)
+            console.print(f"[bold]Q:[/] {question}\n[bold]A[/] ({version}): {answer!r}")
+        console.print(
+            f"behaviour report: loraloop adapters show {settings.default_namespace} --version {result['version']}"
+        )
         if keep_serving:
             console.print(
                 f"\nloraloop keeps serving on {server.url} (Ctrl-C to stop). Try:\n"

@@ -88,6 +88,11 @@ def train_config(settings: Settings) -> TrainConfig:
         seed=settings.train_seed,
         time_budget_s=settings.train_time_budget_s,
         device=settings.device,
+        stop_when_learnt=settings.stop_when_learnt,
+        learnt_extra_steps=settings.learnt_extra_steps,
+        anchor_weight=settings.anchor_weight,
+        anchor_topk=settings.anchor_topk,
+        anchors_per_step=settings.anchors_per_step,
     )
 
 

@@ -269,6 +269,13 @@ class AdapterVersionPublic(BaseModel):
     created_at: datetime
 
 
+class AdapterVersionDetail(AdapterVersionPublic):
+    """One version with its behaviour report (parent's and candidate's answers side by side), read
+    from the version folder's `loraloop.json`; None for versions published without one."""
+
+    behaviour_report: dict[str, Any] | None = None
+
+
 class AdapterPublic(BaseModel):
     name: str
     current: int | None

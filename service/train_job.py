@@ -9,8 +9,11 @@ code; knows nothing about HTTP or how vLLM is driven (the registry does that).
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import math
+import os
 import shutil
 import tempfile
 import time
@@ -30,8 +33,13 @@ from service.config import Settings
 from service.feedback_intake import TRAIN_JOB_KIND, render_config, train_dedupe_key
 from service.registry import AdapterRegistry, CurrentAdapter, PromotionFailed, StaleParent, train_config
 from service.worker import JobCancelled, JobContext, JobFailed, JobOutcome
-from training.evaluate import GateConfig, builtin_probe_examples, evaluate_gate, score_candidate
-from training.render import Example, RenderConfig, RenderError, render_example
+from training.adapter_store import AdapterStoreError
+from training.behaviour import TaughtItem, behaviour_report
+from training.evaluate import AdapterView, GateConfig, builtin_probe_examples, evaluate_gate, score_views
+from training.generate import greedy_answers, user_prompt
+from training.model_loading import ResidentBaseModel
+from training.probes import anchor_examples, anchor_prompts, general_probes, prompt_anchor_pairs
+from training.render import Example, RenderConfig, RenderError, render_example, resolve_target_index
 from training.trainer import LoraTrainer, TrainingBudgetExceeded, TrainingCancelled, TrainingDiverged
 
 __all__ = [
@@ -69,6 +77,22 @@ def worker_tokenizer(path: Path) -> Any:
 def feedback_item_dict(item: FeedbackItem) -> dict[str, Any]:
     """A stored feedback row in the `POST /feedback` shape training.render takes."""
     return {"messages": item.messages, "target_index": item.target_index, "continuation": item.continuation}
+
+
+def taught_item(item_id: int, item: Mapping[str, Any]) -> TaughtItem | None:
+    """The question a chat feedback item teaches (its prompt) and the taught text, for the
+    behaviour report; None for template-free items (raw context, segments)."""
+    messages = item.get("messages")
+    if not isinstance(messages, list) or not messages:
+        return None
+    try:
+        index = resolve_target_index(messages, item.get("target_index"))
+    except (RenderError, ValueError, TypeError):
+        return None
+    prompt = list(messages[:index])
+    if not prompt or prompt[-1].get("role") != "user":
+        return None
+    return TaughtItem(id=item_id, messages=prompt, continuation=str(item.get("continuation", "")))
 
 
 @dataclass(frozen=True)
@@ -162,7 +186,11 @@ class TrainJobHandler:
         self.session_factory = session_factory
         self.registry = registry
         self.render_config = render_config(settings)
-        self.gate = GateConfig(min_nll_drop=settings.gate_min_nll_drop, max_drift_kl=settings.gate_max_drift_kl)
+        self.gate = GateConfig(min_nll_drop=settings.gate_min_nll_drop, max_drift_kl=settings.gate_max_drift_kl,
+                               max_general_lost=settings.gate_max_general_lost)
+        # the base model stays loaded between jobs; each job puts its adapters on and takes them off
+        self.resident = ResidentBaseModel(settings.base_model, device=settings.device)
+        self._anchor_answers: list[str] | None = None
 
     def __call__(self, context: JobContext) -> JobOutcome:
         namespace = context.payload.get("namespace") or context.namespace
@@ -210,7 +238,12 @@ class TrainJobHandler:
         with tempfile.TemporaryDirectory(prefix=f"train-{namespace}-job{context.job_id}-", dir=scratch_dir(self.settings)) as scratch:
             candidate_dir = Path(scratch) / "adapter"
             try:
-                metrics = self._train_and_score(context, parent, new.examples, replay.examples, probes, candidate_dir, timings)
+                taught = [item for item in (taught_item(i, dict(body)) for i, body in new_items
+                                            if i in set(new.example_ids)) if item is not None]
+                metrics, report = self._train_and_score(
+                    context, namespace, parent, new.examples, replay.examples, probes, candidate_dir, timings,
+                    taught[: self.settings.report_max_items], tokenizer,
+                )
             except (TrainingDiverged, TrainingBudgetExceeded) as error:
                 self._finish_run(run_id, "failed", error=f"{type(error).__name__}: {error}", metrics=counts)
                 raise JobFailed(f"{type(error).__name__}: {error}", retryable=False) from error
@@ -230,7 +263,7 @@ class TrainJobHandler:
                 metrics=metrics, feedback_from_id=from_id, feedback_to_id=to_id,
                 status="candidate" if decision.passed else "rejected",
                 reason=None if decision.passed else decision.reason,
-                extra_metadata={"kind": "train", "job_id": context.job_id},
+                extra_metadata={"kind": "train", "job_id": context.job_id, "behaviour_report": report},
             )  # fmt: skip
             timings["publish_seconds"] = time.perf_counter() - clock
 
@@ -261,42 +294,104 @@ class TrainJobHandler:
     def _train_and_score(
         self,
         context: JobContext,
+        namespace: str,
         parent: CurrentAdapter,
         new_examples: list[Example],
         replay_examples: list[Example],
         probes: list[Example],
         candidate_dir: Path,
         timings: dict[str, float],
-    ) -> dict[str, float]:
+        taught: list[TaughtItem],
+        tokenizer: Any,
+    ) -> tuple[dict[str, float], dict[str, Any]]:
+        """Train on the resident base, then score and report with the same weights in memory: the
+        candidate is the trained `default` adapter, the parent is loaded beside it."""
+
         def on_progress(progress: dict[str, Any]) -> None:
             context.report_progress({"phase": "train", **progress})
 
-        clock = time.perf_counter()
-        trained = LoraTrainer(train_config(self.settings)).train(
-            base_model=self.settings.base_model,
-            examples=[*new_examples, *replay_examples],
-            parent_adapter=parent.path,
-            out_dir=candidate_dir,
-            on_progress=on_progress,
-            should_stop=context.should_stop,
-        )
-        timings["train_seconds"] = time.perf_counter() - clock
-        if context.should_stop():
-            raise JobCancelled("stopped after training, before evaluation")
-        context.report_progress({"phase": "evaluate"})
-        clock = time.perf_counter()
-        scores = score_candidate(
-            base_model=self.settings.base_model,
-            candidate_adapter=candidate_dir,
-            parent_adapter=parent.path,
-            examples=new_examples,
-            probes=probes,
-            device=self.settings.device,
-        )
-        timings["eval_seconds"] = time.perf_counter() - clock
+        with self.resident.lend() as holder:
+            clock = time.perf_counter()
+            anchors = anchor_examples(tokenizer, prompt_anchor_pairs(self._base_anchor_answers(holder.model,
+                                                                                            tokenizer)),
+                                      self.render_config)
+            timings["anchor_seconds"] = time.perf_counter() - clock
+            clock = time.perf_counter()
+            trained = LoraTrainer(train_config(self.settings)).train(
+                base_model=self.settings.base_model,
+                examples=[*new_examples, *replay_examples],
+                parent_adapter=parent.path,
+                out_dir=candidate_dir,
+                on_progress=on_progress,
+                should_stop=context.should_stop,
+                anchors=anchors,
+                must_learn=len(new_examples),
+                base=holder.model,
+            )
+            model = holder.model = trained.model
+            timings["train_seconds"] = time.perf_counter() - clock
+            if context.should_stop():
+                raise JobCancelled("stopped after training, before evaluation")
+            context.report_progress({"phase": "evaluate"})
+            clock = time.perf_counter()
+            parent_name = None
+            if parent.path is not None:
+                model.load_adapter(str(parent.path), adapter_name="parent")
+                parent_name = "parent"
+            scores = score_views(AdapterView(model, parent_name), AdapterView(model, "default"), new_examples, probes)
+            timings["eval_seconds"] = time.perf_counter() - clock
+            context.report_progress({"phase": "report"})
+            clock = time.perf_counter()
+            report = behaviour_report(
+                model, tokenizer, parent_adapter=parent_name, candidate_adapter="default", taught=taught,
+                probes=general_probes(), parent_probe_answers=self._parent_probe_answers(namespace, parent),
+            )
+            timings["report_seconds"] = time.perf_counter() - clock
         metrics = {key: float(value) for key, value in trained.metrics.items()}
         metrics.update({key: float(value) for key, value in scores.items()})
-        return metrics
+        summary = report["summary"]
+        for key in ("taught_right", "taught_total", "general_right", "general_lost", "general_parent_right",
+                    "general_total"):
+            metrics[key] = float(summary[key])
+        return metrics, report
+
+    def _base_anchor_answers(self, base: Any, tokenizer: Any) -> list[str]:
+        """The base model's greedy answers to the built-in anchor prompts: generated once per base
+        model and cached in `<data_dir>/cache/` (and in memory) across jobs and restarts."""
+        if self._anchor_answers is not None:
+            return self._anchor_answers
+        prompts = list(anchor_prompts())
+        config_file = Path(self.settings.base_model) / "config.json"
+        stamp = f"{Path(self.settings.base_model).resolve()}|{config_file.stat().st_mtime_ns}|{json.dumps(prompts)}"
+        key = hashlib.sha256(stamp.encode()).hexdigest()[:16]
+        cache = self.settings.data_dir / "cache" / f"anchor-answers-{key}.json"
+        try:
+            answers = json.loads(cache.read_text())
+            if isinstance(answers, list) and len(answers) == len(prompts):
+                self._anchor_answers = [str(answer) for answer in answers]
+                return self._anchor_answers
+        except (OSError, ValueError):
+            pass
+        answers = greedy_answers(base, tokenizer, [user_prompt(prompt) for prompt in prompts], max_new_tokens=48)
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        staging = cache.with_suffix(".tmp")
+        staging.write_text(json.dumps(answers))
+        os.replace(staging, cache)
+        self._anchor_answers = answers
+        return answers
+
+    def _parent_probe_answers(self, namespace: str, parent: CurrentAdapter) -> list[str] | None:
+        """The parent's answers to the general probes, from its own behaviour report (it was the
+        candidate there), when that report asked the same questions."""
+        try:
+            report = self.registry.store.read_metadata(namespace, parent.version).get("behaviour_report") or {}
+        except AdapterStoreError:  # missing or unreadable: the parent answers them here instead
+            return None
+        rows = report.get("general") or []
+        questions = [probe.question for probe in general_probes()]
+        if [row.get("question") for row in rows] != questions:
+            return None
+        return [str(row.get("candidate", "")) for row in rows]
 
     def _finish_run(self, run_id: int, status: str, *, version: int | None = None, error: str | None = None,
                     metrics: Mapping[str, Any] | None = None) -> None:  # fmt: skip

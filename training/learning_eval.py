@@ -1,0 +1,163 @@
+"""Measuring what an online update teaches and what it breaks, on a real model, by greedy answers.
+
+Owns the fact-set format (a taught question and answer, rephrasings never trained on, the key
+content a right answer carries; general questions with keys), `LearningHarness`, which trains one
+update with a given `TrainConfig` on a resident base (optionally warm-started from an earlier
+update, with replayed items) and scores exact / rephrased / general accuracy plus drift, and the
+base model's anchor answers. Used by bench/learning.py and the slow learning tests; knows nothing
+of the database or the service.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from training.behaviour import first_sentence
+from training.evaluate import AdapterView, builtin_probe_examples, drift_kl
+from training.generate import answer_has_keys, greedy_answers, user_prompt
+from training.model_loading import ResidentBaseModel
+from training.probes import anchor_examples, anchor_prompts, prompt_anchor_pairs
+from training.render import Example, RenderConfig, render_example
+from training.trainer import LoraTrainer, TrainConfig
+
+__all__ = ["Fact", "GeneralQuestion", "LearningHarness", "UpdateScore", "load_fact_set"]
+
+
+@dataclass(frozen=True)
+class Fact:
+    question: str
+    answer: str
+    rephrasings: tuple[str, ...]
+    keys: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class GeneralQuestion:
+    question: str
+    keys: tuple[str, ...]
+
+
+def load_fact_set(path: Path) -> tuple[list[Fact], list[GeneralQuestion]]:
+    data = json.loads(Path(path).read_text(encoding="utf-8"))
+    facts = [Fact(f["question"], f["answer"], tuple(f["rephrasings"]), tuple(f["keys"])) for f in data["facts"]]
+    general = [GeneralQuestion(g["question"], tuple(g["keys"])) for g in data["general"]]
+    return facts, general
+
+
+@dataclass
+class UpdateScore:
+    exact: int
+    rephrased: int
+    general: int
+    exact_total: int
+    rephrased_total: int
+    general_total: int
+    drift_kl: float
+    train_seconds: float
+    steps: int
+    answers: dict[str, str] = field(default_factory=dict)
+
+    def row(self) -> dict[str, Any]:
+        return {
+            "exact": f"{self.exact}/{self.exact_total}", "rephrased": f"{self.rephrased}/{self.rephrased_total}",
+            "general": f"{self.general}/{self.general_total}", "drift_kl": round(self.drift_kl, 4),
+            "train_s": round(self.train_seconds, 1), "steps": self.steps,
+        }
+
+
+class LearningHarness:
+    """One resident base model, its tokenizer and the base's anchor answers, for many updates."""
+
+    def __init__(self, model_dir: Path, *, device: str = "cpu", cache_dir: Path | None = None) -> None:
+        from transformers import AutoTokenizer
+
+        self.model_dir = Path(model_dir)
+        self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+        self.resident = ResidentBaseModel(self.model_dir, device=device)
+        self.render_config = RenderConfig()
+        self.cache_dir = cache_dir
+        self._anchor_answers: list[str] | None = None
+        self._general_base: dict[str, str] = {}
+
+    # --- data ------------------------------------------------------------------------------------
+    def example(self, question: str, answer: str) -> Example:
+        example = render_example(self.tokenizer, {"messages": user_prompt(question), "continuation": answer},
+                                 self.render_config)
+        if example is None:
+            raise ValueError(f"empty target for {question!r}")
+        return example
+
+    def anchors(self) -> list[Example]:
+        if self._anchor_answers is None:
+            cached = self.cache_dir / "anchor-answers.json" if self.cache_dir else None
+            if cached is not None and cached.is_file():
+                self._anchor_answers = json.loads(cached.read_text())
+            else:
+                with self.resident.lend() as holder:
+                    self._anchor_answers = greedy_answers(holder.model, self.tokenizer,
+                                                          [user_prompt(p) for p in anchor_prompts()],
+                                                          max_new_tokens=48)
+                if cached is not None:
+                    cached.parent.mkdir(parents=True, exist_ok=True)
+                    cached.write_text(json.dumps(self._anchor_answers))
+        return anchor_examples(self.tokenizer, prompt_anchor_pairs(self._anchor_answers), self.render_config)
+
+    def base_right(self, general: Sequence[GeneralQuestion]) -> list[GeneralQuestion]:
+        """The general questions the base model answers right in its first sentence."""
+        missing = [g.question for g in general if g.question not in self._general_base]
+        if missing:
+            with self.resident.lend() as holder:
+                answers = greedy_answers(holder.model, self.tokenizer, [user_prompt(q) for q in missing],
+                                         max_new_tokens=32)
+            self._general_base.update(zip(missing, answers, strict=True))
+        return [g for g in general if answer_has_keys(first_sentence(self._general_base[g.question]), g.keys)]
+
+    # --- one update -----------------------------------------------------------------------------
+    def update(
+        self,
+        config: TrainConfig,
+        new: Sequence[Fact],
+        *,
+        out_dir: Path,
+        parent_adapter: Path | None = None,
+        replay: Sequence[Fact] = (),
+        judge: Sequence[Fact] | None = None,
+        general: Sequence[GeneralQuestion] = (),
+        use_anchors: bool = True,
+    ) -> UpdateScore:
+        """Train `new` (+ `replay`) from `parent_adapter` into `out_dir`, then score on `judge`
+        (default: `new`) and `general`; drift is KL(base || update) on the built-in probes."""
+        examples = [self.example(f.question, f.answer) for f in [*new, *replay]]
+        anchors = self.anchors() if use_anchors and config.anchor_weight > 0 else []
+        judge = list(new if judge is None else judge)
+        with self.resident.lend() as holder:
+            started = time.perf_counter()
+            with tempfile.TemporaryDirectory() as scratch:
+                result = LoraTrainer(config).train(
+                    base_model=self.model_dir, examples=examples, parent_adapter=parent_adapter,
+                    out_dir=Path(scratch) / "adapter", anchors=anchors, must_learn=len(new), base=holder.model,
+                )
+                model = holder.model = result.model
+                train_seconds = time.perf_counter() - started
+                out_dir.parent.mkdir(parents=True, exist_ok=True)
+                model.save_pretrained(str(out_dir), safe_serialization=True)
+            prompts = [f.question for f in judge] + [r for f in judge for r in f.rephrasings]
+            prompts += [g.question for g in general]
+            answers = greedy_answers(model, self.tokenizer, [user_prompt(q) for q in prompts], max_new_tokens=40)
+            probes = builtin_probe_examples(self.tokenizer, self.render_config)
+            drift = drift_kl(AdapterView(model, None), AdapterView(model, "default"), probes)
+        by_question = dict(zip(prompts, answers, strict=True))
+        exact = sum(answer_has_keys(by_question[f.question], f.keys) for f in judge)
+        rephrased = sum(answer_has_keys(by_question[r], f.keys) for f in judge for r in f.rephrasings)
+        general_right = sum(answer_has_keys(first_sentence(by_question[g.question]), g.keys) for g in general)
+        return UpdateScore(
+            exact=exact, rephrased=rephrased, general=general_right, exact_total=len(judge),
+            rephrased_total=sum(len(f.rephrasings) for f in judge), general_total=len(general),
+            drift_kl=drift, train_seconds=train_seconds, steps=int(result.metrics["steps"]), answers=by_question,
+        )
