@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Select, delete, exists, func, or_, select, update
+from sqlalchemy import Select, delete, exists, func, or_, select, union_all, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, selectinload
 
@@ -42,6 +42,7 @@ from memory_store.models import (
 DEFAULT_PAGE_SIZE = 100
 # replay_sample reads every candidate id only when their id span is at most this wide
 REPLAY_EXACT_SPAN = 4096
+REPLAY_SEEKS_PER_STATEMENT = 200  # SQLite allows 500 terms in one compound SELECT
 
 
 def _check_choice(field: str, value: str, allowed: Sequence[str]) -> None:
@@ -277,8 +278,8 @@ class FeedbackRepository:
 
         Bounded whatever the history: when the candidates' ids span at most `REPLAY_EXACT_SPAN`
         (or 8n), they are read and sampled exactly; beyond, each draw is one index seek (the first
-        candidate at or after a random id in the span), so an item after a gap in the ids is a
-        little more likely to be drawn. Never more than a few rows per draw are read."""
+        candidate at or after a random id in the span, n seeks per statement, at most 4 rounds), so
+        an item after a gap in the ids is a little more likely to be drawn. One row per draw is read."""
         if n <= 0:
             return []
         candidates = select(FeedbackItem.id).where(
@@ -296,16 +297,20 @@ class FeedbackRepository:
             chosen = sorted(rng.sample(ids, min(n, len(ids))))
         else:
             found: set[int] = set()
-            for _ in range(4 * n):
-                if len(found) >= n:
+            for _ in range(4):  # rounds of draws, one statement each (a UNION ALL of index seeks)
+                wanted = min(n - len(found), REPLAY_SEEKS_PER_STATEMENT)
+                if wanted <= 0:
                     break
-                point = rng.randint(low, high)
-                hit = self.session.scalar(
-                    candidates.where(FeedbackItem.id >= point).order_by(FeedbackItem.id).limit(1)
-                )
-                if hit is not None:
-                    found.add(int(hit))
-            chosen = sorted(found)
+                seeks = [
+                    candidates.where(FeedbackItem.id >= rng.randint(low, high))
+                    .order_by(FeedbackItem.id)
+                    .limit(1)
+                    .subquery()
+                    for _ in range(wanted)
+                ]
+                stmt = union_all(*(select(seek.c.id) for seek in seeks))
+                found.update(int(hit) for hit in self.session.scalars(stmt))
+            chosen = sorted(found)[:n]
         if not chosen:
             return []
         return self.session.scalars(
