@@ -12,6 +12,7 @@ from typing import Any
 
 from sqlalchemy import (
     JSON,
+    Boolean,
     CheckConstraint,
     DateTime,
     ForeignKey,
@@ -21,6 +22,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    false,
     text,
 )
 from sqlalchemy.dialects import postgresql
@@ -108,7 +110,10 @@ class Conversation(Base):
     source: Mapped[str | None] = mapped_column(String(256))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
-    __table_args__ = (Index(None, "namespace", "id"),)
+    __table_args__ = (
+        Index(None, "namespace", "id"),
+        Index(None, "namespace", "created_at"),  # retention by age
+    )
 
 
 class FeedbackItem(Base):
@@ -246,7 +251,12 @@ class Adapter(Base):
 
 
 class AdapterVersion(Base):
-    """One immutable adapter version on disk (`<data_dir>/adapters/<name>/v<version>/`)."""
+    """One immutable adapter version on disk (`<data_dir>/adapters/<name>/v<version>/`).
+
+    Retention may delete the folder of an old retired version: the row stays as a tombstone
+    (metrics and lineage kept) with `path` cleared and `files_deleted_at` set. `pinned` versions
+    and those retention must keep are never deleted.
+    """
 
     __tablename__ = "adapter_versions"
 
@@ -263,12 +273,16 @@ class AdapterVersion(Base):
     feedback_from_id: Mapped[int | None] = mapped_column(Integer)
     feedback_to_id: Mapped[int | None] = mapped_column(Integer)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    retired_at: Mapped[datetime | None] = mapped_column()  # when it stopped being current
+    pinned: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    files_deleted_at: Mapped[datetime | None] = mapped_column()
 
     adapter: Mapped[Adapter] = relationship(back_populates="versions")
 
     __table_args__ = (
         UniqueConstraint("adapter_name", "version"),
         CheckConstraint(_in("status", ADAPTER_VERSION_STATUSES), name="status"),
+        Index(None, "adapter_name", "status", "version"),
     )
 
 

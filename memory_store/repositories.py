@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Select, func, select, update
+from sqlalchemy import Select, delete, exists, func, or_, select, union_all, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, selectinload
 
@@ -40,11 +40,20 @@ from memory_store.models import (
 )
 
 DEFAULT_PAGE_SIZE = 100
+# replay_sample reads every candidate id only when their id span is at most this wide
+REPLAY_EXACT_SPAN = 4096
+REPLAY_SEEKS_PER_STATEMENT = 200  # SQLite allows 500 terms in one compound SELECT
 
 
 def _check_choice(field: str, value: str, allowed: Sequence[str]) -> None:
     if value not in allowed:
         raise ValueError(f"{field} must be one of {', '.join(allowed)}; got {value!r}")
+
+
+def _positive(limit: int) -> int:
+    if limit < 1:
+        raise ValueError(f"limit must be >= 1, got {limit}")
+    return limit
 
 
 def _page(stmt: Select[Any], id_column: Any, *, after_id: int | None, limit: int | None) -> Select[Any]:
@@ -265,24 +274,57 @@ class FeedbackRepository:
         return self.session.scalars(_page(stmt, FeedbackItem.id, after_id=after_id, limit=limit)).all()
 
     def replay_sample(self, *, namespace: str, before_id: int, n: int, seed: int) -> Sequence[FeedbackItem]:
-        """Up to `n` already-trained items with id < `before_id`, drawn deterministically from `seed`."""
+        """Up to `n` already-trained items with id < `before_id`, drawn deterministically from `seed`.
+
+        Bounded whatever the history: when the candidates' ids span at most `REPLAY_EXACT_SPAN`
+        (or 8n), they are read and sampled exactly; beyond, each draw is one index seek (the first
+        candidate at or after a random id in the span, n seeks per statement, at most 4 rounds), so
+        an item after a gap in the ids is a little more likely to be drawn. One row per draw is read."""
         if n <= 0:
             return []
-        ids = self.session.scalars(
-            select(FeedbackItem.id)
-            .where(
-                FeedbackItem.namespace == namespace,
-                FeedbackItem.status == "trained",
-                FeedbackItem.id < before_id,
-            )
-            .order_by(FeedbackItem.id)
-        ).all()
-        chosen = sorted(random.Random(seed).sample(list(ids), min(n, len(ids))))
+        candidates = select(FeedbackItem.id).where(
+            FeedbackItem.namespace == namespace,
+            FeedbackItem.status == "trained",
+            FeedbackItem.id < before_id,
+        )
+        low = self.session.scalar(candidates.order_by(FeedbackItem.id).limit(1))
+        if low is None:
+            return []
+        high = int(self.session.scalar(candidates.order_by(FeedbackItem.id.desc()).limit(1)) or low)
+        rng = random.Random(seed)
+        if high - low + 1 <= max(REPLAY_EXACT_SPAN, 8 * n):
+            ids = list(self.session.scalars(candidates.order_by(FeedbackItem.id)).all())
+            chosen = sorted(rng.sample(ids, min(n, len(ids))))
+        else:
+            found: set[int] = set()
+            for _ in range(4):  # rounds of draws, one statement each (a UNION ALL of index seeks)
+                wanted = min(n - len(found), REPLAY_SEEKS_PER_STATEMENT)
+                if wanted <= 0:
+                    break
+                seeks = [
+                    candidates.where(FeedbackItem.id >= rng.randint(low, high))
+                    .order_by(FeedbackItem.id)
+                    .limit(1)
+                    .subquery()
+                    for _ in range(wanted)
+                ]
+                stmt = union_all(*(select(seek.c.id) for seek in seeks))
+                found.update(int(hit) for hit in self.session.scalars(stmt))
+            chosen = sorted(found)[:n]
         if not chosen:
             return []
         return self.session.scalars(
             select(FeedbackItem).where(FeedbackItem.id.in_(chosen)).order_by(FeedbackItem.id)
         ).all()
+
+    def recent(self, *, namespace: str, status: str | None = None, limit: int) -> Sequence[FeedbackItem]:
+        """The `limit` newest items of `namespace` (optionally in `status`), oldest first."""
+        stmt = select(FeedbackItem).where(FeedbackItem.namespace == namespace)
+        if status is not None:
+            _check_choice("status", status, FEEDBACK_STATUSES)
+            stmt = stmt.where(FeedbackItem.status == status)
+        rows = self.session.scalars(stmt.order_by(FeedbackItem.id.desc()).limit(_positive(limit))).all()
+        return rows[::-1]
 
     def mark_trained(self, *, ids: Iterable[int], version: int) -> int:
         """Mark items as trained into adapter `version`; returns how many rows changed."""
@@ -374,6 +416,80 @@ class ConversationRepository:
             stmt = stmt.where(Conversation.created_at >= since)
         return self.session.scalars(_page(stmt, Conversation.id, after_id=after_id, limit=limit)).all()
 
+    def recent(self, *, namespace: str, limit: int) -> Sequence[Conversation]:
+        """The `limit` most recent conversations of `namespace`, oldest first (one index range)."""
+        rows = self.session.scalars(
+            select(Conversation)
+            .where(Conversation.namespace == namespace)
+            .order_by(Conversation.id.desc())
+            .limit(_positive(limit))
+        ).all()
+        return rows[::-1]
+
+    def namespaces(self) -> list[str]:
+        """Every namespace with at least one logged conversation."""
+        stmt = select(Conversation.namespace).distinct().order_by(Conversation.namespace)
+        return list(self.session.scalars(stmt))
+
+    def _prunable(
+        self, namespace: str, before: datetime | None, keep_newest: int | None
+    ) -> Select[Any] | None:
+        conditions: list[Any] = []
+        if before is not None:
+            conditions.append(Conversation.created_at < before)
+        if keep_newest is not None:
+            # the id of the newest conversation beyond the `keep_newest` most recent ones
+            threshold = self.session.scalar(
+                select(Conversation.id)
+                .where(Conversation.namespace == namespace)
+                .order_by(Conversation.id.desc())
+                .offset(keep_newest)
+                .limit(1)
+            )
+            if threshold is not None:
+                conditions.append(Conversation.id <= threshold)
+        if not conditions:
+            return None
+        return select(Conversation.id).where(
+            Conversation.namespace == namespace, or_(*conditions), ~_referenced_by_feedback()
+        )
+
+    def prunable_ids(
+        self, *, namespace: str, before: datetime | None = None, keep_newest: int | None = None, limit: int
+    ) -> list[int]:
+        """Ids (oldest first, at most `limit`) of `namespace`'s conversations created before `before`
+        or beyond its `keep_newest` most recent ones, that no feedback item points at."""
+        stmt = self._prunable(namespace, before, keep_newest)
+        if stmt is None:
+            return []
+        return [int(i) for i in self.session.scalars(stmt.order_by(Conversation.id).limit(_positive(limit)))]
+
+    def count_prunable(
+        self, *, namespace: str, before: datetime | None = None, keep_newest: int | None = None
+    ) -> int:
+        """How many conversations `prunable_ids` would return without a limit."""
+        stmt = self._prunable(namespace, before, keep_newest)
+        if stmt is None:
+            return 0
+        return int(self.session.scalar(select(func.count()).select_from(stmt.subquery())) or 0)
+
+    def delete_unreferenced(self, *, ids: Iterable[int]) -> int:
+        """Delete these conversations, except any a feedback item points at (checked in the same
+        statement, so a reference added meanwhile keeps its conversation). Returns how many went."""
+        id_list = sorted(set(ids))
+        if not id_list:
+            return 0
+        result = self.session.execute(
+            delete(Conversation)
+            .where(Conversation.id.in_(id_list), ~_referenced_by_feedback())
+            .execution_options(synchronize_session=False)
+        )
+        return int(result.rowcount)  # type: ignore[attr-defined]
+
+
+def _referenced_by_feedback() -> Any:
+    return exists().where(FeedbackItem.conversation_id == Conversation.id)
+
 
 # --- memories ----------------------------------------------------------------------------------------
 
@@ -456,6 +572,16 @@ class MemoryRepository:
 
 # statuses from which a version may become current (it must also have files: `path` set)
 SERVABLE_STATUSES = ("candidate", "current", "retired")
+# statuses whose files retention may delete (never a candidate: it may be promoting right now)
+DELETABLE_STATUSES = ("retired", "rejected", "failed")
+
+
+def files_deleted_message(row: AdapterVersion) -> str:
+    assert row.files_deleted_at is not None
+    return (
+        f"version {row.version} of {row.adapter_name!r} is a tombstone: its weights were deleted by "
+        f"retention at {row.files_deleted_at.isoformat(timespec='seconds')} (pin versions to keep them)"
+    )
 
 
 class AdapterRepository:
@@ -594,6 +720,8 @@ class AdapterRepository:
             raise Conflict(
                 f"version {version} of {name!r} is current; roll back or set another current first"
             )
+        if status == "retired" and row.status != "retired":
+            row.retired_at = utcnow()
         row.status = status
         if reason is not None:
             row.reason = reason
@@ -610,6 +738,8 @@ class AdapterRepository:
         row = self.get_version(name=name, version=version)
         if adapter.current_version == version:
             return row
+        if row.files_deleted_at is not None:
+            raise Conflict(files_deleted_message(row))
         if row.status not in SERVABLE_STATUSES or row.path is None:
             raise Conflict(
                 f"version {version} of {name!r} cannot become current "
@@ -623,6 +753,7 @@ class AdapterRepository:
             ).first()
             if previous is not None:
                 previous.status = "retired"
+                previous.retired_at = utcnow()
         row.status = "current"
         adapter.current_version = version
         self.session.flush()
@@ -646,17 +777,87 @@ class AdapterRepository:
             raise NotFound("adapter version", f"{name}/v{version}")
         return row
 
-    def list_versions(self, *, name: str) -> Sequence[AdapterVersion]:
+    def has_version(self, *, name: str, version: int) -> bool:
+        return (
+            self.session.scalar(
+                select(AdapterVersion.id).where(
+                    AdapterVersion.adapter_name == name, AdapterVersion.version == version
+                )
+            )
+            is not None
+        )
+
+    def list_versions(
+        self,
+        *,
+        name: str,
+        after_version: int | None = None,
+        limit: int | None = None,
+        newest_first: bool = False,
+    ) -> Sequence[AdapterVersion]:
+        """Versions of `name` by version number (`newest_first`: descending); the next page starts
+        after `after_version` in that order. One range of the (adapter_name, version) index."""
         self.get_adapter(name=name)
-        return self.session.scalars(
-            select(AdapterVersion).where(AdapterVersion.adapter_name == name).order_by(AdapterVersion.version)
-        ).all()
+        stmt = select(AdapterVersion).where(AdapterVersion.adapter_name == name)
+        if after_version is not None:
+            column = AdapterVersion.version
+            stmt = stmt.where(column < after_version if newest_first else column > after_version)
+        stmt = stmt.order_by(AdapterVersion.version.desc() if newest_first else AdapterVersion.version)
+        if limit is not None:
+            stmt = stmt.limit(_positive(limit))
+        return self.session.scalars(stmt).all()
+
+    def count_versions(self, *, name: str) -> int:
+        return int(
+            self.session.scalar(
+                select(func.count()).select_from(AdapterVersion).where(AdapterVersion.adapter_name == name)
+            )
+            or 0
+        )
+
+    def list_adapters(
+        self, *, after_name: str | None = None, limit: int = DEFAULT_PAGE_SIZE
+    ) -> Sequence[Adapter]:
+        """Adapters by name (without their versions); next page: `after_name=<last name>`."""
+        stmt = select(Adapter)
+        if after_name is not None:
+            stmt = stmt.where(Adapter.name > after_name)
+        return self.session.scalars(stmt.order_by(Adapter.name).limit(_positive(limit))).all()
 
     def list_with_versions(self) -> Sequence[Adapter]:
         """Every adapter by name, with `.versions` loaded (ordered by version)."""
         return self.session.scalars(
             select(Adapter).options(selectinload(Adapter.versions)).order_by(Adapter.name)
         ).all()
+
+    def set_pinned(self, *, name: str, version: int, pinned: bool) -> AdapterVersion:
+        """Pin a version (retention never deletes its files) or unpin it. A version whose files are
+        already deleted cannot be pinned (`Conflict`)."""
+        self._lock_adapter(name)
+        row = self.get_version(name=name, version=version)
+        if pinned and row.files_deleted_at is not None:
+            raise Conflict(files_deleted_message(row))
+        row.pinned = pinned
+        self.session.flush()
+        return row
+
+    def mark_files_deleted(self, *, name: str, version: int) -> AdapterVersion:
+        """Turn a version into a tombstone before its folder is deleted: `path` cleared,
+        `files_deleted_at` set; row, metrics and lineage stay. Holds the adapter row lock, and
+        refuses (`Conflict`) the current version, a pinned one, and one not retired/rejected/failed."""
+        adapter = self._lock_adapter(name)
+        row = self.get_version(name=name, version=version)
+        if adapter.current_version == version or row.pinned or row.status not in DELETABLE_STATUSES:
+            raise Conflict(
+                f"version {version} of {name!r} must keep its files "
+                f"({'current' if adapter.current_version == version else row.status}"
+                f"{', pinned' if row.pinned else ''})"
+            )
+        if row.files_deleted_at is None:
+            row.files_deleted_at = utcnow()
+        row.path = None
+        self.session.flush()
+        return row
 
     def rollback(self, *, name: str, to: int | None = None, reason: str | None = None) -> AdapterVersion:
         """Make an earlier version current again; `to=None` picks the newest retired one before it.
@@ -673,7 +874,7 @@ class AdapterRepository:
             )
             if current is not None:
                 stmt = stmt.where(AdapterVersion.version < current)
-            target = self.session.scalars(stmt.order_by(AdapterVersion.version.desc())).first()
+            target = self.session.scalars(stmt.order_by(AdapterVersion.version.desc()).limit(1)).first()
             if target is None:
                 raise Conflict(f"adapter {name!r} has no earlier version to roll back to")
             to = target.version

@@ -143,6 +143,42 @@ def db_upgrade() -> None:
     typer.echo(f"database at revision {current_revision(settings.database_url)}")
 
 
+@db_app.command("prune")
+def db_prune(
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Only show what would be deleted.")] = False,
+    as_json: JsonFlag = False,
+) -> None:
+    """Apply the retention settings once (LORALOOP_RETENTION_*): delete old conversation logs that no
+    feedback points at, and the weights of old retired adapter versions (rows kept as tombstones).
+    Feedback items are never deleted."""
+    from service.retention import prune
+
+    settings = _settings()
+    report = prune(settings, _session_factory(settings), dry_run=dry_run).as_dict()
+    if as_json:
+        _print_json(report)
+        return
+    verb = "would delete" if dry_run else "deleted"
+    table = Table("namespace", f"conversations {verb}")
+    for namespace, count in sorted(report["conversations"].items()):
+        table.add_row(namespace, str(count))
+    console.print(table)
+    table = Table("adapter", "version", "status", f"weights {verb} (bytes)", "folder")
+    for version in report["versions"]:
+        table.add_row(
+            version["adapter"],
+            f"v{version['version']}",
+            version["status"],
+            str(version["bytes"]),
+            version["path"],
+        )
+    console.print(table)
+    typer.echo(
+        f"{verb}: {report['conversations_total']} conversations, {len(report['versions'])} adapter "
+        f"versions' weights ({report['version_bytes_total']} bytes); feedback items are never deleted"
+    )
+
+
 # --- feedback ------------------------------------------------------------------------------------
 
 
@@ -366,6 +402,21 @@ def adapters_rollback(
         if swapper is not None:
             swapper.close()
     typer.echo(f"{name}: current version is now v{current.version}")
+
+
+@adapters_app.command("pin")
+def adapters_pin(
+    name: Annotated[str, typer.Argument(help="Adapter (namespace) name.")],
+    version: Annotated[int, typer.Argument(help="Version to pin.")],
+    unpin: Annotated[bool, typer.Option("--unpin", help="Remove the pin instead.")] = False,
+) -> None:
+    """Pin a version so retention never deletes its files (or unpin it)."""
+    from memory_store.repositories import AdapterRepository
+
+    settings = _settings()
+    with _session_factory(settings).begin() as session:
+        AdapterRepository(session).set_pinned(name=name, version=version, pinned=not unpin)
+    typer.echo(f"{name} v{version} {'unpinned' if unpin else 'pinned'}")
 
 
 # --- inspect -------------------------------------------------------------------------------------

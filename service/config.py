@@ -115,6 +115,22 @@ class Settings(BaseSettings):
     distill_max_new_tokens: int = Field(64, ge=1)  # teacher responses generated for probe prompts
     distill_no_repeat_ngram_size: int = Field(0, ge=0)  # > 0 only for degenerate (random-init) models
     gate_min_gap_closure: float = Field(0.3, ge=0, le=1)
+    # the oldest active memories first; the rest are baked by the next run
+    distill_max_memories: int = Field(256, ge=1)
+
+    # --- retention (loraloop db prune, and the daemon every retention_interval_s) -------------------
+    retention_enabled: bool = True
+    retention_interval_s: float = Field(3600.0, gt=0)
+    # proxied conversation logs: older than N days, or beyond the newest N per namespace, are
+    # deleted unless a feedback item points at them (0 = no limit). Feedback is never deleted.
+    retention_conversation_max_age_days: float = Field(30.0, ge=0)
+    retention_conversation_max_per_namespace: int = Field(100_000, ge=0)
+    # adapter version folders: besides the current version, v0, pinned and serving versions, keep
+    # the current's N most recent ancestors and the N newest retired versions (rollback targets);
+    # other retired/rejected/failed versions lose their weights once retired for the grace period
+    # (their rows and metrics stay as tombstones)
+    retention_keep_versions: int = Field(5, ge=1)
+    retention_version_grace_days: float = Field(7.0, ge=0)
 
     # --- vLLM / hot-swap ---------------------------------------------------------------------------
     # comma-separated base URLs; empty = none; `embedded` = start one

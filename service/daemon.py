@@ -297,6 +297,10 @@ def background_services(settings: Settings) -> Callable[[AppResources], Sequence
 
             scheduler = DistillScheduler.from_settings(settings, **scheduler_callables(settings, factory))
             services.append(DistillSchedulerLoop(scheduler))
+        if settings.retention_enabled:
+            from service.retention import RetentionLoop
+
+            services.append(RetentionLoop(settings, factory))
         return services
 
     return build

@@ -176,7 +176,9 @@ class DistillJobHandler:
             raise JobFailed(f"no servable base version: {error}") from error
         tokenizer = worker_tokenizer(self.settings.tokenizer_path)
         with self.session_factory() as session:
-            memories = MemoryRepository(session).list(namespace=namespace, state="active", limit=None)
+            memories = MemoryRepository(session).list(
+                namespace=namespace, state="active", limit=self.settings.distill_max_memories
+            )
             memory_ids = [m.id for m in memories]
             notes = [MemoryNote(content=m.content, topic=m.title, priority=m.priority) for m in memories]
             conversations = recent_conversations(session, namespace, MAX_CONVERSATIONS)
@@ -254,8 +256,9 @@ class DistillJobHandler:
         """The most recent trained feedback, mixed into the loss so baking keeps recent corrections."""
         if self.config.feedback_mix <= 0:
             return []
-        items = FeedbackRepository(session).list(namespace=namespace, status="trained", limit=10_000)
-        return [(item.id, feedback_item_dict(item)) for item in list(items)[-MAX_MIX_FEEDBACK:]]
+        feedback = FeedbackRepository(session)
+        items = feedback.recent(namespace=namespace, status="trained", limit=MAX_MIX_FEEDBACK)
+        return [(item.id, feedback_item_dict(item)) for item in items]
 
     def _teacher_responses(self, namespace: str, parent: CurrentAdapter, plan: DistillPlan) -> tuple[DistillPlan, str]:
         """Fill the plan's missing responses through vLLM when a replica is up; otherwise leave them

@@ -26,7 +26,7 @@ from deploy.hotswap import HotSwapper, SwapFailed, served_name
 from deploy.vllm_client import VllmClient, VllmError, VllmUnavailable
 from memory_store.errors import Conflict, NotFound
 from memory_store.models import Adapter, AdapterVersion
-from memory_store.repositories import SERVABLE_STATUSES, AdapterRepository
+from memory_store.repositories import SERVABLE_STATUSES, AdapterRepository, files_deleted_message
 from service.config import Settings
 from training.adapter_store import AdapterIntegrityError, AdapterStore, AdapterStoreError
 from training.trainer import TrainConfig
@@ -189,7 +189,7 @@ class AdapterRegistry:
             with self.session_factory.begin() as session:
                 repository = AdapterRepository(session)
                 repository.ensure_adapter(name=namespace, base_model=str(self.settings.base_model))
-                has_v0 = any(row.version == 0 for row in repository.list_versions(name=namespace))
+                has_v0 = repository.has_version(name=namespace, version=0)
             if not has_v0:
                 self._publish_zero_adapter(namespace)
             with self.session_factory() as session:
@@ -209,7 +209,7 @@ class AdapterRegistry:
         with self.session_factory.begin() as session:
             repository = AdapterRepository(session)
             repository.next_version(name=namespace)  # holds the adapter row lock until commit
-            if any(row.version == 0 for row in repository.list_versions(name=namespace)):
+            if repository.has_version(name=namespace, version=0):
                 return  # another process published it meanwhile
             self._remove_orphan_folders(session, namespace)
             published = self.store.write_zero_adapter(namespace, base_model=base_model, lora_config=lora_config)
@@ -281,8 +281,15 @@ class AdapterRegistry:
         """Delete version folders that have no row: left by a publish whose transaction never
         committed (crash between rename and commit). The caller holds the adapter row lock, so no
         other publish of this namespace is in flight."""
-        recorded = set(session.scalars(select(AdapterVersion.version).where(AdapterVersion.adapter_name == namespace)))
-        orphans = [v for v in self.store.versions(namespace) if v not in recorded]
+        on_disk = self.store.versions(namespace)
+        recorded: set[int] = set()
+        for start in range(0, len(on_disk), 500):  # only the folders present: bounded by retention
+            chunk = on_disk[start : start + 500]
+            stmt = select(AdapterVersion.version).where(
+                AdapterVersion.adapter_name == namespace, AdapterVersion.version.in_(chunk)
+            )
+            recorded.update(session.scalars(stmt))
+        orphans = [v for v in on_disk if v not in recorded]
         for version in orphans:
             folder = self.store.path(namespace, version)
             trash = folder.with_name(f".orphan-v{version}-{id(self)}")
@@ -336,6 +343,8 @@ class AdapterRegistry:
             row = repository.get_version(name=namespace, version=version)
             path, sha256, status = row.path, row.sha256, row.status
             already_current = adapter.current_version == version
+            if row.files_deleted_at is not None:
+                raise Conflict(files_deleted_message(row))
         if path is None or sha256 is None or status not in SERVABLE_STATUSES:
             raise Conflict(
                 f"version {version} of {namespace!r} cannot become current (status {status!r}, "

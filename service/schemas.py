@@ -267,6 +267,9 @@ class AdapterVersionPublic(BaseModel):
     sha256: str | None
     reason: str | None
     created_at: datetime
+    pinned: bool = False
+    # set when retention deleted the weights: the version is a tombstone and cannot become current
+    files_deleted_at: datetime | None = None
 
 
 class AdapterVersionDetail(AdapterVersionPublic):
@@ -281,11 +284,25 @@ class AdapterPublic(BaseModel):
     current: int | None
     base_model: str | None
     created_at: datetime
-    versions: list[AdapterVersionPublic]
+    versions: list[AdapterVersionPublic]  # the newest `versions_limit`, ascending
+    versions_total: int
+    # pass as `cursor` to GET /adapters/{name}/versions?order=desc for the older ones (null: none)
+    older_versions_cursor: int | None = None
 
 
 class AdapterList(BaseModel):
     adapters: list[AdapterPublic]
+    next_cursor: str | None = None  # `cursor` of the next page of adapters (null at the end)
+
+
+class AdapterVersionPage(BaseModel):
+    versions: list[AdapterVersionPublic]
+    total: int
+    next_cursor: int | None = None  # `cursor` of the next page (null at the end)
+
+
+class PinRequest(_Strict):
+    pinned: bool = True
 
 
 class RollbackRequest(_Strict):

@@ -148,9 +148,12 @@ def conversation_probes(tokenizer: Any, conversations: Sequence[Sequence[Mapping
 
 
 def recent_conversations(session: Session, namespace: str, limit: int) -> list[list[dict[str, Any]]]:
-    """The messages of the namespace's `limit` most recent stored conversations, oldest first."""
-    rows = ConversationRepository(session).list(namespace=namespace, limit=None)
-    return [list(row.messages) for row in rows[-limit:]]
+    """The messages of the namespace's `limit` most recent stored conversations, oldest first
+    (ordered and limited in SQL: reads `limit` rows however many are stored)."""
+    if limit <= 0:
+        return []
+    rows = ConversationRepository(session).recent(namespace=namespace, limit=limit)
+    return [list(row.messages) for row in rows]
 
 
 def drift_probes(

@@ -1,25 +1,32 @@
-"""Adapter routes: the registry (versions, current pointer), downloads, and rollback (admin)."""
+"""Adapter routes: the registry (versions, current pointer), downloads, pins and rollback (admin).
+
+Version lists are bounded: each adapter shows its newest `versions_limit` versions and
+`/adapters/{name}/versions` pages through all of them; `GET /adapters` pages through adapters.
+"""
 
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Literal
 
-from fastapi import APIRouter, Path, Request
+from fastapi import APIRouter, Path, Query, Request
 from fastapi.responses import StreamingResponse
 
 from memory_store.models import Adapter, AdapterVersion
-from memory_store.repositories import AdapterRepository
+from memory_store.repositories import AdapterRepository, files_deleted_message
 from service.adapter_archive import TarStream, UnsafeAdapterPath, resolve_version_dir
 from service.deps import SessionDep, SettingsDep, require
 from service.errors import AdapterFilesUnavailable, InvalidField, ResourceNotFound
 from service.schemas import (
     MAX_ID,
+    MAX_PAGE,
     NAMESPACE_PATTERN,
     AdapterList,
     AdapterPublic,
     AdapterVersionDetail,
+    AdapterVersionPage,
     AdapterVersionPublic,
+    PinRequest,
     RollbackRequest,
 )
 
@@ -32,6 +39,10 @@ router = APIRouter(tags=["adapters"])
 AdapterName = Annotated[str, Path(min_length=1, max_length=64, pattern=NAMESPACE_PATTERN)]
 VersionNumber = Annotated[int, Path(ge=0, le=MAX_ID)]
 SHA256_HEADER = "X-Adapter-Sha256"
+DEFAULT_VERSIONS_LIMIT = 100
+VersionsLimit = Annotated[
+    int, Query(ge=1, le=MAX_PAGE, description="newest versions listed per adapter (older: /versions)")
+]
 
 
 def version_public(row: AdapterVersion) -> AdapterVersionPublic:
@@ -43,30 +54,90 @@ def version_public(row: AdapterVersion) -> AdapterVersionPublic:
         sha256=row.sha256,
         reason=row.reason,
         created_at=row.created_at,
+        pinned=bool(row.pinned),
+        files_deleted_at=row.files_deleted_at,
     )
 
 
-def adapter_public(adapter: Adapter, versions: list[AdapterVersion]) -> AdapterPublic:
+def adapter_public(
+    adapter: Adapter, versions: list[AdapterVersion], *, total: int | None = None
+) -> AdapterPublic:
+    """`versions` ascending; when they are the newest `len(versions)` of `total`, the older ones are
+    reached from `older_versions_cursor`."""
+    total = len(versions) if total is None else total
+    older = versions[0].version if versions and total > len(versions) else None
     return AdapterPublic(
         name=adapter.name,
         current=adapter.current_version,
         base_model=adapter.base_model,
         created_at=adapter.created_at,
         versions=[version_public(row) for row in versions],
+        versions_total=total,
+        older_versions_cursor=older,
     )
 
 
+def newest_versions_public(repository: AdapterRepository, adapter: Adapter, limit: int) -> AdapterPublic:
+    """The adapter with its newest `limit` versions (two index-range reads, whatever the history)."""
+    newest = list(repository.list_versions(name=adapter.name, limit=limit, newest_first=True))
+    return adapter_public(adapter, newest[::-1], total=repository.count_versions(name=adapter.name))
+
+
 @router.get("/adapters", response_model=AdapterList, dependencies=[require("adapters:read")])
-def list_adapters(session: SessionDep) -> AdapterList:
-    adapters = AdapterRepository(session).list_with_versions()
-    return AdapterList(adapters=[adapter_public(a, list(a.versions)) for a in adapters])
+def list_adapters(
+    session: SessionDep,
+    limit: Annotated[int, Query(ge=1, le=MAX_PAGE, description="adapters per page")] = 50,
+    cursor: Annotated[
+        str | None,
+        Query(
+            min_length=1,
+            max_length=64,
+            pattern=NAMESPACE_PATTERN,
+            description="`next_cursor` of the previous page (an adapter name)",
+        ),
+    ] = None,
+    versions_limit: VersionsLimit = DEFAULT_VERSIONS_LIMIT,
+) -> AdapterList:
+    """Adapters by name, each with its newest `versions_limit` versions (ascending)."""
+    repository = AdapterRepository(session)
+    adapters = repository.list_adapters(after_name=cursor, limit=limit)
+    next_cursor = adapters[-1].name if len(adapters) == limit else None
+    return AdapterList(
+        adapters=[newest_versions_public(repository, a, versions_limit) for a in adapters],
+        next_cursor=next_cursor,
+    )
 
 
 @router.get("/adapters/{name}", response_model=AdapterPublic, dependencies=[require("adapters:read")])
-def read_adapter(name: AdapterName, session: SessionDep) -> AdapterPublic:
+def read_adapter(
+    name: AdapterName, session: SessionDep, versions_limit: VersionsLimit = DEFAULT_VERSIONS_LIMIT
+) -> AdapterPublic:
     repository = AdapterRepository(session)
-    adapter = repository.get_adapter(name=name)
-    return adapter_public(adapter, list(repository.list_versions(name=name)))
+    return newest_versions_public(repository, repository.get_adapter(name=name), versions_limit)
+
+
+@router.get(
+    "/adapters/{name}/versions", response_model=AdapterVersionPage, dependencies=[require("adapters:read")]
+)
+def list_versions(
+    name: AdapterName,
+    session: SessionDep,
+    limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 100,
+    cursor: Annotated[
+        int | None, Query(ge=0, le=MAX_ID, description="`next_cursor` of the previous page (a version)")
+    ] = None,
+    order: Annotated[Literal["asc", "desc"], Query(description="by version number")] = "asc",
+) -> AdapterVersionPage:
+    """Every version of one adapter, a page at a time (pass `next_cursor` back as `cursor`)."""
+    repository = AdapterRepository(session)
+    rows = repository.list_versions(
+        name=name, after_version=cursor, limit=limit, newest_first=order == "desc"
+    )
+    return AdapterVersionPage(
+        versions=[version_public(row) for row in rows],
+        total=repository.count_versions(name=name),
+        next_cursor=rows[-1].version if len(rows) == limit else None,
+    )
 
 
 @router.get(
@@ -117,6 +188,8 @@ def download_version(
     (training.adapter_store.dir_sha256 of the extracted folder). Files that no longer match the
     digest are refused (409)."""
     row = AdapterRepository(session).get_version(name=name, version=version)
+    if row.files_deleted_at is not None:
+        raise AdapterFilesUnavailable(files_deleted_message(row))
     if row.path is None or row.sha256 is None:
         raise AdapterFilesUnavailable(f"adapter {name!r} v{version} has no published files yet")
     try:
@@ -175,6 +248,20 @@ def rollback_adapter(
         )
     except PromotionFailed as error:
         raise AdapterFilesUnavailable(str(error)) from error
+    session.expire_all()  # the registry committed through its own sessions
     repository = AdapterRepository(session)
-    adapter = repository.get_adapter(name=name)
-    return adapter_public(adapter, list(repository.list_versions(name=name)))
+    return newest_versions_public(repository, repository.get_adapter(name=name), DEFAULT_VERSIONS_LIMIT)
+
+
+@router.put(
+    "/adapters/{name}/versions/{version}/pin",
+    response_model=AdapterVersionPublic,
+    dependencies=[require("adapters:write")],
+)
+def pin_version(
+    name: AdapterName, version: VersionNumber, body: PinRequest, session: SessionDep
+) -> AdapterVersionPublic:
+    """Pin (`{"pinned": true}`) or unpin a version: retention never deletes a pinned version's files.
+    A version whose files were already deleted cannot be pinned (409)."""
+    row = AdapterRepository(session).set_pinned(name=name, version=version, pinned=body.pinned)
+    return version_public(row)

@@ -65,3 +65,26 @@ def test_sqlite_reads_do_not_queue_behind_a_writer(tmp_path: Path) -> None:
         finally:
             writer.execute("ROLLBACK")
             writer.close()
+
+
+def test_history_bench_runs_small_and_prints_the_contract_line() -> None:
+    """bench/history.py at a small scale: both stores generated in bulk, every case measured."""
+    command = [sys.executable, "bench/history.py", "--conversations", "5000", "--feedback", "600"]
+    command += ["--versions", "50", "--posts", "50", "--reps", "3"]
+    completed = subprocess.run(
+        command,
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
+    lines = [json.loads(line) for line in completed.stdout.strip().splitlines() if line.startswith("{")]
+    summary = lines[-1]
+    assert set(summary) == {"metric", "value", "baseline", "baseline_value", "ratio"}
+    assert summary["value"] > 0 and summary["baseline_value"] > 0
+    cases = lines[-2]["cases"]
+    assert set(cases) == {"feedback_post_p99_ms", "train_prepare_median_ms", "get_adapters_median_ms"}
+    assert lines[0]["generated"] == {"conversations": 5000, "feedback": 600, "versions": 50}

@@ -6,6 +6,7 @@ from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 from sqlalchemy import select
+from sqlalchemy import text as sa_text
 
 from memory_store.errors import Conflict, IdempotencyConflict, NotFound
 from memory_store.models import FeedbackItem, Job
@@ -134,8 +135,10 @@ def test_feedback_add_many_settles_a_key_won_by_a_concurrent_request(db_session_
     with db_session_factory.begin() as session:
         winner, _ = FeedbackRepository(session).add(**vars(raced))
     monkeypatch.setattr(FeedbackRepository, "_by_keys", lambda self, keys: {})  # lookup ran before the race
-    others = [NewFeedback(namespace="ns", messages=MESSAGES, continuation=f"b{i}", idempotency_key=f"k{i}")
-              for i in range(3)]
+    others = [
+        NewFeedback(namespace="ns", messages=MESSAGES, continuation=f"b{i}", idempotency_key=f"k{i}")
+        for i in range(3)
+    ]
     with db_session_factory.begin() as session:
         results = FeedbackRepository(session).add_many(items=[others[0], raced, *others[1:]])
     assert [created for _, created in results] == [True, False, True, True]
@@ -428,3 +431,143 @@ def test_timestamps_round_trip_as_aware_utc(db_session_factory):
         assert found == [ids[1]]
         found = session.scalars(select(Job.id).where(Job.created_at >= moment.astimezone(UTC))).all()
         assert sorted(found) == list(ids)
+
+
+# --- bounded queries (months of history) -----------------------------------------------------------
+
+
+def _bulk_feedback(session, rows: list[dict[str, object]]) -> None:
+    now = datetime.now(UTC)
+    session.execute(
+        FeedbackItem.__table__.insert(),
+        [{"messages": MESSAGES, "continuation": "c", "created_at": now, **row} for row in rows],
+    )
+
+
+def test_recent_conversations_are_ordered_and_limited_in_sql(db_session_factory):
+    from service.train_job import recent_conversations
+
+    with db_session_factory.begin() as session:
+        repo = ConversationRepository(session)
+        ids = [repo.add(namespace="a", messages=[{"role": "user", "content": f"q{i}"}]).id for i in range(40)]
+        repo.add(namespace="b", messages=MESSAGES)
+    with db_session_factory() as session:
+        assert [c.id for c in ConversationRepository(session).recent(namespace="a", limit=5)] == ids[-5:]
+        messages = recent_conversations(session, "a", 3)
+        assert [m[0]["content"] for m in messages] == ["q37", "q38", "q39"]
+        assert recent_conversations(session, "a", 0) == []
+        assert len(recent_conversations(session, "b", 32)) == 1
+        with pytest.raises(ValueError, match="limit"):
+            ConversationRepository(session).recent(namespace="a", limit=0)
+
+
+def test_replay_sample_over_a_long_history_reads_a_bounded_number_of_rows(db_session_factory):
+    from sqlalchemy import event
+
+    # 12,000 ids: every third one a trained item of "ns", the rest another namespace's (gaps)
+    with db_session_factory.begin() as session:
+        _bulk_feedback(
+            session,
+            [
+                {
+                    "namespace": "ns" if i % 3 == 0 else "other",
+                    "status": "trained" if i % 3 == 0 else "pending",
+                }
+                for i in range(12_000)
+            ],
+        )
+    with db_session_factory() as session:
+        trained = set(session.scalars(select(FeedbackItem.id).where(FeedbackItem.namespace == "ns")))
+        before_id = max(trained) - 30
+        statements: list[str] = []
+        engine = session.get_bind()
+
+        def count(conn, cursor, statement, *args):
+            statements.append(statement)
+
+        event.listen(engine, "before_cursor_execute", count)
+        try:
+            sample = FeedbackRepository(session).replay_sample(
+                namespace="ns", before_id=before_id, n=16, seed=3
+            )
+        finally:
+            event.remove(engine, "before_cursor_execute", count)
+        assert len(sample) == 16 and len({i.id for i in sample}) == 16
+        assert all(i.id in trained and i.id < before_id and i.namespace == "ns" for i in sample)
+        ids = [i.id for i in sample]
+        assert ids == sorted(ids) and min(ids) < min(trained) + 4000 and max(ids) > max(trained) - 4000
+        assert len(statements) <= 4 + 3  # seeks batched per statement, never a scan of every trained id
+        unbounded = [s for s in statements if "LIMIT" not in s.upper() and " IN (" not in s.upper()]
+        assert unbounded == []
+        again = FeedbackRepository(session).replay_sample(namespace="ns", before_id=before_id, n=16, seed=3)
+        assert [i.id for i in again] == ids
+        other = FeedbackRepository(session).replay_sample(namespace="ns", before_id=before_id, n=16, seed=4)
+        assert [i.id for i in other] != ids
+
+
+def test_recent_feedback_and_version_pages(db_session_factory):
+    with db_session_factory.begin() as session:
+        feedback_repo = FeedbackRepository(session)
+        ids = [feedback_repo.add(**feedback(continuation=f"c{i}"))[0].id for i in range(6)]
+        feedback_repo.mark_trained(ids=ids[:4], version=1)
+        repo = AdapterRepository(session)
+        repo.ensure_adapter(name="ns")
+        for version in range(7):
+            repo.add_version(name="ns", version=version, path=f"/a/v{version}", sha256="ab")
+        repo.set_current(name="ns", version=2)
+        repo.set_current(name="ns", version=5)
+    with db_session_factory() as session:
+        recent = FeedbackRepository(session).recent(namespace="ns", status="trained", limit=3)
+        assert [i.id for i in recent] == ids[1:4]
+        repo = AdapterRepository(session)
+        assert [v.version for v in repo.list_versions(name="ns", limit=3, newest_first=True)] == [6, 5, 4]
+        assert [v.version for v in repo.list_versions(name="ns", after_version=4, newest_first=True)] == [
+            3,
+            2,
+            1,
+            0,
+        ]
+        assert [v.version for v in repo.list_versions(name="ns", after_version=4, limit=1)] == [5]
+        assert repo.count_versions(name="ns") == 7 and repo.has_version(name="ns", version=6)
+        assert not repo.has_version(name="ns", version=7)
+        retired = repo.get_version(name="ns", version=2)
+        assert retired.status == "retired" and retired.retired_at is not None
+        assert repo.get_version(name="ns", version=1).retired_at is None
+
+
+def test_bounded_queries_use_indexes_on_sqlite(tmp_path):
+    from memory_store.db import make_engine, make_session_factory, upgrade_database
+    from memory_store.models import Conversation
+
+    url = f"sqlite:///{tmp_path / 'plan.db'}"
+    upgrade_database(url)
+    engine = make_engine(url)
+    try:
+        with make_session_factory(engine)() as session:
+
+            def plan(stmt) -> str:
+                compiled = stmt.compile(engine, compile_kwargs={"literal_binds": True})
+                rows = session.execute(sa_text(f"EXPLAIN QUERY PLAN {compiled}")).all()
+                return " | ".join(str(row[-1]) for row in rows)
+
+            recent = (
+                select(Conversation)
+                .where(Conversation.namespace == "a")
+                .order_by(Conversation.id.desc())
+                .limit(32)
+            )
+            assert "ix_conversations_namespace_id" in plan(recent)
+            assert "TEMP B-TREE" not in plan(recent)
+            seek = (
+                select(FeedbackItem.id)
+                .where(FeedbackItem.namespace == "a", FeedbackItem.status == "trained", FeedbackItem.id >= 5)
+                .order_by(FeedbackItem.id)
+                .limit(1)
+            )
+            assert "ix_feedback_items_namespace_status_id" in plan(seek) and "TEMP B-TREE" not in plan(seek)
+            aged = select(Conversation.id).where(
+                Conversation.namespace == "a", Conversation.created_at < datetime(2020, 1, 1)
+            )
+            assert "ix_conversations_namespace_created_at" in plan(aged)
+    finally:
+        engine.dispose()
