@@ -9,15 +9,19 @@ import pytest
 
 from service.app import create_app
 from service.config import Settings
-from service.daemon import background_services, embedded_vllm_config, prepare_serving
+from service.daemon import BaseModelUnavailable, background_services, embedded_vllm_config, prepare_serving
 from service.registry import vllm_base_urls
 
 
 def settings_for(tmp_path: Path, **overrides: object) -> Settings:
+    model = tmp_path / "model"  # looks like a model folder: prepare_serving fetches nothing
+    model.mkdir(exist_ok=True)
+    (model / "config.json").write_text("{}")
+    (model / "tokenizer.json").write_text("{}")
     base = {
         "database_url": f"sqlite:///{tmp_path / 'd.db'}",
         "data_dir": tmp_path,
-        "base_model": tmp_path,  # exists: prepare_serving builds nothing
+        "base_model": model,
         "auth_disabled": True,
         "device": "cpu",
     }
@@ -27,11 +31,12 @@ def settings_for(tmp_path: Path, **overrides: object) -> Settings:
 @pytest.mark.parametrize(
     ("overrides", "names"),
     [
-        ({"vllm_urls": []}, ["worker", "scheduler"]),
-        ({"vllm_urls": ["http://a:8000", "http://b:8000"]}, ["reconciler", "worker", "scheduler"]),
-        ({"vllm_urls": ["embedded"]}, ["vllm", "reconciler", "worker", "scheduler"]),
+        ({"vllm_urls": []}, ["worker", "scheduler", "retention"]),
+        ({"vllm_urls": ["http://a:8000", "http://b:8000"]}, ["reconciler", "worker", "scheduler", "retention"]),
+        ({"vllm_urls": ["embedded"]}, ["vllm", "reconciler", "worker", "scheduler", "retention"]),
         (
-            {"vllm_urls": ["embedded"], "worker_enabled": False, "distill_enabled": False},
+            {"vllm_urls": ["embedded"], "worker_enabled": False, "distill_enabled": False,
+             "retention_enabled": False},
             ["vllm", "reconciler"],
         ),
     ],
@@ -63,3 +68,22 @@ def test_sleep_mode_only_on_gpu(tmp_path: Path) -> None:
         settings_for(tmp_path, vllm_urls=["embedded"], device="cpu", vllm_sleep_for_training=True)
     )
     assert (gpu.enable_sleep_mode, cpu.enable_sleep_mode) == (True, False)
+
+
+def test_start_up_fails_fast_naming_a_missing_base_model(tmp_path: Path) -> None:
+    settings = settings_for(tmp_path, base_model=tmp_path / "nowhere")
+    with pytest.raises(BaseModelUnavailable, match="LORALOOP_BASE_MODEL=.*nowhere.*no config.json"):
+        prepare_serving(settings)
+
+
+def test_start_up_fails_fast_without_tokenizer_files(tmp_path: Path) -> None:
+    settings = settings_for(tmp_path)
+    (Path(settings.base_model) / "tokenizer.json").unlink()
+    with pytest.raises(BaseModelUnavailable, match="no tokenizer files"):
+        prepare_serving(settings)
+
+
+def test_the_default_base_model_is_the_real_one_in_the_offline_cache(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("LORALOOP_CACHE_DIR", str(tmp_path / "cache"))
+    settings = Settings(auth_disabled=True)
+    assert settings.base_model == tmp_path / "cache" / "models" / "smollm2-135m-instruct"

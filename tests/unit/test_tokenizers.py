@@ -13,6 +13,7 @@ import pytest
 from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+import training.offline_cache as offline_cache_module
 import training.tokenizers as tokenizers_module
 from training.tiny_model import UnknownArchitecture, build_tiny_model, ensure_tiny_model
 from training.tokenizers import FAMILIES, TokenizerFetchError, load_tokenizer, tokenizer_dir
@@ -81,7 +82,7 @@ def test_a_download_with_the_wrong_sha256_is_refused_and_removed(monkeypatch, tm
         archive.write_bytes(b"not the pinned archive")
         return subprocess.CompletedProcess(command, 0, "", "")
 
-    monkeypatch.setattr(tokenizers_module.subprocess, "run", fake_pip)
+    monkeypatch.setattr(offline_cache_module.subprocess, "run", fake_pip)
     with pytest.raises(TokenizerFetchError, match="sha256"):
         tokenizers_module._llama_cpp_sdist()
     assert not archive.exists()
