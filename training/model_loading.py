@@ -8,6 +8,7 @@ adapter a job put on it is stripped when the job gives it back. Knows nothing of
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -21,6 +22,7 @@ if TYPE_CHECKING:
 
 __all__ = ["ResidentBaseModel", "attach_lora", "load_base_model", "resolve_device", "resolve_dtype"]
 
+logger = logging.getLogger(__name__)
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
@@ -67,11 +69,18 @@ def attach_lora(base: Any, parent_adapter: Path | None, lora_config: LoraConfig,
 
 
 def strip_adapters(model: Any) -> Any:
-    """The base model of `model` without any LoRA layer (a no-op for a plain model)."""
+    """The base model of `model` without any LoRA layer: a `PeftModel` is unloaded, and LoRA layers
+    injected into a plain model (a run that failed before it returned its `PeftModel`) are replaced
+    by the layers they wrap."""
     from peft import PeftModel
     from peft.tuners.lora import LoraLayer
 
     base = model.unload() if isinstance(model, PeftModel) else model
+    for name, module in list(base.named_modules()):
+        if isinstance(module, LoraLayer) and name:
+            parent_name, _, child = name.rpartition(".")
+            parent = base.get_submodule(parent_name) if parent_name else base
+            setattr(parent, child, module.get_base_layer())
     if any(isinstance(module, LoraLayer) for module in base.modules()):
         raise RuntimeError("LoRA layers are left on the base model after unloading")
     if getattr(base, "is_gradient_checkpointing", False):
@@ -118,8 +127,8 @@ class ResidentBaseModel:
                 try:
                     self._model = strip_adapters(holder.model)
                 except Exception:
-                    self._model = None  # cannot prove it pristine: reload next time
-                    raise
+                    logger.exception("the resident base model could not be restored: reloading it next time")
+                    self._model = None
 
 
 class _Holder:
