@@ -27,6 +27,7 @@ from service.registry import AdapterRegistry
 from service.train_job import TrainJobHandler
 from service.worker import JobCancelled, JobContext, JobFailed, JobOutcome, Worker
 from training.adapter_store import AdapterStore
+from training.probes import general_probes
 
 pytestmark = pytest.mark.integration
 
@@ -303,6 +304,31 @@ def test_feedback_trains_a_new_current_version(pipeline) -> None:
         assert (run.status, run.version, run.parent_version) == ("succeeded", 1, 0)
         follow_up = JobQueue(session).active_job(dedupe_key="train:default")
         assert follow_up is not None and follow_up.payload["trigger"] == "follow-up"
+
+
+def test_the_base_model_stays_loaded_and_every_version_carries_a_behaviour_report(pipeline) -> None:
+    client, settings, worker = pipeline()
+    handler = worker.handlers["train"]
+    for continuation in ("First lesson.", "Second lesson."):
+        assert client.post("/feedback", json={**FEEDBACK, "continuation": continuation}).status_code == 202
+        assert worker.run_once()
+    assert handler.resident.loads == 1  # one load for both jobs
+    jobs = [j for j in client.get("/jobs").json()["items"] if j["kind"] == "train"]
+    assert [j["status"] for j in jobs] == ["succeeded", "succeeded"], jobs
+    for job in jobs:
+        version = job["result"]["version"]
+        detail = client.get(f"/adapters/default/versions/{version}").json()
+        report = detail["behaviour_report"]
+        assert report["summary"]["taught_total"] == 1
+        (taught,) = report["taught"]
+        assert taught["question"] == FEEDBACK["messages"][0]["content"]
+        assert {"parent", "candidate", "parent_right", "candidate_right"} <= set(taught)
+        assert [row["question"] for row in report["general"]] == [p.question for p in general_probes()]
+        assert detail["metrics"]["general_lost"] == report["summary"]["general_lost"]
+    # the second version's report reuses the first's candidate answers as its parent answers
+    first, second = (client.get(f"/adapters/default/versions/{j['result']['version']}").json()["behaviour_report"]
+                     for j in jobs)
+    assert [r["parent"] for r in second["general"]] == [r["candidate"] for r in first["general"]]
 
 
 def test_gate_rejects_a_run_trained_on_corrupted_labels(pipeline, monkeypatch: pytest.MonkeyPatch) -> None:
