@@ -94,10 +94,15 @@ def serve(
     reconciler, worker, distillation scheduler) until SIGINT/SIGTERM stops them all."""
     import uvicorn
 
+    from deploy.embedded import EmbeddedVllmError
     from service.app import create_app
-    from service.daemon import background_services, prepare_serving
+    from service.daemon import background_services, claim_embedded_port, prepare_serving
 
     settings = prepare_serving(_settings(serving=True))
+    try:
+        claim_embedded_port(settings)
+    except EmbeddedVllmError as error:
+        raise CliError(f"embedded vLLM: {error}") from error
     application = create_app(settings, background=background_services(settings))
     uvicorn.run(
         application,
