@@ -148,7 +148,9 @@ def run(lifeline: int, report: int, grace_s: float, command: list[str]) -> int:
         if readable and not os.read(lifeline, 64):
             parent_gone = True  # EOF: the only write end was closed, i.e. loraloop is gone
         if parent_gone:
-            print("loraloop guard: parent process gone, stopping the vLLM server", file=sys.stderr, flush=True)
+            print(
+                "loraloop guard: parent process gone, stopping the vLLM server", file=sys.stderr, flush=True
+            )
             end_tree(server, grace_s=min(grace_s, PARENT_DEATH_GRACE_S))
             break
     return _exit_code(server.returncode)
