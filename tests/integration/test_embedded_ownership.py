@@ -163,6 +163,18 @@ def serves(tmp_path: Path, serve_env: dict[str, str]) -> Iterator[list[Serve]]:
     yield started
     for serve in started:
         serve.kill_group()
+    # on failure, leave no vLLM behind: everything these servers started inherited their data dir
+    for name in os.listdir("/proc"):
+        environ = process_environ(int(name)) if name.isdigit() else None
+        if (
+            environ
+            and INSTANCE_ENV in environ
+            and environ.get("LORALOOP_DATA_DIR") == serve_env["LORALOOP_DATA_DIR"]
+        ):
+            try:
+                os.kill(int(name), signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
 
 def new_serve(serves: list[Serve], env: dict[str, str], tmp_path: Path) -> Serve:

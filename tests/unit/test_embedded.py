@@ -341,6 +341,10 @@ def test_the_server_tree_dies_when_its_owner_is_sigkilled(
         if owner.poll() is None:
             owner.kill()
             owner.wait()
+        for started in _starts(state):  # on failure, leave nothing running
+            for pid in (started["pid"], started["engine"]):
+                if _alive(pid):
+                    os.kill(pid, signal.SIGKILL)
     assert "parent process gone" in config.log_path.read_text()
 
 
