@@ -92,8 +92,11 @@ class Serve:
                 start_new_session=True,
             )
 
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
     def log_tail(self) -> str:
-        return self.log_path.read_text(errors="replace")[-4000:]
+        return self.log_text()[-4000:]
 
     def wait_vllm_healthy(self, timeout_s: float = VLLM_START_TIMEOUT_S) -> dict[str, Any]:
         """/readyz until it reports the embedded vLLM healthy; returns that entry."""
@@ -222,7 +225,7 @@ def test_sigkill_of_serve_leaves_no_vllm_and_the_next_serve_owns_a_fresh_one(
     fresh = second.wait_vllm_healthy()
     assert fresh["instance_id"] != embedded["instance_id"] and fresh["pid"] != embedded["pid"]
     assert_owned(fresh, serve_env)
-    assert "embedded vLLM healthy" in second.log_tail()
+    assert "embedded vLLM healthy" in second.log_text()
     assert second.stop() in GRACEFUL_EXIT  # graceful: SIGTERM
     wait_gone(fresh["instance_id"], GONE_WITHIN_S)
     assert read_record(record_path(serve_env)) is None
@@ -246,7 +249,7 @@ def test_a_stranger_on_the_embedded_port_is_refused_naming_port_and_pid(
         serve = new_serve(serves, serve_env, tmp_path)
         assert serve.process is not None
         assert serve.process.wait(timeout=120) == 1
-        output = serve.log_tail()
+        output = serve.log_text()
         assert f"port {vllm_port} on 127.0.0.1 is already served by pid {stranger.pid}" in output, output
         assert "did not start" in output and "Traceback" not in output
         assert stranger.poll() is None  # left alone
@@ -313,7 +316,7 @@ def test_a_recorded_vllm_orphaned_by_an_earlier_run_is_stopped_and_replaced(
         assert not instance_processes("earlier-run")  # the whole orphan tree, engine core included
         assert embedded["pid"] != orphan.pid and embedded["instance_id"] != "earlier-run"
         assert_owned(embedded, serve_env)
-        assert "recorded by an earlier loraloop run" in serve.log_tail()
+        assert "recorded by an earlier loraloop run" in serve.log_text()
         assert serve.stop() in GRACEFUL_EXIT
         wait_gone(embedded["instance_id"], GONE_WITHIN_S)
     finally:
