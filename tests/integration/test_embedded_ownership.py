@@ -208,6 +208,7 @@ def assert_owned(embedded: dict[str, Any], env: dict[str, str]) -> set[int]:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # two vLLM CPU starts: 1.5-11 min each on a contended 2-core box
 def test_sigkill_of_serve_leaves_no_vllm_and_the_next_serve_owns_a_fresh_one(
     serves: list[Serve], serve_env: dict[str, str], tmp_path: Path
 ) -> None:
@@ -260,6 +261,7 @@ def test_a_stranger_on_the_embedded_port_is_refused_naming_port_and_pid(
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # two vLLM CPU starts: 1.5-11 min each on a contended 2-core box
 def test_a_recorded_vllm_orphaned_by_an_earlier_run_is_stopped_and_replaced(
     serves: list[Serve], serve_env: dict[str, str], tmp_path: Path, vllm_model_dir: Path
 ) -> None:
