@@ -1,5 +1,7 @@
 """The embedded inference server: starts vLLM's OpenAI server as a child process (its own process
-group) with runtime LoRA updating on, waits for /health, restarts it when it dies, stops it cleanly.
+group, behind deploy/vllm_guard.py so it dies with loraloop however loraloop dies) with runtime LoRA
+updating on, waits for /health, restarts it when it dies, stops it cleanly. Records the server it
+owns in the data folder and never adopts a server it did not start (deploy/vllm_ownership.py).
 
 Knows the vLLM command line and environment for the CPU build and for GPUs; knows nothing of
 adapters' contents, the registry or the database (after a restart the service reconciles).
@@ -10,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import select
 import shlex
 import signal
 import socket
@@ -17,20 +20,43 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import IO, Literal, Self
+from typing import IO, Any, Literal, Self
 
 import httpx
+
+from deploy.vllm_ownership import (
+    INSTANCE_ENV,
+    VllmRecord,
+    describe_processes,
+    inspect_port,
+    listening_pids,
+    process_group,
+    process_start_ticks,
+    read_record,
+    remove_record,
+    stop_recorded,
+    wait_port_free,
+    write_record,
+)
 
 log = logging.getLogger(__name__)
 
 VLLM_VENV_NAME = ".venv-vllm"
+GUARD_SCRIPT = Path(__file__).with_name("vllm_guard.py")
+GUARD_REPORT_TIMEOUT_S = 30.0
 
 
 class EmbeddedVllmError(RuntimeError):
     """The embedded vLLM did not come up (exited, or not healthy in time); carries its log tail."""
+
+
+class EmbeddedVllmPortInUse(EmbeddedVllmError):
+    """The embedded port is served by a process this loraloop did not start (named in the message)."""
 
 
 @dataclass(frozen=True)
@@ -42,6 +68,7 @@ class EmbeddedVllmConfig:
 
     model: Path
     log_path: Path
+    state_path: Path | None = None  # the ownership record (deploy.vllm_ownership); None: none kept
     python: str = ""  # empty: resolve_vllm_python()
     host: str = "127.0.0.1"
     port: int = 8000  # 0: pick a free port
@@ -140,6 +167,16 @@ def build_command(config: EmbeddedVllmConfig, port: int) -> list[str]:
     return cmd + list(config.extra_args)
 
 
+def build_guarded_command(
+    config: EmbeddedVllmConfig, port: int, *, lifeline_fd: int, report_fd: int
+) -> list[str]:
+    """The command loraloop spawns: the parent-death guard (this interpreter, isolated, no site)
+    running the vLLM command line as its child."""
+    guard = [sys.executable, "-I", "-S", str(GUARD_SCRIPT), "--lifeline", str(lifeline_fd)]
+    guard += ["--report", str(report_fd), "--grace", f"{config.stop_timeout_s:g}", "--"]
+    return guard + build_command(config, port)
+
+
 def build_env(config: EmbeddedVllmConfig, base_env: Mapping[str, str]) -> dict[str, str]:
     env = dict(base_env)
     env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
@@ -182,7 +219,9 @@ class EmbeddedVllm:
     `start()` spawns it and waits until /health answers; `supervise()` (started by start() unless
     told otherwise) restarts it after a crash, with backoff, and calls `on_restart(url)` once the
     new process is healthy (the service reconciles adapters then); `stop()` ends the whole process
-    group (the API server and its engine-core child)."""
+    group (the API server and its engine-core child). The server runs under deploy/vllm_guard.py,
+    which ends that group when this process dies; before each start the port is claimed
+    (`claim_port`), and with `config.state_path` the running server is recorded there."""
 
     def __init__(
         self,
@@ -200,8 +239,13 @@ class EmbeddedVllm:
         self._stopping = threading.Event()
         self._lock = threading.Lock()
         self._supervisor: threading.Thread | None = None
+        self._lifeline: int | None = None  # write end of the guard's lifeline pipe
         self.restarts = 0
         self.last_start_s: float | None = None  # seconds from spawn to healthy, last start
+        self.server_pid: int | None = None  # vLLM's API server (a child of the guard)
+        self.instance_id: str | None = None  # new for every spawn; in the server's environment
+        self.started_at: datetime | None = None  # when the current server process was spawned
+        self.healthy = False  # the current server answered /health
 
     @property
     def url(self) -> str:
@@ -209,7 +253,22 @@ class EmbeddedVllm:
 
     @property
     def pid(self) -> int | None:
+        """The process loraloop spawned (the guard): the leader of the server's process group."""
         return self._proc.pid if self._proc else None
+
+    def describe(self) -> dict[str, Any]:
+        """What /readyz reports: the server's pid, group, instance id, start time, model, state."""
+        running = self.is_running()
+        return {
+            "url": self.url,
+            "status": "healthy" if running and self.healthy else "starting" if running else "down",
+            "pid": self.server_pid if running else None,
+            "process_group": self.pid if running else None,
+            "instance_id": self.instance_id if running else None,
+            "started_at": self.started_at.isoformat() if running and self.started_at else None,
+            "model": self.config.served_model_name or str(self.config.model),
+            "restarts": self.restarts,
+        }
 
     def is_running(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
@@ -238,22 +297,119 @@ class EmbeddedVllm:
             self._supervisor = threading.Thread(target=self._supervise, name="vllm-supervisor", daemon=True)
             self._supervisor.start()
 
+    def claim_port(self) -> None:
+        """Make sure the port is ours to bind: free, or served by the server recorded in
+        `config.state_path` by an earlier loraloop run that is gone (that server is stopped). Raise
+        EmbeddedVllmPortInUse, naming the port and the pid, for anything else: a server this
+        loraloop did not start is never adopted."""
+        host, port = self.config.host, self.port
+        state_path = self.config.state_path
+        record = read_record(state_path) if state_path is not None else None
+        verdict = inspect_port(host, port, record)
+        if verdict.kind == "free":
+            if record is not None and state_path is not None and not record.server_alive():
+                remove_record(state_path, instance_id=record.instance_id)  # stale: its server is gone
+            return
+        if verdict.kind != "recorded" or record is None or state_path is None:
+            raise EmbeddedVllmPortInUse(verdict.explain(host, port))
+        log.warning(
+            "port %s is served by vLLM pid %s (instance %s, started %s) recorded by an earlier loraloop "
+            "run (pid %s, gone): stopping it and starting our own",
+            port,
+            record.pid,
+            record.instance_id,
+            record.started_at,
+            record.owner_pid,
+        )
+        if not stop_recorded(record, timeout_s=self.config.stop_timeout_s):
+            raise EmbeddedVllmPortInUse(f"could not stop the earlier vLLM pid {record.pid} on port {port}")
+        if not wait_port_free(host, port, timeout_s=10.0):
+            raise EmbeddedVllmPortInUse(
+                f"port {port} on {host} still served after stopping the earlier vLLM pid {record.pid}: "
+                + describe_processes(listening_pids(host, port))
+            )
+        remove_record(state_path, instance_id=record.instance_id)
+
     def _spawn(self) -> None:
+        self.claim_port()
         self.config.log_path.parent.mkdir(parents=True, exist_ok=True)
         if self._log_file is None:
             self._log_file = open(self.config.log_path, "ab")  # noqa: SIM115 - kept open for the child
-        cmd = build_command(self.config, self.port)
+        lifeline_read, lifeline_write = os.pipe()  # not inheritable: only the guard gets an end
+        report_read, report_write = os.pipe()
+        cmd = build_guarded_command(self.config, self.port, lifeline_fd=lifeline_read, report_fd=report_write)
         self._log_file.write(f"\n=== loraloop: starting {shlex.join(cmd)}\n".encode())
         self._log_file.flush()
         log.info("starting embedded vLLM on %s (log: %s)", self.url, self.config.log_path)
+        self.instance_id = uuid.uuid4().hex
+        self.healthy = False
+        self.server_pid = None
         self._started_at = time.monotonic()
-        self._proc = subprocess.Popen(
-            cmd,
-            stdin=subprocess.DEVNULL,
-            stdout=self._log_file,
-            stderr=subprocess.STDOUT,
-            env=build_env(self.config, self._base_env),
-            start_new_session=True,  # own process group: stop() reaches the engine-core child too
+        self.started_at = datetime.now(UTC)
+        env = build_env(self.config, self._base_env)
+        env[INSTANCE_ENV] = self.instance_id
+        try:
+            self._proc = subprocess.Popen(
+                cmd,
+                stdin=subprocess.DEVNULL,
+                stdout=self._log_file,
+                stderr=subprocess.STDOUT,
+                env=env,
+                pass_fds=(lifeline_read, report_write),
+                start_new_session=True,  # own process group: stop() reaches the engine-core child too
+            )
+        except BaseException:
+            for fd in (lifeline_read, lifeline_write, report_read, report_write):
+                os.close(fd)
+            raise
+        os.close(lifeline_read)
+        os.close(report_write)
+        self._lifeline = lifeline_write
+        try:
+            self.server_pid = self._read_server_pid(report_read)
+        except EmbeddedVllmError:
+            self._terminate()
+            raise
+        finally:
+            os.close(report_read)
+        self._record()
+
+    def _read_server_pid(self, report_fd: int) -> int:
+        """The guard writes the server's pid as soon as it has spawned it."""
+        deadline = time.monotonic() + GUARD_REPORT_TIMEOUT_S
+        data = b""
+        while not data.endswith(b"\n") and time.monotonic() < deadline:
+            readable, _, _ = select.select([report_fd], [], [], 0.5)
+            if readable:
+                chunk = os.read(report_fd, 64)
+                if not chunk:
+                    break
+                data += chunk
+        if not data.strip().isdigit():
+            raise EmbeddedVllmError(f"the vLLM guard did not start the server:\n{self.log_tail()}")
+        return int(data)
+
+    def _record(self) -> None:
+        if self.config.state_path is None or self.server_pid is None or self._proc is None:
+            return
+        record = VllmRecord(
+            instance_id=self.instance_id or "",
+            host=self.config.host,
+            port=self.port,
+            model=self.config.served_model_name or str(self.config.model),
+            pid=self.server_pid,
+            pid_start_ticks=process_start_ticks(self.server_pid),
+            pgid=self._proc.pid,
+            owner_pid=os.getpid(),
+            owner_start_ticks=process_start_ticks(os.getpid()),
+            started_at=(self.started_at or datetime.now(UTC)).isoformat(),
+        )
+        write_record(self.config.state_path, record)
+        log.info(
+            "embedded vLLM pid %s (instance %s) recorded in %s",
+            self.server_pid,
+            self.instance_id,
+            self.config.state_path,
         )
 
     def wait_ready(self, timeout_s: float | None = None) -> None:
@@ -270,6 +426,8 @@ class EmbeddedVllm:
                     )
                 try:
                     if http.get(f"{self.url}/health").status_code == 200:
+                        self._check_listeners_are_ours(proc.pid)
+                        self.healthy = True
                         self.last_start_s = time.monotonic() - self._started_at
                         log.info("embedded vLLM healthy after %.1f s", self.last_start_s)
                         return
@@ -279,6 +437,16 @@ class EmbeddedVllm:
         raise EmbeddedVllmError(
             f"vLLM not healthy after {timeout_s or self.config.startup_timeout_s} s:\n{self.log_tail()}"
         )
+
+    def _check_listeners_are_ours(self, pgid: int) -> None:
+        """/health answered: make sure it was our server (a stranger may share the port through
+        SO_REUSEPORT, or have bound it after claim_port)."""
+        foreign = {pid for pid in listening_pids(self.config.host, self.port) if process_group(pid) != pgid}
+        if foreign:
+            raise EmbeddedVllmPortInUse(
+                f"port {self.port} on {self.config.host} is also served by {describe_processes(foreign)}, "
+                "which this loraloop did not start"
+            )
 
     def stop(self) -> None:
         self._stopping.set()
@@ -304,6 +472,12 @@ class EmbeddedVllm:
         _kill_group(pgid, signal.SIGKILL)  # stragglers (engine core) even when the leader is gone
         proc.wait()
         self._proc = None
+        self.healthy = False
+        if self._lifeline is not None:
+            os.close(self._lifeline)
+            self._lifeline = None
+        if self.config.state_path is not None and self.instance_id is not None:
+            remove_record(self.config.state_path, instance_id=self.instance_id)
 
     # --- supervision --------------------------------------------------------------------------------
     def _supervise(self) -> None:
@@ -363,10 +537,12 @@ def embedded_config_from_args(
     extra_args: str = "",
     max_model_len: int | None = None,
 ) -> EmbeddedVllmConfig:
-    """Convenience for the service: the log goes to `<data_dir>/logs/vllm.log`."""
+    """Convenience for the service: the log goes to `<data_dir>/logs/vllm.log`, the ownership
+    record to `<data_dir>/run/vllm.json`."""
     return EmbeddedVllmConfig(
         model=model,
         log_path=data_dir / "logs" / "vllm.log",
+        state_path=data_dir / "run" / "vllm.json",
         python=python,
         port=port,
         device=device,
@@ -385,9 +561,11 @@ __all__: Sequence[str] = (
     "EmbeddedVllm",
     "EmbeddedVllmConfig",
     "EmbeddedVllmError",
+    "EmbeddedVllmPortInUse",
     "attention_head_size",
     "build_command",
     "build_env",
+    "build_guarded_command",
     "check_cpu_servable",
     "embedded_config_from_args",
     "free_port",

@@ -97,13 +97,18 @@ def serve(
     reconciler, worker, distillation scheduler) until SIGINT/SIGTERM stops them all."""
     import uvicorn
 
+    from deploy.embedded import EmbeddedVllmError
     from service.app import create_app
-    from service.daemon import BaseModelUnavailable, background_services, prepare_serving
+    from service.daemon import BaseModelUnavailable, background_services, claim_embedded_port, prepare_serving
 
     try:
         settings = prepare_serving(_settings(serving=True))
     except BaseModelUnavailable as error:
         raise CliError(str(error)) from error
+    try:
+        claim_embedded_port(settings)
+    except EmbeddedVllmError as error:
+        raise CliError(f"embedded vLLM: {error}") from error
     application = create_app(settings, background=background_services(settings))
     uvicorn.run(
         application,

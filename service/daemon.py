@@ -80,6 +80,15 @@ def ensure_base_model(settings: Settings) -> Path:
     return path
 
 
+def claim_embedded_port(settings: Settings) -> None:
+    """Fail fast before serving (EmbeddedVllmPortInUse, naming the port and the pid) when the
+    embedded vLLM's port is served by a process this loraloop did not start; a server recorded by
+    an earlier run of this data folder, whose loraloop is gone, is stopped instead. No-op without
+    the embedded vLLM. Call after prepare_serving (the port is concrete then)."""
+    if uses_embedded_vllm(settings):
+        EmbeddedVllm(embedded_vllm_config(settings)).claim_port()
+
+
 def inference_device(settings: Settings) -> str:
     if settings.device != "auto":
         return settings.device
@@ -143,6 +152,10 @@ class EmbeddedVllmService:
             self.ready.set()
             self.on_ready()
             return
+
+    def readiness(self) -> dict[str, Any]:
+        """/readyz's `embedded_vllm` entry: pid, start time, model and state of the server we own."""
+        return self.vllm.describe()
 
     def stop(self) -> None:
         self._stopping.set()

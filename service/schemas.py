@@ -370,3 +370,20 @@ class ErrorResponse(BaseModel):
 class Health(BaseModel):
     status: Literal["ok", "unavailable"]
     detail: str | None = None
+
+
+class EmbeddedVllmState(BaseModel):
+    """The vLLM server this `loraloop serve` started and owns (LORALOOP_VLLM_URLS=embedded)."""
+
+    url: str
+    status: Literal["healthy", "starting", "down"]
+    pid: int | None = Field(None, description="vLLM's API server process")
+    process_group: int | None = Field(None, description="the group loraloop signals (its guard's pid)")
+    instance_id: str | None = None
+    started_at: datetime | None = Field(None, description="when the server process was started")
+    model: str
+    restarts: int
+
+
+class Readiness(Health):
+    embedded_vllm: EmbeddedVllmState | None = None

@@ -11,7 +11,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from memory_store.queue import JobQueue
 from service.deps import PUBLIC, MetricsDep
-from service.schemas import Health
+from service.schemas import EmbeddedVllmState, Health, Readiness
 
 router = APIRouter(tags=["health"], dependencies=[PUBLIC])
 logger = logging.getLogger(__name__)
@@ -23,18 +23,28 @@ def healthz() -> Health:
     return Health(status="ok")
 
 
-@router.get("/readyz", response_model=Health, responses={503: {"model": Health}})
+def _embedded_vllm(request: Request) -> EmbeddedVllmState | None:
+    """The embedded vLLM's state, when this process runs one (its background service reports it)."""
+    for service in request.app.state.background_services:
+        readiness = getattr(service, "readiness", None)
+        if service.name == "vllm" and callable(readiness):
+            return EmbeddedVllmState.model_validate(readiness())
+    return None
+
+
+@router.get("/readyz", response_model=Readiness, responses={503: {"model": Readiness}})
 def readyz(request: Request) -> Response:
-    """Ready to take traffic: the database answers a query (503 otherwise, quickly)."""
+    """Ready to take traffic: the database answers a query (503 otherwise, quickly). With the
+    embedded vLLM, also which server this process owns: pid, start time, model, state."""
+    embedded = _embedded_vllm(request)
     try:
         with request.app.state.session_factory() as session:
             session.execute(sa.text("SELECT 1"))
     except Exception as exc:  # noqa: BLE001 - any failure to reach the store means "not ready"
         logger.warning("readiness check failed: %s", type(exc).__name__)
-        return JSONResponse(
-            Health(status="unavailable", detail="database unreachable").model_dump(), status_code=503
-        )
-    return JSONResponse(Health(status="ok").model_dump())
+        body = Readiness(status="unavailable", detail="database unreachable", embedded_vllm=embedded)
+        return JSONResponse(body.model_dump(mode="json"), status_code=503)
+    return JSONResponse(Readiness(status="ok", embedded_vllm=embedded).model_dump(mode="json"))
 
 
 @router.get("/metrics", response_class=Response)

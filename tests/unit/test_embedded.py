@@ -1,12 +1,15 @@
 """EmbeddedVllm: the command line and environment per device (pure), and the process lifecycle
 (start, wait for /health, restart after a crash, stop the whole process group) against a stand-in
-`vllm.entrypoints.openai.api_server` module that serves /health and spawns an "engine core" child."""
+`vllm.entrypoints.openai.api_server` module that serves /health and spawns an "engine core" child;
+ownership with real processes: the server dies with its SIGKILLed owner, a stranger on the port is
+refused, a recorded earlier instance whose owner is gone is replaced."""
 
 from __future__ import annotations
 
 import json
 import os
 import signal
+import subprocess
 import sys
 import textwrap
 import threading
@@ -20,13 +23,16 @@ from deploy.embedded import (
     EmbeddedVllm,
     EmbeddedVllmConfig,
     EmbeddedVllmError,
+    EmbeddedVllmPortInUse,
     attention_head_size,
     build_command,
     build_env,
     check_cpu_servable,
     embedded_config_from_args,
+    free_port,
     resolve_vllm_python,
 )
+from deploy.vllm_ownership import VllmRecord, port_answers, process_start_ticks, read_record, write_record
 
 
 def test_cpu_command_has_lora_flags_float32_and_small_kv_cache(tmp_path: Path) -> None:
@@ -241,5 +247,235 @@ def test_a_failed_restart_is_retried(tmp_path: Path, stand_in: tuple[Path, Path]
         assert restarted.wait(40), server.log_tail()
         assert len(_starts(state)) == 3 and not fail_once.exists()  # crashed, failed once, came back
         assert server.restarts == 1 and httpx.get(f"{server.url}/health").status_code == 200
+    finally:
+        server.stop()
+
+
+# --- ownership: the server dies with its owner, strangers on the port are never adopted ---------
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+OWNER_SCRIPT = textwrap.dedent(
+    """
+    import json, sys, threading, time
+    from pathlib import Path
+    from deploy.embedded import EmbeddedVllm, EmbeddedVllmConfig
+
+    options = json.loads(sys.argv[1])
+    for key in ("model", "log_path", "state_path"):
+        options[key] = Path(options[key])
+    server = EmbeddedVllm(EmbeddedVllmConfig(**options))
+    # started from a thread that ends at once: Linux ties a parent-death signal to the forking
+    # thread, so a naive PR_SET_PDEATHSIG would kill the server right here
+    starter = threading.Thread(target=server.start, kwargs={"supervise": False})
+    starter.start()
+    starter.join()
+    print(json.dumps(server.describe()), flush=True)
+    time.sleep(600)
+    """
+)
+
+
+def _owned_config(tmp_path: Path, pkg: Path, state: Path, **overrides: object) -> EmbeddedVllmConfig:
+    config = _config(tmp_path, pkg, state)
+    return EmbeddedVllmConfig(
+        **{**config.__dict__, "state_path": tmp_path / "var" / "run" / "vllm.json", **overrides}
+    )  # type: ignore[arg-type]
+
+
+def _stranger(port: int, tmp_path: Path, **env: str) -> subprocess.Popen[bytes]:
+    """A real HTTP server on `port` in its own session (not started by any EmbeddedVllm)."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1", "-d", str(tmp_path)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+        env={**os.environ, **env},
+    )
+    deadline = time.monotonic() + 20
+    while not port_answers("127.0.0.1", port):
+        assert process.poll() is None and time.monotonic() < deadline, "the stranger did not start"
+        time.sleep(0.05)
+    return process
+
+
+def _dead_pid() -> int:
+    code = "import os; print(os.getpid())"
+    finished = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
+    return int(finished.stdout)
+
+
+def test_the_server_tree_dies_when_its_owner_is_sigkilled(
+    tmp_path: Path, stand_in: tuple[Path, Path]
+) -> None:
+    pkg, state = stand_in
+    config = _owned_config(tmp_path, pkg, state, port=free_port())
+    options = {
+        key: str(value) if isinstance(value, Path) else value
+        for key, value in config.__dict__.items()
+        if key in ("model", "log_path", "state_path", "python", "port", "extra_env", "startup_timeout_s")
+    }
+    owner = subprocess.Popen(
+        [sys.executable, "-c", OWNER_SCRIPT, json.dumps(options)],
+        stdout=subprocess.PIPE,
+        env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+        start_new_session=True,
+    )
+    try:
+        assert owner.stdout is not None
+        described = json.loads(owner.stdout.readline())
+        started = _starts(state)[0]
+        assert described["status"] == "healthy" and described["pid"] == started["pid"]
+        time.sleep(1.0)  # the starting thread has ended: the server must still be up
+        assert (
+            _alive(started["pid"]) and httpx.get(f"http://127.0.0.1:{config.port}/health").status_code == 200
+        )
+        record = read_record(config.state_path)
+        assert record is not None and record.pid == started["pid"] and record.owner_pid == owner.pid
+        os.kill(owner.pid, signal.SIGKILL)  # a crash: no shutdown code of the owner runs
+        owner.wait()
+        for pid in (started["pid"], started["engine"], described["process_group"]):
+            assert _gone(pid, timeout_s=10.0), f"pid {pid} outlived its owner"
+        assert not port_answers("127.0.0.1", config.port)
+    finally:
+        if owner.poll() is None:
+            owner.kill()
+            owner.wait()
+        for started in _starts(state):  # on failure, leave nothing running
+            for pid in (started["pid"], started["engine"]):
+                if _alive(pid):
+                    os.kill(pid, signal.SIGKILL)
+    assert "parent process gone" in config.log_path.read_text()
+
+
+def test_a_stranger_on_the_port_is_refused_naming_port_and_pid(
+    tmp_path: Path, stand_in: tuple[Path, Path]
+) -> None:
+    pkg, state = stand_in
+    port = free_port()
+    stranger = _stranger(port, tmp_path)
+    try:
+        server = EmbeddedVllm(_owned_config(tmp_path, pkg, state, port=port))
+        started = time.monotonic()
+        with pytest.raises(
+            EmbeddedVllmPortInUse, match=rf"port {port} .* pid {stranger.pid} .*did not start"
+        ):
+            server.start()
+        assert time.monotonic() - started < 5, "the refusal must be fast"
+        server.stop()
+        assert _starts(state) == []  # no server was spawned
+        assert stranger.poll() is None  # and the stranger was left alone
+    finally:
+        stranger.kill()
+        stranger.wait()
+
+
+def _record_for(
+    process: subprocess.Popen[bytes], port: int, *, owner_pid: int, **changes: object
+) -> VllmRecord:
+    fields = {
+        "instance_id": "earlier-run",
+        "host": "127.0.0.1",
+        "port": port,
+        "model": "/old/model",
+        "pid": process.pid,
+        "pid_start_ticks": process_start_ticks(process.pid),
+        "pgid": process.pid,
+        "owner_pid": owner_pid,
+        "owner_start_ticks": process_start_ticks(owner_pid),
+        "started_at": "2026-01-01T00:00:00+00:00",
+    }
+    return VllmRecord(**{**fields, **changes})  # type: ignore[arg-type]
+
+
+def test_a_recorded_earlier_instance_whose_owner_is_gone_is_stopped_and_replaced(
+    tmp_path: Path, stand_in: tuple[Path, Path]
+) -> None:
+    pkg, state = stand_in
+    port = free_port()
+    config = _owned_config(tmp_path, pkg, state, port=port)
+    earlier = _stranger(port, tmp_path, LORALOOP_VLLM_INSTANCE_ID="earlier-run")
+    write_record(config.state_path, _record_for(earlier, port, owner_pid=_dead_pid()))
+    server = EmbeddedVllm(config)
+    try:
+        server.start(supervise=False)
+        assert earlier.wait(timeout=10) is not None  # stopped (SIGTERM to its group)
+        started = _starts(state)[0]
+        described = server.describe()
+        assert described["status"] == "healthy" and described["pid"] == started["pid"]
+        assert described["instance_id"] != "earlier-run"
+        record = read_record(config.state_path)
+        assert (
+            record is not None and record.pid == started["pid"] and record.instance_id == server.instance_id
+        )
+        assert record.owner_pid == os.getpid() and record.port == port
+    finally:
+        server.stop()
+        if earlier.poll() is None:
+            earlier.kill()
+            earlier.wait()
+    assert _gone(started["pid"]) and _gone(started["engine"])
+    assert read_record(config.state_path) is None  # a graceful stop removes the record
+
+
+@pytest.mark.parametrize("case", ["owner_alive", "pid_reused", "other_instance"])
+def test_a_record_that_does_not_prove_the_server_is_ours_and_orphaned_is_refused(
+    tmp_path: Path, stand_in: tuple[Path, Path], case: str
+) -> None:
+    pkg, state = stand_in
+    port = free_port()
+    config = _owned_config(tmp_path, pkg, state, port=port)
+    earlier = _stranger(port, tmp_path, LORALOOP_VLLM_INSTANCE_ID="earlier-run")
+    owner = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        if case == "owner_alive":  # another loraloop still runs it: not ours to stop
+            record, expected = (
+                _record_for(earlier, port, owner_pid=owner.pid),
+                f"loraloop process {owner.pid}",
+            )
+        elif case == "pid_reused":  # same pid, another process (start time differs)
+            ticks = (process_start_ticks(earlier.pid) or 0) - 1
+            record = _record_for(earlier, port, owner_pid=_dead_pid(), pid_start_ticks=ticks)
+            expected = f"pid {earlier.pid}"
+        else:  # the environment names another instance
+            record = _record_for(earlier, port, owner_pid=_dead_pid(), instance_id="someone-else")
+            expected = f"pid {earlier.pid}"
+        write_record(config.state_path, record)
+        with pytest.raises(EmbeddedVllmPortInUse, match=expected):
+            EmbeddedVllm(config).start()
+        assert earlier.poll() is None and _starts(state) == []
+        assert read_record(config.state_path) == record  # someone else's record is left as it was
+    finally:
+        for process in (earlier, owner):
+            process.kill()
+            process.wait()
+
+
+def test_a_stale_record_is_dropped_and_the_port_used(tmp_path: Path, stand_in: tuple[Path, Path]) -> None:
+    pkg, state = stand_in
+    config = _owned_config(tmp_path, pkg, state, port=free_port())
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    write_record(config.state_path, _record_for(gone, config.port, owner_pid=_dead_pid(), pid_start_ticks=1))
+    with EmbeddedVllm(config) as server:
+        assert server.describe()["status"] == "healthy"
+        record = read_record(config.state_path)
+        assert record is not None and record.instance_id == server.instance_id
+
+
+def test_the_guard_reports_the_servers_exit_code_and_ends_its_orphans(
+    tmp_path: Path, stand_in: tuple[Path, Path]
+) -> None:
+    pkg, state = stand_in
+    server = EmbeddedVllm(_owned_config(tmp_path, pkg, state, port=free_port()))
+    server.start(supervise=False)
+    try:
+        started = _starts(state)[0]
+        guard = server._proc
+        assert guard is not None and server.pid == guard.pid != started["pid"]
+        os.kill(started["pid"], signal.SIGKILL)  # the API server crashes, its engine child is orphaned
+        assert guard.wait(timeout=10) == 128 + signal.SIGKILL
+        assert _gone(started["engine"], timeout_s=10.0)
+        assert server.describe()["status"] == "down"
     finally:
         server.stop()
