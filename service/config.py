@@ -80,7 +80,7 @@ class Settings(BaseSettings):
     learnt_extra_steps: int = Field(2, ge=0)
     anchor_weight: float = Field(4.0, ge=0)  # 0 = no KL anchor
     anchor_topk: int = Field(64, ge=1)
-    anchors_per_step: int = Field(8, ge=1)
+    anchors_per_step: int = Field(16, ge=1)
     report_max_items: int = Field(8, ge=0)  # taught items in a version's behaviour report
     batch_tokens: int = Field(4096, ge=16)
     grad_accum_steps: int = Field(1, ge=1)

@@ -103,11 +103,6 @@ class TrainConfig:
         default="constant", metadata={"help": "after warm-up: constant, linear or cosine decay to 0"}
     )
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
-    optimizer: Literal["adamw", "sgd"] = field(
-        default="adamw",
-        metadata={"help": "adamw, or sgd (momentum 0.9): steps scale with each weight's gradient, so "
-                          "weights the targets barely need barely move"},
-    )
     num_threads: int | None = field(
         default=None,
         metadata={"help": "torch CPU threads during train(), restored after; None = leave as is"},
@@ -156,8 +151,6 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.time_budget_s must be > 0, got {self.time_budget_s!r}")
         if not self.max_grad_norm >= 0:
             raise ValueError(f"TrainConfig.max_grad_norm must be >= 0, got {self.max_grad_norm!r}")
-        if self.optimizer not in ("adamw", "sgd"):
-            raise ValueError(f"TrainConfig.optimizer must be adamw or sgd, got {self.optimizer!r}")
         if self.weight_decay < 0:
             raise ValueError(f"TrainConfig.weight_decay must be >= 0, got {self.weight_decay!r}")
         if self.device not in ("auto", "cpu", "cuda"):
@@ -373,18 +366,13 @@ class LoraTrainer:
         if not params:
             raise ValueError("the adapter has no trainable parameter (check target_modules)")
         on_cuda = params[0].device.type == "cuda"
-        if config.optimizer == "sgd":
-            optimizer: torch.optim.Optimizer = torch.optim.SGD(
-                params, lr=config.lr, momentum=0.9, weight_decay=config.weight_decay
-            )
-        else:
-            optimizer = torch.optim.AdamW(
-                params,
-                lr=config.lr,
-                weight_decay=config.weight_decay,
-                fused=on_cuda or None,
-                foreach=None if on_cuda else True,
-            )
+        optimizer = torch.optim.AdamW(
+            params,
+            lr=config.lr,
+            weight_decay=config.weight_decay,
+            fused=on_cuda or None,
+            foreach=None if on_cuda else True,
+        )
         generator = torch.Generator().manual_seed(config.seed)
         plan = _plan_micro_batches(len(batches), config, generator)
         total_steps = len(plan)
