@@ -2,8 +2,9 @@
 
 On bench/data/learning_dev.json (facts SmolLM2-135M-Instruct does not know, rephrasings never
 trained on, general questions the base answers right), for each case size: loraloop's default
-recipe (Settings defaults: KL anchor to the parent, stop once every target is reproduced) and the
-naive baseline (same LoRA, same learning rate, the same number of steps, no anchor). Prints a
+recipe (Settings defaults: KL anchor to the parent, framed question variants, stop once every
+target is reproduced) and the naive baseline (plain completion-only SFT: same LoRA, same learning
+rate, the same number of steps, no anchor, no variants). Prints a
 table row per case and recipe, then one JSON line: value = loraloop's mean of exact / rephrased /
 general accuracy over the cases, baseline = the naive recipe's, ratio = value / baseline.
 
@@ -49,7 +50,8 @@ def main() -> int:
             ours = harness.update(recipe, case, out_dir=Path(scratch) / f"ours-{size}", general=general)
             naive_config = dataclasses.replace(recipe, anchor_weight=0.0, stop_when_learnt=False,
                                                max_steps=ours.steps)
-            naive = harness.update(naive_config, case, out_dir=Path(scratch) / f"naive-{size}", general=general)
+            naive = harness.update(naive_config, case, out_dir=Path(scratch) / f"naive-{size}", general=general,
+                                   augment=False)
             for name, score in (("loraloop", ours), ("naive", naive)):
                 row = {"items": size, "recipe": name, **score.row()}
                 rows.append(row)

@@ -32,6 +32,7 @@ from service.registry import AdapterRegistry, CurrentAdapter, PromotionFailed, S
 from service.worker import JobCancelled, JobContext, JobFailed, JobOutcome
 from training.adapter_store import AdapterStoreError
 from training.anchor_cache import anchor_answers
+from training.augment import question_variants
 from training.behaviour import TaughtItem, behaviour_report
 from training.evaluate import AdapterView, GateConfig, builtin_probe_examples, evaluate_gate, score_views
 from training.model_loading import ResidentBaseModel
@@ -218,6 +219,7 @@ class TrainJobHandler:
             )]  # fmt: skip
             conversations = recent_conversations(session, namespace, MAX_PROBE_CONVERSATIONS)
         new = render_feedback(tokenizer, new_items, self.render_config)
+        variants = self._question_variants(tokenizer, new_items, new) if self.settings.augment_questions else []
         replay = render_feedback(tokenizer, replay_items, self.render_config)
         probes, probe_source = drift_probes(tokenizer, conversations, self.render_config)
         from_id, to_id = new_items[0][0], new_items[-1][0]
@@ -232,7 +234,8 @@ class TrainJobHandler:
                 feedback_from_id=from_id, feedback_to_id=to_id,
             ).id  # fmt: skip
         timings["render_seconds"] = time.perf_counter() - clock
-        counts = {"new_items": len(new.examples), "replay_items": len(replay.examples),
+        counts = {"new_items": len(new.examples), "question_variants": len(variants),
+                  "replay_items": len(replay.examples),
                   "skipped_items": len(new.skipped), "probes": len(probes)}  # fmt: skip
         log.info("train %s: %s from v%d (probes: %s)", namespace, counts, parent.version, probe_source)
 
@@ -243,8 +246,8 @@ class TrainJobHandler:
                 taught = [item for item in (taught_item(i, body) for i, body in new_items if i in trained_ids)
                           if item is not None]
                 metrics, report = self._train_and_score(
-                    context, namespace, parent, new.examples, replay.examples, probes, candidate_dir, timings,
-                    taught[: self.settings.report_max_items], tokenizer,
+                    context, namespace, parent, new.examples, variants, replay.examples, probes, candidate_dir,
+                    timings, taught[: self.settings.report_max_items], tokenizer,
                 )
             except (TrainingDiverged, TrainingBudgetExceeded) as error:
                 self._finish_run(run_id, "failed", error=f"{type(error).__name__}: {error}", metrics=counts)
@@ -299,6 +302,7 @@ class TrainJobHandler:
         namespace: str,
         parent: CurrentAdapter,
         new_examples: list[Example],
+        variants: list[Example],
         replay_examples: list[Example],
         probes: list[Example],
         candidate_dir: Path,
@@ -321,13 +325,13 @@ class TrainJobHandler:
             clock = time.perf_counter()
             trained = LoraTrainer(train_config(self.settings)).train(
                 base_model=self.settings.base_model,
-                examples=[*new_examples, *replay_examples],
+                examples=[*new_examples, *variants, *replay_examples],
                 parent_adapter=parent.path,
                 out_dir=candidate_dir,
                 on_progress=on_progress,
                 should_stop=context.should_stop,
                 anchors=anchors,
-                must_learn=len(new_examples),
+                must_learn=len(new_examples) + len(variants),
                 base=holder.model,
             )
             model = holder.model = trained.model
@@ -356,6 +360,23 @@ class TrainJobHandler:
                     "general_total"):
             metrics[key] = float(summary[key])
         return metrics, report
+
+    def _question_variants(
+        self, tokenizer: Any, items: Sequence[tuple[int, Mapping[str, Any]]], rendered: RenderedFeedback
+    ) -> list[Example]:
+        """The framed variants (training.augment) of each rendered chat item's question."""
+        trained = set(rendered.example_ids)
+        framed: list[tuple[int, Mapping[str, Any]]] = []
+        for item_id, item in items:
+            messages = item.get("messages")
+            if item_id not in trained or not isinstance(messages, list):
+                continue
+            try:
+                index = resolve_target_index(messages, item.get("target_index"))
+            except RenderError:
+                continue
+            framed.extend((item_id, variant) for variant in question_variants(item, index))
+        return render_feedback(tokenizer, framed, self.render_config).examples
 
     def _base_anchor_answers(self, base: Any, tokenizer: Any) -> list[str]:
         """The base model's greedy answers to the built-in anchor prompts (training.anchor_cache:

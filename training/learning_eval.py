@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from training.anchor_cache import anchor_answers
+from training.augment import question_variants
 from training.behaviour import first_sentence
 from training.evaluate import AdapterView, builtin_probe_examples, drift_kl
 from training.generate import answer_has_keys, greedy_answers, user_prompt
@@ -121,10 +122,18 @@ class LearningHarness:
         judge: Sequence[Fact] | None = None,
         general: Sequence[GeneralQuestion] = (),
         use_anchors: bool = True,
+        augment: bool = True,
     ) -> UpdateScore:
-        """Train `new` (+ `replay`) from `parent_adapter` into `out_dir`, then score on `judge`
-        (default: `new`) and `general`; drift is KL(base || update) on the built-in probes."""
-        examples = [self.example(f.question, f.answer) for f in [*new, *replay]]
+        """Train `new` (+ its framed question variants when `augment`, + `replay`) from
+        `parent_adapter` into `out_dir`, then score on `judge` (default: `new`) and `general`;
+        drift is KL(base || update) on the built-in probes."""
+        examples = [self.example(f.question, f.answer) for f in new]
+        if augment:
+            for fact in new:
+                item = {"messages": user_prompt(fact.question), "continuation": fact.answer}
+                examples += [render_example(self.tokenizer, v, self.render_config) for v in question_variants(item, 1)]
+        must_learn = len(examples)
+        examples += [self.example(f.question, f.answer) for f in replay]
         anchors = self.anchors() if use_anchors and config.anchor_weight > 0 else []
         judge = list(new if judge is None else judge)
         with self.resident.lend() as holder:
@@ -132,7 +141,7 @@ class LearningHarness:
             with tempfile.TemporaryDirectory() as scratch:
                 result = LoraTrainer(config).train(
                     base_model=self.model_dir, examples=examples, parent_adapter=parent_adapter,
-                    out_dir=Path(scratch) / "adapter", anchors=anchors, must_learn=len(new), base=holder.model,
+                    out_dir=Path(scratch) / "adapter", anchors=anchors, must_learn=must_learn, base=holder.model,
                 )
                 model = holder.model = result.model
                 train_seconds = time.perf_counter() - started
