@@ -414,6 +414,7 @@ def test_distill_now_bakes_the_memories(pipeline, monkeypatch: pytest.MonkeyPatc
     client, settings, worker = pipeline(
         distill_epochs=12, distill_learning_rate=3e-3, distill_max_new_tokens=12,
         distill_no_repeat_ngram_size=1,  # the random-init model's greedy answer is otherwise empty
+        distill_method="kl",  # the KL pipeline's mechanics; baking by answers needs the real model
     )  # fmt: skip
     memory = {"namespace": "ops", "content": "The deploy password for project Kestrel is 7-4-1-9", "priority": 2}
     assert client.post("/memories", json=memory).status_code == 201
