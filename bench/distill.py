@@ -24,13 +24,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
+import torch
 
-from service.config import Settings  # noqa: E402
-from service.distill_job import bake_config  # noqa: E402
-from service.registry import train_config  # noqa: E402
-from training.learning_eval import LearningHarness, load_fact_set, load_memory_set  # noqa: E402
-from training.pretrained import model_dir  # noqa: E402
+from service.config import Settings
+from service.distill_job import bake_config
+from service.registry import train_config
+from training.learning_eval import LearningHarness, load_fact_set, load_memory_set
+from training.pretrained import model_dir
 
 DEV_SET = Path(__file__).parent / "data" / "bake_dev.json"
 GENERAL = Path(__file__).parent / "data" / "learning_dev.json"
@@ -65,7 +65,8 @@ def main() -> int:
         "metric": "bake_answer_accuracy", "value": round(value, 4),
         "baseline": "naive_sft_on_teacher_answers", "baseline_value": round(baseline, 4),
         "ratio": round(value / baseline, 4) if baseline else None,
-        "gap_closure": rows["loraloop"]["gap_closure"], "baseline_gap_closure": rows["naive_sft"]["gap_closure"],
+        "gap_closure": rows["loraloop"]["gap_closure"],
+        "baseline_gap_closure": rows["naive_sft"]["gap_closure"],
         "general": rows["loraloop"]["general"], "baseline_general": rows["naive_sft"]["general"],
         "memories": args.memories,
     }))
