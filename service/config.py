@@ -117,6 +117,14 @@ class Settings(BaseSettings):
     distill_max_new_tokens: int = Field(64, ge=1)  # teacher responses generated for probe prompts
     distill_no_repeat_ngram_size: int = Field(0, ge=0)  # > 0 only for degenerate (random-init) models
     gate_min_gap_closure: float = Field(0.3, ge=0, le=1)
+    # bake = the online recipe trained on the teacher's answers, judged by answers (training.bake);
+    # kl = the earlier KL(teacher || student) distillation (training.distill)
+    distill_method: Literal["bake", "kl"] = "bake"
+    distill_answer_tokens: int = Field(40, ge=1)  # teacher / parent / candidate answers of a bake
+    distill_replay_memories: int = Field(8, ge=0)  # memories baked earlier, replayed (never retired ones)
+    distill_replay_items: int = Field(16, ge=0)  # trained feedback items replayed by a bake
+    # held-out bake questions whose student answer carries the teacher's key content
+    gate_min_answer_agreement: float = Field(0.6, ge=0, le=1)
     # the oldest active memories first; the rest are baked by the next run
     distill_max_memories: int = Field(256, ge=1)
 

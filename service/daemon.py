@@ -272,9 +272,10 @@ def job_handlers(
     from service.distill_job import DistillJobHandler
     from service.train_job import TrainJobHandler
 
+    online = TrainJobHandler(settings, session_factory, registry)  # its resident base is shared
     return {
-        "train": TrainJobHandler(settings, session_factory, registry),
-        DISTILL_JOB_KIND: DistillJobHandler(settings, session_factory, registry),
+        "train": online,
+        DISTILL_JOB_KIND: DistillJobHandler(settings, session_factory, registry, online=online),
     }
 
 

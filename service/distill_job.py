@@ -5,6 +5,9 @@ teacher for responses (vLLM, serving the current version, when it is configured 
 distiller generates locally), runs training.distill, gates the result (gap closure and drift),
 publishes and promotes it through the registry and marks the memories `baked`. Also provides the
 scheduler's glue: enqueue one `distill:<ns>` job per slot, the latest slot, the namespaces to watch.
+With `distill_method = bake` (the default) the student is trained by the online recipe on the
+teacher's answers to questions about each memory (training.bake), memories baked earlier and trained
+feedback replayed, and gated on held-out answer agreement, gap closure, drift and general answers.
 Knows the database and the training code; nothing about HTTP.
 """
 
@@ -43,6 +46,7 @@ from service.registry import (
     vllm_base_urls,
 )
 from service.train_job import (
+    TrainJobHandler,
     drift_probes,
     feedback_item_dict,
     recent_conversations,
@@ -51,6 +55,7 @@ from service.train_job import (
     worker_tokenizer,
 )
 from service.worker import JobCancelled, JobContext, JobFailed, JobOutcome
+from training.bake import BakeConfig, MemoryBaker
 from training.distill import (
     DEFAULT_PROBE_TEMPLATES,
     DistillAlignmentError,
@@ -63,11 +68,13 @@ from training.distill import (
     teacher_messages,
 )
 from training.evaluate import GateDecision
-from training.trainer import TrainingCancelled, TrainingDiverged
+from training.probes import anchor_examples, general_probes, prompt_anchor_pairs
+from training.trainer import TrainingBudgetExceeded, TrainingCancelled, TrainingDiverged
 
 __all__ = [
     "DISTILL_JOB_KIND",
     "DistillJobHandler",
+    "bake_config",
     "distill_config",
     "distill_dedupe_key",
     "distill_gate",
@@ -115,15 +122,36 @@ def distill_config(settings: Settings) -> DistillConfig:
     )
 
 
+def bake_config(settings: Settings) -> BakeConfig:
+    """Settings' knobs of a bake (`distill_method = bake`)."""
+    return BakeConfig(max_new_tokens=settings.distill_answer_tokens, render=render_config(settings))
+
+
 def distill_gate(metrics: Mapping[str, float], settings: Settings) -> GateDecision:
-    """Pass iff gap closure on held-out probes >= gate_min_gap_closure and drift <= gate_max_drift_kl."""
+    """Pass iff gap closure on held-out probes >= gate_min_gap_closure and drift <= gate_max_drift_kl;
+    for a bake (metrics carry `answer_agreement`) also iff the held-out answers agree with the
+    teacher's >= gate_min_answer_agreement and at most gate_max_general_lost general answers the
+    parent got right are lost."""
+    failures = []
+    if "answer_agreement" in metrics:
+        agreement = float(metrics["answer_agreement"])
+        lost = float(metrics.get("general_lost", math.nan))
+        if not (math.isfinite(agreement) and math.isfinite(lost)):
+            return GateDecision(False, f"non-finite metrics: answer_agreement {agreement}, "
+                                       f"general_lost {lost}")
+        if agreement < settings.gate_min_answer_agreement:
+            failures.append(f"memories not answered: answer_agreement {agreement:.1%} "
+                            f"(required {settings.gate_min_answer_agreement:.1%})")
+        if lost > settings.gate_max_general_lost:
+            failures.append(f"general answers lost: {lost:g} (max {settings.gate_max_general_lost})")
     gap = float(metrics.get("gap_closure", math.nan))
     drift = float(metrics.get("drift_kl", math.nan))
     if not (math.isfinite(gap) and math.isfinite(drift)):
         return GateDecision(False, f"non-finite metrics: gap_closure {gap}, drift_kl {drift}")
     gap_text = f"gap_closure {gap:.1%} (required {settings.gate_min_gap_closure:.1%})"
     drift_text = f"drift_kl {drift:.4f} (max {settings.gate_max_drift_kl:g})"
-    failures = []
+    if "answer_agreement" in metrics:
+        drift_text += f"; answer_agreement {float(metrics['answer_agreement']):.1%}"
     if gap < settings.gate_min_gap_closure:
         failures.append(f"memories not baked in enough: {gap_text}")
     if drift > settings.gate_max_drift_kl:
@@ -158,11 +186,14 @@ def vllm_teacher_responses(
 class DistillJobHandler:
     """Handler of `distill` jobs (payload `{"namespace": ..., "scheduled_for"?: ISO time}`)."""
 
-    def __init__(self, settings: Settings, session_factory: sessionmaker[Session], registry: AdapterRegistry) -> None:
+    def __init__(self, settings: Settings, session_factory: sessionmaker[Session], registry: AdapterRegistry,
+                 *, online: TrainJobHandler | None = None) -> None:
         self.settings = settings
         self.session_factory = session_factory
         self.registry = registry
         self.config = distill_config(settings)
+        # the online handler's resident base model and cached anchor answers (bake)
+        self.online = online if online is not None else TrainJobHandler(settings, session_factory, registry)
 
     def __call__(self, context: JobContext) -> JobOutcome:
         namespace = context.payload.get("namespace") or context.namespace
@@ -183,6 +214,18 @@ class DistillJobHandler:
             notes = [MemoryNote(content=m.content, topic=m.title, priority=m.priority) for m in memories]
             conversations = recent_conversations(session, namespace, MAX_CONVERSATIONS)
             mix_items = self._mix_feedback_items(session, namespace)
+            if self.settings.distill_method == "bake":
+                baked = MemoryRepository(session).list(namespace=namespace, state="baked", limit=None)
+                replay_notes = [MemoryNote(content=m.content, topic=m.title, priority=m.priority)
+                                for m in baked[-self.settings.distill_replay_memories:]
+                                ] if self.settings.distill_replay_memories else []
+                trained = FeedbackRepository(session).recent(
+                    namespace=namespace, status="trained", limit=self.settings.distill_replay_items
+                ) if self.settings.distill_replay_items else []
+                replay_items = [(item.id, feedback_item_dict(item)) for item in trained]
+        if self.settings.distill_method == "bake":
+            return self._bake(context, namespace, parent, tokenizer, notes, memory_ids, replay_notes,
+                              replay_items, conversations, started)
         probes, _source = drift_probes(tokenizer, conversations, self.config.render)
         feedback_examples = render_feedback(tokenizer, mix_items, self.config.render).examples
         try:
@@ -230,10 +273,97 @@ class DistillJobHandler:
                 reason=None if decision.passed else decision.reason,
                 extra_metadata={"kind": "distill", "job_id": context.job_id, "memory_ids": memory_ids},
             )  # fmt: skip
+        return self._promote(context, namespace, parent, run_id, version, decision, metrics, memory_ids,
+                             teacher_source, started)
+
+    def _bake(self, context: JobContext, namespace: str, parent: CurrentAdapter, tokenizer: Any,
+              notes: list[MemoryNote], memory_ids: list[int], replay_notes: list[MemoryNote],
+              replay_items: list[tuple[int, dict[str, Any]]], conversations: list[Any], started: float,
+              ) -> JobOutcome:
+        """The bake path: training.bake on the resident base, published with its behaviour report."""
+        if not any(note.content.strip() for note in notes):
+            return JobOutcome({"namespace": namespace, "outcome": "nothing_to_distill", "version": None,
+                               "reason": "no active memory with content: nothing to bake"})
+        render = self.config.render
+        probes, _source = drift_probes(tokenizer, conversations, render)
+        replay = render_feedback(tokenizer, replay_items, render).examples
+        with self.session_factory.begin() as session:
+            run_id = TrainingRunRepository(session).start(
+                namespace=namespace, kind="distill", job_id=context.job_id, parent_version=parent.version
+            ).id
+        teacher_source = {"value": "local"}
+
+        def teacher_answers(conversations: list[list[dict[str, Any]]]) -> list[str] | None:
+            for url in vllm_base_urls(self.settings):
+                with VllmClient(url, timeout=self.settings.vllm_timeout_s, retries=0) as client:
+                    if not client.health():
+                        continue
+                try:
+                    answers = vllm_teacher_responses(
+                        url, served_name(namespace, parent.version), conversations,
+                        max_tokens=self.settings.distill_answer_tokens,
+                        timeout_s=self.settings.vllm_timeout_s,
+                    )
+                except (httpx.HTTPError, KeyError, IndexError, ValueError) as error:
+                    log.warning("teacher answers from %s failed (%s); generating locally", url, error)
+                    continue
+                teacher_source["value"] = "vllm"
+                return answers
+            return None
+
+        with tempfile.TemporaryDirectory(prefix=f"bake-{namespace}-job{context.job_id}-",
+                                         dir=scratch_dir(self.settings)) as scratch:
+            out_dir = Path(scratch) / "adapter"
+            try:
+                with self.online.resident.lend() as holder:
+                    anchors = anchor_examples(tokenizer, prompt_anchor_pairs(
+                        self.online._base_anchor_answers(holder.model, tokenizer)), render)
+                    result = MemoryBaker(bake_config(self.settings), train_config(self.settings)).run(
+                        base=holder.model, base_model=self.settings.base_model, tokenizer=tokenizer,
+                        memories=notes, parent_adapter=parent.path, out_dir=out_dir, anchors=anchors,
+                        replay=replay, replay_memories=replay_notes, drift_probes=probes,
+                        general=general_probes(),
+                        parent_general_answers=self.online._parent_probe_answers(namespace, parent),
+                        teacher_answers=teacher_answers, should_stop=context.should_stop,
+                        on_progress=lambda p: context.report_progress({"phase": "distill", **p}),
+                    )
+                    holder.model = result.model
+            except NothingToDistill as error:
+                self._finish_run(run_id, "cancelled", error=str(error))
+                return JobOutcome({"namespace": namespace, "outcome": "nothing_to_distill", "version": None,
+                                   "reason": str(error)})
+            except (TrainingDiverged, TrainingBudgetExceeded, DistillAlignmentError) as error:
+                self._finish_run(run_id, "failed", error=f"{type(error).__name__}: {error}")
+                raise JobFailed(f"{type(error).__name__}: {error}", retryable=False) from error
+            except TrainingCancelled as error:
+                self._finish_run(run_id, "cancelled", error=str(error))
+                raise JobCancelled(str(error)) from error
+            except Exception as error:
+                self._finish_run(run_id, "failed", error=f"{type(error).__name__}: {error}")
+                raise
+            metrics = {key: float(value) for key, value in result.metrics.items()}
+            metrics["memories"] = float(len(memory_ids))
+            metrics["replay_memories"] = float(len(replay_notes))
+            metrics["teacher_from_vllm"] = 1.0 if teacher_source["value"] == "vllm" else 0.0
+            decision = distill_gate(metrics, self.settings)
+            context.report_progress({"phase": "publish", "gate": decision.reason})
+            version = self.registry.publish_candidate(
+                namespace, out_dir, parent_version=parent.version, training_run_id=run_id, metrics=metrics,
+                status="candidate" if decision.passed else "rejected",
+                reason=None if decision.passed else decision.reason,
+                extra_metadata={"kind": "distill", "method": "bake", "job_id": context.job_id,
+                                "memory_ids": memory_ids, "behaviour_report": result.report},
+            )
+        return self._promote(context, namespace, parent, run_id, version, decision, metrics, memory_ids,
+                             teacher_source["value"], started)
+
+    def _promote(self, context: JobContext, namespace: str, parent: CurrentAdapter, run_id: int, version: int,
+                 decision: GateDecision, metrics: dict[str, float], memory_ids: list[int],
+                 teacher_source: str, started: float) -> JobOutcome:
         outcome = {"namespace": namespace, "version": version, "parent_version": parent.version,
                    "training_run_id": run_id, "gate": decision.reason, "memories": len(memory_ids),
                    "gap_closure": metrics.get("gap_closure"), "drift_kl": metrics.get("drift_kl"),
-                   "teacher": teacher_source}  # fmt: skip
+                   "answer_agreement": metrics.get("answer_agreement"), "teacher": teacher_source}
         if not decision.passed:
             self._finish_run(run_id, "rejected", version=version, error=decision.reason, metrics=metrics)
             return JobOutcome({**outcome, "outcome": "rejected", "seconds": time.perf_counter() - started})

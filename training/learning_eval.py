@@ -20,7 +20,9 @@ from typing import Any
 
 from training.anchor_cache import anchor_answers
 from training.augment import question_variants
+from training.bake import BakeConfig, MemoryBaker
 from training.behaviour import first_sentence
+from training.distill import MemoryNote
 from training.evaluate import AdapterView, builtin_probe_examples, drift_kl
 from training.generate import answer_has_keys, greedy_answers, user_prompt
 from training.model_loading import ResidentBaseModel
@@ -28,7 +30,16 @@ from training.probes import anchor_examples, prompt_anchor_pairs
 from training.render import Example, RenderConfig, render_example
 from training.trainer import LoraTrainer, TrainConfig
 
-__all__ = ["Fact", "GeneralQuestion", "LearningHarness", "UpdateScore", "load_fact_set"]
+__all__ = [
+    "BakeScore",
+    "Fact",
+    "GeneralQuestion",
+    "LearningHarness",
+    "MemoryCase",
+    "UpdateScore",
+    "load_fact_set",
+    "load_memory_set",
+]
 
 
 @dataclass(frozen=True)
@@ -50,6 +61,48 @@ def load_fact_set(path: Path) -> tuple[list[Fact], list[GeneralQuestion]]:
     facts = [Fact(f["question"], f["answer"], tuple(f["rephrasings"]), tuple(f["keys"])) for f in data["facts"]]
     general = [GeneralQuestion(g["question"], tuple(g["keys"])) for g in data["general"]]
     return facts, general
+
+
+@dataclass(frozen=True)
+class MemoryCase:
+    """A memory, questions about it phrased unlike its text, and the key content of a right answer."""
+
+    content: str
+    questions: tuple[str, ...]
+    keys: tuple[str, ...]
+
+
+def load_memory_set(path: Path) -> list[MemoryCase]:
+    data = json.loads(Path(path).read_text(encoding="utf-8"))
+    return [MemoryCase(m["content"], tuple(m["questions"]), tuple(m["keys"])) for m in data["memories"]]
+
+
+@dataclass
+class BakeScore:
+    """Answers WITHOUT the memories in context after a bake: per memory, whether most of its
+    questions were answered right; general answers kept; the bake's own metrics."""
+
+    memories_right: int
+    memories_total: int
+    questions_right: int
+    questions_total: int
+    general: int
+    general_total: int
+    metrics: dict[str, float]
+    answers: dict[str, str] = field(default_factory=dict)
+    report: dict[str, Any] = field(default_factory=dict)
+
+    def row(self) -> dict[str, Any]:
+        m = self.metrics
+        return {
+            "memories": f"{self.memories_right}/{self.memories_total}",
+            "questions": f"{self.questions_right}/{self.questions_total}",
+            "general": f"{self.general}/{self.general_total}",
+            "answer_agreement": round(m.get("answer_agreement", float("nan")), 3),
+            "gap_closure": round(m.get("gap_closure", float("nan")), 3), "drift_kl": round(m["drift_kl"], 4),
+            "steps": int(m["steps"]), "seconds": round(m["train_seconds"], 1),
+            "cache_kb": round(m["teacher_cache_bytes"] / 1024, 1),
+        }
 
 
 @dataclass
@@ -160,4 +213,48 @@ class LearningHarness:
             exact=exact, rephrased=rephrased, general=general_right, exact_total=len(judge),
             rephrased_total=sum(len(f.rephrasings) for f in judge), general_total=len(general),
             drift_kl=drift, train_seconds=train_seconds, steps=int(result.metrics["steps"]), answers=by_question,
+        )
+
+    # --- one bake -------------------------------------------------------------------------------
+    def bake(
+        self,
+        config: TrainConfig,
+        cases: Sequence[MemoryCase],
+        *,
+        out_dir: Path,
+        bake_config: BakeConfig | None = None,
+        parent_adapter: Path | None = None,
+        replay_memories: Sequence[MemoryCase] = (),
+        judge: Sequence[MemoryCase] | None = None,
+        general: Sequence[GeneralQuestion] = (),
+        use_anchors: bool = True,
+    ) -> BakeScore:
+        """Bake `cases`' memories (teacher: the parent with them in context) from `parent_adapter`
+        into `out_dir`, then ask `judge` (default: `cases`) questions and `general` ones WITHOUT
+        the memories. A memory counts as answered when at least half its questions are right."""
+        anchors = self.anchors() if use_anchors and config.anchor_weight > 0 else []
+        judge = list(cases if judge is None else judge)
+        probes = builtin_probe_examples(self.tokenizer, self.render_config)
+        with self.resident.lend() as holder:
+            result = MemoryBaker(bake_config or BakeConfig(), config).run(
+                base=holder.model, base_model=self.model_dir, tokenizer=self.tokenizer,
+                memories=[MemoryNote(c.content) for c in cases], parent_adapter=parent_adapter,
+                out_dir=out_dir,
+                anchors=anchors, replay_memories=[MemoryNote(c.content) for c in replay_memories],
+                drift_probes=probes,
+            )
+            model = holder.model = result.model
+            model.set_adapter("default")
+            prompts = [q for c in judge for q in c.questions] + [g.question for g in general]
+            answers = greedy_answers(model, self.tokenizer, [user_prompt(q) for q in prompts],
+                                     max_new_tokens=40)
+        by_question = dict(zip(prompts, answers, strict=True))
+        per_memory = [sum(answer_has_keys(by_question[q], c.keys) for q in c.questions) for c in judge]
+        return BakeScore(
+            memories_right=sum(right * 2 >= len(c.questions)
+                               for right, c in zip(per_memory, judge, strict=True)),
+            memories_total=len(judge), questions_right=sum(per_memory),
+            questions_total=sum(len(c.questions) for c in judge),
+            general=sum(answer_has_keys(first_sentence(by_question[g.question]), g.keys) for g in general),
+            general_total=len(general), metrics=result.metrics, answers=by_question, report=result.report,
         )

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -414,6 +415,7 @@ def test_distill_now_bakes_the_memories(pipeline, monkeypatch: pytest.MonkeyPatc
     client, settings, worker = pipeline(
         distill_epochs=12, distill_learning_rate=3e-3, distill_max_new_tokens=12,
         distill_no_repeat_ngram_size=1,  # the random-init model's greedy answer is otherwise empty
+        distill_method="kl",  # the KL pipeline's mechanics; baking by answers needs the real model
     )  # fmt: skip
     memory = {"namespace": "ops", "content": "The deploy password for project Kestrel is 7-4-1-9", "priority": 2}
     assert client.post("/memories", json=memory).status_code == 201
@@ -438,6 +440,60 @@ def test_distill_now_bakes_the_memories(pipeline, monkeypatch: pytest.MonkeyPatc
     memories = client.get("/memories", params={"namespace": "ops", "state": "baked"}).json()["items"]
     assert [(m["content"], m["baked_in_version"]) for m in memories] == [(memory["content"], 1)]
     assert client.get("/memories", params={"namespace": "ops", "state": "active"}).json()["items"] == []
+
+
+@pytest.mark.slow
+def test_bake_replays_baked_memories_but_never_a_retired_one(
+    pipeline, monkeypatch: pytest.MonkeyPatch, restore_logging: Callable[[], None]
+) -> None:
+    """The bake path (the default) through the CLI: it bakes the active memory, replays the one
+    baked earlier and leaves out the baked memory deleted since; the version (promoted or not: the
+    random tiny model says nothing about learning) carries its behaviour report (teacher, parent,
+    candidate answers) and the answer metrics."""
+    from typer.testing import CliRunner
+
+    from memory_store.repositories import MemoryRepository
+    from service.cli import app
+    from service.daemon import job_handlers
+
+    client, settings, worker = pipeline(gate_min_answer_agreement=0.0, gate_min_gap_closure=0.0,
+                                        gate_max_drift_kl=1e6, gate_max_general_lost=100, distill_answer_tokens=8)
+    assert settings.distill_method == "bake"
+    kept = {"namespace": "ops", "content": "Our production region is eu-north-7"}
+    retired = {"namespace": "ops", "content": "The codename of the spring launch is Marigold"}
+    earlier = [client.post("/memories", json=body).json()["id"] for body in (kept, retired)]
+    factory = client.app.state.session_factory
+    with factory.begin() as session:  # both baked by an earlier run, then one deleted
+        assert MemoryRepository(session).mark_baked(ids=earlier, version=0) == 2
+    assert client.delete(f"/memories/{earlier[1]}").status_code == 200
+    added = {"namespace": "ops", "content": "The Lisbon office Wi-Fi password is tangerine42"}
+    added_id = client.post("/memories", json=added).json()["id"]
+    worker.handlers = job_handlers(settings, factory, AdapterRegistry.from_settings(settings, factory))
+    for name, value in settings.model_dump().items():
+        if value is not None and not isinstance(value, list):
+            monkeypatch.setenv(f"LORALOOP_{name.upper()}", str(value))
+    worker.start()
+    try:
+        result = CliRunner().invoke(app, ["distill", "--namespace", "ops", "--now", "--wait", "--poll", "0.2"])
+    finally:
+        restore_logging()
+        worker.stop()
+    assert "job 1 succeeded" in result.output and "version v1" in result.output, result.output
+
+    metadata = AdapterRegistry.from_settings(settings, factory).store.read_metadata("ops", 1)
+    assert metadata["memory_ids"] == [added_id] and metadata["method"] == "bake"
+    report = metadata["behaviour_report"]
+    assert {row["memory_text"] for row in report["taught"]} == {added["content"]}
+    assert all(retired["content"] not in row["question"] for row in report["taught"])
+    for row in report["taught"]:
+        assert {"teacher", "parent", "candidate", "candidate_right", "keys"} <= set(row)
+        assert row["keys"] == ["tangerine42"]
+    assert report["general"], "general probes asked of parent and candidate"
+    metrics = metadata["metrics"]
+    assert metrics["replay_memories"] == 1.0  # the kept one; the retired one is not re-taught
+    for key in ("answer_agreement", "gap_closure", "drift_kl", "general_lost", "steps"):
+        assert math.isfinite(metrics[key]), key
+    assert 0 < metrics["teacher_cache_bytes"] < 20e6
 
 
 @pytest.mark.parametrize(("outcome", "exit_code"), [("promoted", 0), ("rejected", 1), ("nothing_to_train", 0)])

@@ -1,0 +1,85 @@
+"""Memory baking on the real model (SmolLM2-135M-Instruct), with the default settings: the baked
+version answers questions about the memories WITHOUT them in context, keeps the general answers
+the base gets right, and a second bake after a deletion learns the new memory, keeps the earlier
+ones and does not re-teach the deleted one.
+
+Held-out data: tests/data/bake_eval.json, disjoint from bench/data/bake_dev.json (tuning).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import torch
+
+from service.config import Settings
+from service.distill_job import bake_config
+from service.registry import train_config
+from training.learning_eval import BakeScore, LearningHarness, load_fact_set, load_memory_set
+
+pytestmark = [pytest.mark.slow, pytest.mark.integration]
+
+EVAL_SET = Path(__file__).parents[1] / "data" / "bake_eval.json"
+GENERAL = Path(__file__).parents[1] / "data" / "learning_eval.json"
+
+
+@pytest.fixture(scope="module")
+def harness(real_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> LearningHarness:
+    torch.set_num_threads(2)
+    return LearningHarness(real_model_dir, device="cpu", cache_dir=tmp_path_factory.mktemp("anchors"))
+
+
+@pytest.fixture(scope="module")
+def settings() -> Settings:
+    return Settings(auth_disabled=True, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def general(harness: LearningHarness):
+    _facts, general = load_fact_set(GENERAL)
+    return harness.base_right(general[:12])
+
+
+@pytest.fixture(scope="module")
+def first_bake(harness, settings, general, tmp_path_factory) -> tuple[BakeScore, Path]:
+    cases = load_memory_set(EVAL_SET)[:3]
+    out = tmp_path_factory.mktemp("bake") / "v1"
+    recipe = dataclasses.replace(train_config(settings), device="cpu")
+    score = harness.bake(recipe, cases, out_dir=out, bake_config=bake_config(settings), general=general)
+    print(f"first bake: {score.row()}")
+    return score, out
+
+
+def test_memories_are_answered_without_context(first_bake, settings) -> None:
+    score, _out = first_bake
+    assert score.memories_right >= 2, score.answers
+    assert score.metrics["answer_agreement"] >= settings.gate_min_answer_agreement, score.report["taught"]
+    for row in score.report["taught"]:  # teacher, parent and candidate side by side
+        assert row["teacher"] and "parent" in row and "candidate" in row
+    assert score.metrics["teacher_cache_bytes"] < 20e6
+
+
+def test_general_answers_are_kept(first_bake, general) -> None:
+    score, _out = first_bake
+    assert len(general) >= 6
+    assert score.general == score.general_total, score.answers
+    assert score.metrics["general_lost"] == 0.0, score.report["general"]
+    assert score.metrics["drift_kl"] < Settings(auth_disabled=True).gate_max_drift_kl
+
+
+def test_second_bake_keeps_the_earlier_memories_and_does_not_reteach_a_deleted_one(
+    harness, settings, general, first_bake, tmp_path
+) -> None:
+    _score, v1 = first_bake
+    cases = load_memory_set(EVAL_SET)
+    kept, deleted, new = cases[:2], cases[2], cases[3]
+    recipe = dataclasses.replace(train_config(settings), device="cpu")
+    score = harness.bake(recipe, [new], out_dir=tmp_path / "v2", bake_config=bake_config(settings),
+                         parent_adapter=v1, replay_memories=kept, judge=[new, *kept], general=general)
+    print(f"second bake: {score.row()}")
+    assert score.memories_right >= 2, score.answers  # of the new one and the two kept
+    assert score.general == score.general_total, score.answers
+    assert all(deleted.content not in row["memory_text"] for row in score.report["taught"])
+    assert score.metrics["replay_examples"] > 0
