@@ -26,9 +26,9 @@ GENERAL = Path(__file__).parents[1] / "data" / "learning_eval.json"
 
 
 @pytest.fixture(scope="module")
-def harness(real_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> LearningHarness:
+def harness(real_model_dir: Path) -> LearningHarness:
     torch.set_num_threads(2)
-    return LearningHarness(real_model_dir, device="cpu", cache_dir=tmp_path_factory.mktemp("anchors"))
+    return LearningHarness(real_model_dir, device="cpu")
 
 
 @pytest.fixture(scope="module")
