@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import logging
 
-import sqlalchemy as sa
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from memory_store.queue import JobQueue
 from service.deps import PUBLIC, MetricsDep
-from service.schemas import Health
+from service.readiness import ReadinessChecks
+from service.schemas import Health, Readiness
 
 router = APIRouter(tags=["health"], dependencies=[PUBLIC])
 logger = logging.getLogger(__name__)
@@ -23,18 +23,12 @@ def healthz() -> Health:
     return Health(status="ok")
 
 
-@router.get("/readyz", response_model=Health, responses={503: {"model": Health}})
+@router.get("/readyz", response_model=Readiness, responses={503: {"model": Readiness}})
 def readyz(request: Request) -> Response:
-    """Ready to take traffic: the database answers a query (503 otherwise, quickly)."""
-    try:
-        with request.app.state.session_factory() as session:
-            session.execute(sa.text("SELECT 1"))
-    except Exception as exc:  # noqa: BLE001 - any failure to reach the store means "not ready"
-        logger.warning("readiness check failed: %s", type(exc).__name__)
-        return JSONResponse(
-            Health(status="unavailable", detail="database unreachable").model_dump(), status_code=503
-        )
-    return JSONResponse(Health(status="ok").model_dump())
+    """Ready to do its job: every component ok (200), else 503; `components` says which is not."""
+    checks: ReadinessChecks = request.app.state.readiness
+    readiness = checks.run()
+    return JSONResponse(readiness.model_dump(), status_code=200 if readiness.status == "ok" else 503)
 
 
 @router.get("/metrics", response_class=Response)
