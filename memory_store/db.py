@@ -49,8 +49,9 @@ class SqliteFileGuard:
     Deleting or replacing the file under a running service leaves pooled connections writing to the
     unlinked inode (acknowledged writes that no restart will see) and lets new connections create an
     empty file. The guard records the file the engine first opened; afterwards a connection is only
-    opened onto that same file (never creating one), and every transaction start and every session
-    commit checks that the path still names it, raising `DatabaseUnavailable` otherwise.
+    opened onto that same file (never creating one), and every transaction start (and, through
+    `check_database_file`, every acknowledged commit) checks that the path still names it, raising
+    `DatabaseFileChanged` otherwise.
     """
 
     def __init__(self, path: Path) -> None:
@@ -66,9 +67,18 @@ class SqliteFileGuard:
         return stat.st_dev, stat.st_ino
 
     def before_connect(self) -> None:
-        """Called before sqlite3 opens the path: once pinned, a missing file is not re-created."""
+        """Called before sqlite3 opens the path: once pinned, a missing file is not re-created, and a
+        write-protected file is refused (sqlite3 would open it read-only, and every connection of
+        the process to that file would stay read-only until all of them are closed)."""
         if self._identity is not None:
             self.check()
+        self.check_writable()
+
+    def check_writable(self) -> None:
+        """Raise `DatabaseReadOnly` when the file, its WAL/SHM or its folder is write-protected."""
+        for path in (self.path, Path(f"{self.path}-wal"), Path(f"{self.path}-shm"), self.path.parent):
+            if path.exists() and not os.access(path, os.W_OK):
+                raise DatabaseReadOnly(f"the SQLite database {self.path} is read-only ({path.name})")
 
     def pin(self) -> None:
         """Called once a connection is open: the first one pins the file, later ones must match."""
@@ -201,6 +211,8 @@ def _translate_unavailable(context: ExceptionContext) -> None:
     if backend == "sqlite" and isinstance(error, sqlite3.OperationalError):
         message = str(error).lower()
         if "readonly" in message or getattr(error, "sqlite_errorname", "").startswith("SQLITE_READONLY"):
+            # drop the pool's connections: new ones are refused until the file is writable again
+            context.is_disconnect = True
             raise DatabaseReadOnly(f"database is read-only: {error}") from error
         unavailable = unavailable or any(
             sign in message for sign in ("locked", "unable to open", "disk i/o", "disk is full")
@@ -221,13 +233,16 @@ def make_session_factory(engine: Engine, *, read_only: bool = False) -> sessionm
     never hold one open across a training run.
     """
     bind = engine.execution_options(**{SQLITE_BEGIN_OPTION: "DEFERRED"}) if read_only else engine
-    factory = sessionmaker(bind=bind, expire_on_commit=False)
-    guard = sqlite_file_guard(engine)
+    return sessionmaker(bind=bind, expire_on_commit=False)
+
+
+def check_database_file(bind: Engine | Connection) -> None:
+    """After a commit, before acknowledging it: raise `DatabaseFileChanged` when the SQLite file
+    was deleted or replaced meanwhile (the commit went into a file no restart will open). No-op on
+    PostgreSQL and in-memory SQLite."""
+    guard = sqlite_file_guard(bind)
     if guard is not None:
-        # After the commit, before the caller answers: the committed data is in the file at the path
-        # (a file deleted or replaced during the transaction turns the acknowledgement into a 503).
-        event.listen(factory, "after_commit", lambda _session: guard.check())
-    return factory
+        guard.check()
 
 
 @dataclass(frozen=True)
@@ -250,9 +265,7 @@ def probe_writable(engine: Engine) -> WritableProbe:
     try:
         if guard is not None:
             guard.check()
-            for path in (guard.path, Path(f"{guard.path}-wal"), Path(f"{guard.path}-shm"), guard.path.parent):
-                if path.exists() and not os.access(path, os.W_OK):
-                    return WritableProbe(False, "database is read-only")
+            guard.check_writable()
         # a read transaction: the probe must not queue behind writers for SQLite's write lock
         with engine.execution_options(**{SQLITE_BEGIN_OPTION: "DEFERRED"}).connect() as connection:
             if connection.dialect.name == "postgresql":

@@ -19,6 +19,7 @@ from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer, SecurityScopes
 from sqlalchemy.orm import Session, sessionmaker
 
+from memory_store.db import check_database_file
 from service.auth import ANONYMOUS_ADMIN, Principal, TokenTable, bearer_token
 from service.config import Settings
 from service.errors import Forbidden, Unauthenticated
@@ -45,6 +46,7 @@ def get_session(request: Request) -> Iterator[Session]:
     try:
         yield session
         session.commit()
+        check_database_file(session.get_bind())  # the commit is in the file a restart will open
     except BaseException:
         session.rollback()
         raise
