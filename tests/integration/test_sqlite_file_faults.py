@@ -319,6 +319,10 @@ def set_writable(folder: Path, writable: bool) -> None:
 
 @pytest.mark.slow
 def test_read_only_database_is_503_and_readiness_red_until_writable_again() -> None:
+    """File, WAL, SHM and folder made read-only under a running service, then a burst of writes:
+    every answer 202 (through a connection opened before, into the same durable file) or 503, never
+    500; `/readyz` red meanwhile, green and writing again once writable, without a restart. A fresh
+    process refuses to start on a read-only database, naming the cause."""
     # not under tmp_path: pytest's base folder is private to its user, the server runs as another
     folder = Path(tempfile.mkdtemp(prefix="loraloop-ro-"))
     folder.chmod(0o755)
@@ -337,21 +341,26 @@ def test_read_only_database_is_503_and_readiness_red_until_writable_again() -> N
             set_writable(data, False)
             status, body = readiness(server.url)
             assert status == 503 and body["components"]["database"]["detail"] == "database is read-only", body
-            # pooled connections opened before still write to the (same, durable) file: 202 or 503
-            during = post(server.url, "during")
-            assert during.status_code in (202, 503), during.text
-        finally:
-            server.stop()
-        # a fresh process opens the file read-only: every write is a 503, never a 500
-        server = ReadOnlyServer(f"sqlite:///{db_path}", data, free_port())
-        server.start(timeout_s=180)
-        try:
-            assert readiness(server.url)[0] == 503
-            for key in ("ro-1", "ro-2", "ro-3"):
-                refused = post(server.url, key)
-                assert refused.status_code == 503, refused.text
-                assert refused.json()["error"]["type"] == "database_unavailable"
-                assert refused.headers["Retry-After"] == "1"
+            burst: dict[str, httpx.Response] = {}
+            threads = [
+                threading.Thread(target=lambda key=f"ro-{n}": burst.__setitem__(key, post(server.url, key)))
+                for n in range(12)
+            ]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join(timeout=120)
+            statuses = {key: response.status_code for key, response in burst.items()}
+            assert len(statuses) == 12 and set(statuses.values()) <= {202, 503}, statuses
+            for response in burst.values():
+                if response.status_code == 503:
+                    assert response.json()["error"]["type"] == "database_unavailable"
+                    assert response.headers["Retry-After"] == "1"
+            fresh = ReadOnlyServer(f"sqlite:///{db_path}", data, free_port())
+            fresh.log_path = data / "fresh.log"
+            with pytest.raises(AssertionError, match="exited early"):
+                fresh.start(timeout_s=180)
+            assert "is read-only" in fresh.log_path.read_text()
             set_writable(data, True)
             deadline = time.monotonic() + 30
             while readiness(server.url)[0] != 200:
@@ -362,8 +371,9 @@ def test_read_only_database_is_503_and_readiness_red_until_writable_again() -> N
         finally:
             server.stop()
         keys = stored(db_path)
-        assert {"before", "after"} <= keys and not keys & {"ro-1", "ro-2", "ro-3"}, keys
-        assert during.status_code != 202 or "during" in keys  # a 202 is durable
+        acked = {key for key, code in statuses.items() if code == 202}
+        assert {"before", "after"} | acked <= keys, keys
+        print(f"read-only: {len(acked)} of 12 acknowledged (all durable), {12 - len(acked)} refused with 503")
     finally:
         set_writable(data, True)
         shutil.rmtree(folder, ignore_errors=True)
