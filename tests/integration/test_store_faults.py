@@ -377,3 +377,39 @@ def test_read_only_database_is_503_and_readiness_red_until_writable_again() -> N
     finally:
         set_writable(data, True)
         shutil.rmtree(folder, ignore_errors=True)
+
+
+# --- PostgreSQL read-only -------------------------------------------------------------------------
+
+
+@pytest.mark.postgres
+def test_read_only_postgres_is_503_and_not_ready(postgres_admin_engine: sa.Engine, tmp_path: Path) -> None:
+    """A server whose transactions are read-only (a hot standby, default_transaction_read_only):
+    writes answer 503 `database_unavailable`, `/readyz` names the database read-only."""
+    from fastapi.testclient import TestClient
+
+    from service.app import create_app
+    from tests.conftest import _postgres_schema_url
+    from tests.integration.test_api import WRITER, bearer, item, make_settings
+
+    for url in _postgres_schema_url(postgres_admin_engine):
+        upgrade_database(url)
+        options = sa.engine.make_url(url).query["options"]
+        read_only = sa.engine.make_url(url).update_query_dict(
+            {"options": f"{options} -cdefault_transaction_read_only=on"}
+        )
+        settings = make_settings(read_only.render_as_string(hide_password=False), tmp_path, tmp_path / "none")
+        client = TestClient(create_app(settings, start_background=False))  # no lifespan: no upgrade
+        status = client.get("/readyz")
+        assert status.status_code == 503, status.text
+        assert status.json()["components"]["database"]["detail"] == "database is read-only"
+        refused = client.post("/feedback", json=item(), headers=bearer(WRITER))
+        assert refused.status_code == 503, refused.text
+        assert refused.json()["error"]["type"] == "database_unavailable"
+        client.app.state.resources.engine.dispose()
+        writable = TestClient(
+            create_app(make_settings(url, tmp_path, tmp_path / "none"), start_background=False)
+        )
+        ready = writable.get("/readyz")
+        writable.app.state.resources.engine.dispose()
+        assert ready.status_code == 200 and ready.json()["components"]["database"]["status"] == "ok"
