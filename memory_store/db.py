@@ -89,7 +89,7 @@ class SqliteFileGuard:
         self.check()
 
     def check(self) -> None:
-        """Raise `DatabaseUnavailable` when the path no longer names the pinned file."""
+        """Raise `DatabaseFileChanged` when the path no longer names the pinned file."""
         if self._identity is None:
             return
         current = self._current()
