@@ -185,9 +185,9 @@ def test_database_moved_away_under_load_acknowledges_only_durable_items(tmp_path
     data.mkdir()
     db_path = data / "loraloop.db"
     server = ServerProcess(f"sqlite:///{db_path}", data, free_port())
-    server.start(timeout_s=180)
     stream = Stream(server.url)
     try:
+        server.start(timeout_s=180)  # inside: a start that times out still stops the process
         threads = stream.start(3)
         time.sleep(3)
         aside = tmp_path / "aside"
@@ -219,8 +219,8 @@ def test_database_moved_away_under_load_acknowledges_only_durable_items(tmp_path
     for name in os.listdir(aside):
         os.rename(aside / name, data / name)
     restarted = ServerProcess(f"sqlite:///{db_path}", data, free_port())
-    restarted.start(timeout_s=180)
     try:
+        restarted.start(timeout_s=180)
         keys = set()
         cursor = None
         while True:
@@ -244,11 +244,11 @@ def test_database_deleted_under_load_is_refused_with_503(tmp_path: Path) -> None
     data.mkdir()
     db_path = data / "loraloop.db"
     server = ServerProcess(f"sqlite:///{db_path}", data, free_port())
-    server.start(timeout_s=180)
     stream = Stream(server.url)
     kept = tmp_path / "kept"
     kept.mkdir()
     try:
+        server.start(timeout_s=180)
         threads = stream.start(3)
         time.sleep(2)
         os.link(f"{db_path}-wal", kept / "loraloop.db-wal")
@@ -333,8 +333,8 @@ def test_read_only_database_is_503_and_readiness_red_until_writable_again() -> N
     db_path = data / "loraloop.db"
     try:
         server = ReadOnlyServer(f"sqlite:///{db_path}", data, free_port())
-        server.start(timeout_s=180)
         try:
+            server.start(timeout_s=180)
             first = post(server.url, "before")
             assert first.status_code == 202, first.text
             assert readiness(server.url)[0] == 200
@@ -358,8 +358,11 @@ def test_read_only_database_is_503_and_readiness_red_until_writable_again() -> N
                     assert response.headers["Retry-After"] == "1"
             fresh = ReadOnlyServer(f"sqlite:///{db_path}", data, free_port())
             fresh.log_path = data / "fresh.log"
-            with pytest.raises(AssertionError, match="exited early"):
-                fresh.start(timeout_s=180)
+            try:
+                with pytest.raises(AssertionError, match="exited early"):
+                    fresh.start(timeout_s=180)
+            finally:
+                fresh.stop()
             assert "is read-only" in fresh.log_path.read_text()
             set_writable(data, True)
             deadline = time.monotonic() + 30
