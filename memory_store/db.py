@@ -2,7 +2,9 @@
 
 Owns connection settings (SQLite: WAL, busy timeout, foreign keys, `BEGIN IMMEDIATE` write
 transactions; PostgreSQL: psycopg 3, pre-ping, connect timeout), the translation of connection
-failures into `DatabaseUnavailable`, and running the Alembic migrations shipped in this package.
+failures into `DatabaseUnavailable`, the SQLite file guard (a deleted or replaced database file is
+refused, never written), the writability probe behind readiness, and running the Alembic migrations
+shipped in this package.
 
 Durability on SQLite: WAL with `synchronous=NORMAL` keeps every committed transaction across a crash
 or SIGKILL of the process (the WAL is in the OS page cache, which outlives the process); only an OS
@@ -11,7 +13,11 @@ crash or power loss can drop the last commits. Pass `sqlite_synchronous="FULL"` 
 
 from __future__ import annotations
 
+import os
 import sqlite3
+import threading
+import weakref
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,10 +26,11 @@ import sqlalchemy as sa
 from alembic import command
 from alembic.config import Config
 from sqlalchemy import event
-from sqlalchemy.engine import URL, Engine, ExceptionContext, make_url
+from sqlalchemy.engine import URL, Connection, Engine, ExceptionContext, make_url
+from sqlalchemy.engine.interfaces import Dialect
 from sqlalchemy.orm import Session, sessionmaker
 
-from memory_store.errors import DatabaseUnavailable
+from memory_store.errors import DatabaseFileChanged, DatabaseReadOnly, DatabaseUnavailable
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 
@@ -34,6 +41,72 @@ SQLITE_BEGIN_OPTION = "loraloop_sqlite_begin"
 
 # Any 64-bit constant: serialises concurrent `upgrade_database` calls on one PostgreSQL database.
 _PG_MIGRATION_LOCK_ID = 0x6C6F72616C6F6F70
+
+
+class SqliteFileGuard:
+    """Pins the identity (device, inode) of an engine's SQLite file and refuses to use any other.
+
+    Deleting or replacing the file under a running service leaves pooled connections writing to the
+    unlinked inode (acknowledged writes that no restart will see) and lets new connections create an
+    empty file. The guard records the file the engine first opened; afterwards a connection is only
+    opened onto that same file (never creating one), and every transaction start (and, through
+    `check_database_file`, every acknowledged commit) checks that the path still names it, raising
+    `DatabaseFileChanged` otherwise.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._identity: tuple[int, int] | None = None
+        self._lock = threading.Lock()
+
+    def _current(self) -> tuple[int, int] | None:
+        try:
+            stat = os.stat(self.path)
+        except FileNotFoundError:
+            return None
+        return stat.st_dev, stat.st_ino
+
+    def before_connect(self) -> None:
+        """Called before sqlite3 opens the path: once pinned, a missing file is not re-created, and a
+        write-protected file is refused (sqlite3 would open it read-only, and every connection of
+        the process to that file would stay read-only until all of them are closed)."""
+        if self._identity is not None:
+            self.check()
+        self.check_writable()
+
+    def check_writable(self) -> None:
+        """Raise `DatabaseReadOnly` when the file, its WAL/SHM or its folder is write-protected."""
+        for path in (self.path, Path(f"{self.path}-wal"), Path(f"{self.path}-shm"), self.path.parent):
+            if path.exists() and not os.access(path, os.W_OK):
+                raise DatabaseReadOnly(f"the SQLite database {self.path} is read-only ({path.name})")
+
+    def pin(self) -> None:
+        """Called once a connection is open: the first one pins the file, later ones must match."""
+        with self._lock:
+            if self._identity is None:
+                self._identity = self._current()
+                return
+        self.check()
+
+    def check(self) -> None:
+        """Raise `DatabaseFileChanged` when the path no longer names the pinned file."""
+        if self._identity is None:
+            return
+        current = self._current()
+        if current is None:
+            raise DatabaseFileChanged(f"the SQLite database file {self.path} was deleted")
+        if current != self._identity:
+            raise DatabaseFileChanged(f"the SQLite database file {self.path} was replaced by another file")
+
+
+# One guard per SQLite engine, found through the engine's dialect (shared by `execution_options`
+# copies and kept across `dispose()`).
+_SQLITE_GUARDS: weakref.WeakKeyDictionary[Dialect, SqliteFileGuard] = weakref.WeakKeyDictionary()
+
+
+def sqlite_file_guard(bind: Engine | Connection) -> SqliteFileGuard | None:
+    """The file guard of an engine on a SQLite file (None for PostgreSQL and in-memory SQLite)."""
+    return _SQLITE_GUARDS.get(bind.dialect)
 
 
 def make_engine(
@@ -93,6 +166,14 @@ def _make_sqlite_engine(url: URL, *, busy_timeout_s: float, synchronous: str, ec
         hide_parameters=True,
     )
     busy_timeout_ms = int(busy_timeout_s * 1000)
+    guard = None
+    if not in_memory and not database.startswith("file:"):
+        guard = SqliteFileGuard(Path(database).expanduser().resolve())
+        _SQLITE_GUARDS[engine.dialect] = guard
+
+        @event.listens_for(engine, "do_connect")
+        def _guard_connect(*_args: Any) -> None:
+            guard.before_connect()
 
     @event.listens_for(engine, "connect")
     def _configure_sqlite(dbapi_connection: sqlite3.Connection, _record: Any) -> None:
@@ -107,9 +188,13 @@ def _make_sqlite_engine(url: URL, *, busy_timeout_s: float, synchronous: str, ec
             cursor.execute(f"PRAGMA synchronous={synchronous.upper()}")
         finally:
             cursor.close()
+        if guard is not None:
+            guard.pin()
 
     @event.listens_for(engine, "begin")
     def _begin_sqlite(connection: sa.Connection) -> None:
+        if guard is not None:
+            guard.check()
         mode = connection.get_execution_options().get(SQLITE_BEGIN_OPTION, "IMMEDIATE")
         connection.exec_driver_sql("BEGIN IMMEDIATE" if mode == "IMMEDIATE" else "BEGIN")
 
@@ -125,10 +210,16 @@ def _translate_unavailable(context: ExceptionContext) -> None:
     unavailable = context.is_disconnect or (context.connection is None and context.execution_context is None)
     if backend == "sqlite" and isinstance(error, sqlite3.OperationalError):
         message = str(error).lower()
+        if "readonly" in message or getattr(error, "sqlite_errorname", "").startswith("SQLITE_READONLY"):
+            # drop the pool's connections: new ones are refused until the file is writable again
+            context.is_disconnect = True
+            raise DatabaseReadOnly(f"database is read-only: {error}") from error
         unavailable = unavailable or any(
             sign in message for sign in ("locked", "unable to open", "disk i/o", "disk is full")
         )
     elif backend == "postgresql":
+        if isinstance(error, psycopg.errors.ReadOnlySqlTransaction):
+            raise DatabaseReadOnly(f"database is read-only: {error}") from error
         unavailable = unavailable or isinstance(error, psycopg.OperationalError)
     if unavailable:
         raise DatabaseUnavailable(f"database unavailable: {error}") from error
@@ -143,6 +234,56 @@ def make_session_factory(engine: Engine, *, read_only: bool = False) -> sessionm
     """
     bind = engine.execution_options(**{SQLITE_BEGIN_OPTION: "DEFERRED"}) if read_only else engine
     return sessionmaker(bind=bind, expire_on_commit=False)
+
+
+def check_database_file(bind: Engine | Connection) -> None:
+    """After a commit, before acknowledging it: raise `DatabaseFileChanged` when the SQLite file
+    was deleted or replaced meanwhile (the commit went into a file no restart will open). No-op on
+    PostgreSQL and in-memory SQLite."""
+    guard = sqlite_file_guard(bind)
+    if guard is not None:
+        guard.check()
+
+
+@dataclass(frozen=True)
+class WritableProbe:
+    """What `probe_writable` found: `ok`, and when not, a short reason safe to show unauthenticated."""
+
+    ok: bool
+    reason: str | None = None
+
+
+def probe_writable(engine: Engine) -> WritableProbe:
+    """Can the service write to its database right now? Writes nothing.
+
+    SQLite: the pinned file is still at its path and the file, its WAL/SHM and its folder are
+    writable (pooled connections keep writing to a file that new connections open read-only), and
+    the file reads as a database. PostgreSQL: a connection answers and its transactions are not read-only
+    (a hot standby, `default_transaction_read_only`).
+    """
+    guard = sqlite_file_guard(engine)
+    try:
+        if guard is not None:
+            guard.check()
+            guard.check_writable()
+        # a read transaction: the probe must not queue behind writers for SQLite's write lock
+        with engine.execution_options(**{SQLITE_BEGIN_OPTION: "DEFERRED"}).connect() as connection:
+            if connection.dialect.name == "postgresql":
+                read_only = connection.execute(sa.text("SELECT current_setting('transaction_read_only')"))
+                if read_only.scalar_one() == "on":
+                    return WritableProbe(False, "database is read-only")
+            else:
+                connection.execute(sa.text("SELECT count(*) FROM sqlite_master"))
+            connection.rollback()
+    except DatabaseFileChanged:
+        return WritableProbe(False, "database file deleted or replaced")
+    except DatabaseReadOnly:
+        return WritableProbe(False, "database is read-only")
+    except DatabaseUnavailable:
+        return WritableProbe(False, "database unreachable")
+    except (sa.exc.DBAPIError, sa.exc.TimeoutError):
+        return WritableProbe(False, "database unreachable")
+    return WritableProbe(True)
 
 
 def alembic_config(url: str | URL | None = None) -> Config:

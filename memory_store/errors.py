@@ -14,6 +14,14 @@ class DatabaseUnavailable(StoreError):
     """The database cannot be reached (connection refused, timeout, server restarting)."""
 
 
+class DatabaseReadOnly(DatabaseUnavailable):
+    """The database refuses writes (read-only file, folder or filesystem; a read-only server)."""
+
+
+class DatabaseFileChanged(DatabaseUnavailable):
+    """The SQLite file was deleted or replaced under the running service; nothing is written to it."""
+
+
 class NotFound(StoreError):
     """The row asked for does not exist (or is not in the namespace asked for)."""
 

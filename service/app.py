@@ -28,6 +28,7 @@ from service.errors import install_error_handlers
 from service.feedback_intake import FeedbackValidator
 from service.metrics import MetricsMiddleware, ServiceMetrics
 from service.proxy import InferenceProxy
+from service.readiness import ReadinessChecks, database_check
 from service.routes import api_router
 
 logger = logging.getLogger(__name__)
@@ -117,6 +118,9 @@ def create_app(
     app.state.token_table = token_table
     app.state.feedback_validator = validator
     app.state.background_services = []
+    # `/readyz` components; the model and vLLM checks register themselves here too
+    app.state.readiness = ReadinessChecks()
+    app.state.readiness.add("database", database_check(engine))
     # alias lookups only read: they must not queue behind writers for SQLite's write lock
     app.state.inference_proxy = InferenceProxy.from_settings(settings, app.state.read_session_factory)
 

@@ -3,19 +3,23 @@
 `SessionDep` commits when the endpoint returns (before the response is sent, so a 2xx always
 means the data is durable) and rolls back on any error; GET/HEAD requests get a read-only session
 (on SQLite it does not take the write lock). `require(scope)` is the one way a route
-declares the scope it needs. Knows nothing about individual routes or tables.
+declares the scope it needs; `AuthenticatedRoute` checks it before the body is read. Knows nothing
+about individual routes or tables.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Annotated
 
-from fastapi import Depends, Request, Security
+from fastapi import Depends, Request, Response, Security
 from fastapi.params import Depends as DependsParam
+from fastapi.params import Security as SecurityParam
+from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer, SecurityScopes
 from sqlalchemy.orm import Session, sessionmaker
 
+from memory_store.db import check_database_file
 from service.auth import ANONYMOUS_ADMIN, Principal, TokenTable, bearer_token
 from service.config import Settings
 from service.errors import Forbidden, Unauthenticated
@@ -42,6 +46,7 @@ def get_session(request: Request) -> Iterator[Session]:
     try:
         yield session
         session.commit()
+        check_database_file(session.get_bind())  # the commit is in the file a restart will open
     except BaseException:
         session.rollback()
         raise
@@ -69,6 +74,11 @@ def authorize(
     _credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer_scheme)],
 ) -> Principal:
     """The caller's principal when it holds every scope the route declared (401/403 otherwise)."""
+    return authorize_scopes(request, security_scopes.scopes)
+
+
+def authorize_scopes(request: Request, scopes: list[str]) -> Principal:
+    """`authorize` for an explicit list of scopes."""
     settings: Settings = request.app.state.settings
     if settings.auth_disabled:
         return ANONYMOUS_ADMIN
@@ -79,7 +89,7 @@ def authorize(
     principal = table.authenticate(token)
     if principal is None:
         raise Unauthenticated("invalid bearer token")
-    missing = [scope for scope in security_scopes.scopes if not principal.allows(scope)]
+    missing = [scope for scope in scopes if not principal.allows(scope)]
     if missing:
         raise Forbidden(f"the token lacks the scope {missing[0]!r}")
     return principal
@@ -88,6 +98,32 @@ def authorize(
 def require(scope: str) -> DependsParam:
     """Route dependency declaring `scope`: `dependencies=[require("feedback:write")]`."""
     return Security(authorize, scopes=[scope])
+
+
+class AuthenticatedRoute(APIRoute):
+    """A route that answers 401/403 before FastAPI reads and parses its body.
+
+    FastAPI parses a JSON body before it solves dependencies, so a malformed body would answer 422
+    (with parser details) to a caller without a token. This route class runs the scope check of
+    its `require(...)` dependencies first; routes without one (public) are unchanged.
+    """
+
+    def get_route_handler(self) -> Callable[[Request], Awaitable[Response]]:
+        handler = super().get_route_handler()
+        checks = [
+            dependency
+            for dependency in self.dependencies
+            if isinstance(dependency, SecurityParam) and dependency.dependency is authorize
+        ]
+        if not checks:
+            return handler
+        scopes = [scope for check in checks for scope in check.scopes or ()]
+
+        async def authenticate_first(request: Request) -> Response:
+            authorize_scopes(request, scopes)
+            return await handler(request)
+
+        return authenticate_first
 
 
 def public() -> None:

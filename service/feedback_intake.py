@@ -26,7 +26,8 @@ from memory_store.queue import JobQueue
 from memory_store.repositories import ConversationRepository, FeedbackRepository, NewFeedback
 from service.config import Settings
 from service.errors import InvalidField
-from service.schemas import FeedbackBatchItem, FeedbackCreate, Message
+from service.message_checks import check_context, check_tool_messages
+from service.schemas import DERIVED_KEY_SEPARATOR, FeedbackBatchItem, FeedbackCreate, Message
 from training.render import RenderConfig, RenderError, resolve_target_index, validate_feedback
 
 logger = logging.getLogger(__name__)
@@ -156,6 +157,10 @@ def _prepare(
             context = list(conversation.messages)
     assert context is not None  # the schema requires messages or conversation_id
     target_index = default_target_index(context) if body.target_index is None else body.target_index
+    if messages is not None:
+        check_tool_messages(messages, field=_prefixed(prefix, "messages"))
+    context_field = "messages" if messages is not None else "conversation_id"
+    check_context(context, target_index, field=_prefixed(prefix, context_field))
     try:
         validator.validate(
             {"messages": context, "target_index": target_index, "continuation": body.continuation}
@@ -214,11 +219,15 @@ def accept_feedback(
 
 
 def batch_item_key(header_key: str | None, index: int, item: FeedbackBatchItem) -> str | None:
-    """An item's own `idempotency_key`, else `<Idempotency-Key header>#<index>`, else none."""
+    """An item's own `idempotency_key`, else `<Idempotency-Key header>` U+001F `<index>`, else none.
+
+    Client keys (the header and items' own keys) may not hold control characters, so a derived key
+    never equals one of them: `order-7#0` sent by a client and item 0 of batch `order-7` are two keys.
+    """
     if item.idempotency_key is not None:
         return item.idempotency_key
     if header_key is not None:
-        return f"{header_key}#{index}"
+        return f"{header_key}{DERIVED_KEY_SEPARATOR}{index}"
     return None
 
 

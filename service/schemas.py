@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import re
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, model_validator
@@ -70,6 +70,31 @@ def _check_json_value(value: Any, depth: int = 0) -> Any:
     return value
 
 
+def check_utc_range(value: datetime) -> datetime:
+    """A timestamp as UTC; refuses instants outside years 1-9999 once converted (e.g.
+    `0001-01-01T00:00:00+23:59`), which Python cannot represent. Naive values are taken as UTC."""
+    if value.tzinfo is None:
+        return value.replace(tzinfo=UTC)
+    try:
+        return value.astimezone(UTC)
+    except OverflowError:
+        raise ValueError("out of range: must lie between 0001-01-01 and 9999-12-31 in UTC") from None
+
+
+# The separator of derived batch keys (`<Idempotency-Key>` U+001F `<index>`): a control character,
+# which no client key may hold (HTTP header values cannot, and body keys are refused), so a derived
+# key can never equal a key a client sends.
+DERIVED_KEY_SEPARATOR = "\x1f"
+
+
+def check_idempotency_key(value: str) -> str:
+    """Printable text only: control characters are reserved (see DERIVED_KEY_SEPARATOR)."""
+    check_text(value)
+    if any(ord(char) < 0x20 or 0x7F <= ord(char) < 0xA0 for char in value):
+        raise ValueError("must not contain control characters")
+    return value
+
+
 def _check_continuation(value: str) -> str:
     if not value.strip():
         raise ValueError("must not be empty or whitespace only")
@@ -78,8 +103,11 @@ def _check_continuation(value: str) -> str:
 
 Text = Annotated[str, Field(max_length=MAX_TEXT_CHARS), AfterValidator(check_text)]
 ShortText = Annotated[str, Field(max_length=MAX_SHORT_CHARS), AfterValidator(check_text)]
-# 200, not 256: a batch derives `<key>#<index>` per item and the column holds 256 characters.
-IdempotencyKeyText = Annotated[str, Field(min_length=1, max_length=200), AfterValidator(check_text)]
+# 200, not 256: a batch derives `<key>\x1f<index>` per item and the column holds 256 characters.
+IdempotencyKeyText = Annotated[
+    str, Field(min_length=1, max_length=200), AfterValidator(check_idempotency_key)
+]
+UtcDatetime = Annotated[datetime, AfterValidator(check_utc_range)]
 Namespace = Annotated[
     str, Field(min_length=1, max_length=64, pattern=NAMESPACE_PATTERN), AfterValidator(check_namespace)
 ]
@@ -146,13 +174,13 @@ class FeedbackCreate(_Strict):
     """
 
     messages: list[Message] | None = Field(None, min_length=1, max_length=MAX_MESSAGES)
-    target_index: int | None = Field(None, ge=0, le=MAX_MESSAGES)
+    target_index: int | None = Field(None, ge=0, le=MAX_MESSAGES, strict=True)
     continuation: Continuation
     namespace: Namespace | None = None
     reason: Text | None = None
     memories: list[Text] | None = Field(None, max_length=MAX_MEMORIES)
     tags: list[Tag] | None = Field(None, max_length=MAX_TAGS)
-    conversation_id: int | None = Field(None, ge=1, le=MAX_ID)
+    conversation_id: int | None = Field(None, ge=1, le=MAX_ID, strict=True)
 
     @model_validator(mode="after")
     def _has_context(self) -> FeedbackCreate:
@@ -232,7 +260,7 @@ class MemoryCreate(_Strict):
     content: Annotated[Text, Field(min_length=1), AfterValidator(_check_continuation)]
     namespace: Namespace | None = None
     title: ShortText | None = None
-    priority: int = Field(0, ge=-1000, le=1000)
+    priority: int = Field(0, ge=-1000, le=1000, strict=True)
     tags: list[Tag] | None = Field(None, max_length=MAX_TAGS)
 
 
@@ -308,7 +336,7 @@ class PinRequest(_Strict):
 class RollbackRequest(_Strict):
     """Make `version` current; without it, the parent of the current version."""
 
-    version: int | None = Field(None, ge=0, le=MAX_ID)
+    version: int | None = Field(None, ge=0, le=MAX_ID, strict=True)
 
 
 # --- jobs ----------------------------------------------------------------------------------------
@@ -385,5 +413,17 @@ class EmbeddedVllmState(BaseModel):
     restarts: int
 
 
-class Readiness(Health):
-    embedded_vllm: EmbeddedVllmState | None = None
+class ComponentHealth(BaseModel):
+    """One component of `/readyz` (`database`, later `model`, `vllm`...)."""
+
+    status: Literal["ok", "unavailable"]
+    detail: str | None = None
+    latency_ms: float | None = None
+
+
+class Readiness(BaseModel):
+    """The body of `/readyz`: `ok` only when every component is."""
+
+    status: Literal["ok", "unavailable"]
+    components: dict[str, ComponentHealth]
+    embedded_vllm: EmbeddedVllmState | None = None  # the server this process owns, when embedded

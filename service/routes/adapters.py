@@ -15,7 +15,7 @@ from fastapi.responses import StreamingResponse
 from memory_store.models import Adapter, AdapterVersion
 from memory_store.repositories import AdapterRepository, files_deleted_message
 from service.adapter_archive import TarStream, UnsafeAdapterPath, resolve_version_dir
-from service.deps import SessionDep, SettingsDep, require
+from service.deps import AuthenticatedRoute, SessionDep, SettingsDep, require
 from service.errors import AdapterFilesUnavailable, InvalidField, ResourceNotFound
 from service.schemas import (
     MAX_ID,
@@ -34,7 +34,7 @@ if TYPE_CHECKING:
     from service.config import Settings
     from service.registry import AdapterRegistry
 
-router = APIRouter(tags=["adapters"])
+router = APIRouter(tags=["adapters"], route_class=AuthenticatedRoute)
 
 AdapterName = Annotated[str, Path(min_length=1, max_length=64, pattern=NAMESPACE_PATTERN)]
 VersionNumber = Annotated[int, Path(ge=0, le=MAX_ID)]

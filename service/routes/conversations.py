@@ -7,12 +7,13 @@ from typing import Annotated
 from fastapi import APIRouter, Path, status
 
 from memory_store.repositories import ConversationRepository
-from service.deps import SessionDep, SettingsDep, require
+from service.deps import AuthenticatedRoute, SessionDep, SettingsDep, require
 from service.errors import InvalidField
 from service.feedback_intake import message_dicts
+from service.message_checks import check_conversation
 from service.schemas import MAX_ID, ConversationCreate, ConversationPublic
 
-router = APIRouter(tags=["conversations"])
+router = APIRouter(tags=["conversations"], route_class=AuthenticatedRoute)
 
 
 @router.post(
@@ -29,9 +30,11 @@ def create_conversation(
             f"at most {settings.max_messages} messages per conversation (LORALOOP_MAX_MESSAGES)",
             field="messages",
         )
+    messages = message_dicts(body.messages)
+    check_conversation(messages)
     conversation = ConversationRepository(session).add(
         namespace=body.namespace or settings.default_namespace,
-        messages=message_dicts(body.messages),
+        messages=messages,
         model=body.model,
         source=body.source,
     )

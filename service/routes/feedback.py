@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from datetime import datetime
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Header, Path, Query, Request, Response, status
 
 from memory_store.repositories import FeedbackRepository
-from service.deps import MetricsDep, SessionDep, SettingsDep, require
+from service.deps import AuthenticatedRoute, MetricsDep, SessionDep, SettingsDep, require
 from service.feedback_intake import FeedbackValidator, accept_feedback, accept_feedback_batch
 from service.schemas import (
     MAX_ID,
@@ -21,9 +20,10 @@ from service.schemas import (
     FeedbackPublic,
     IdempotencyKeyText,
     Namespace,
+    UtcDatetime,
 )
 
-router = APIRouter(tags=["feedback"])
+router = APIRouter(tags=["feedback"], route_class=AuthenticatedRoute)
 
 PathId = Path(ge=1, le=MAX_ID)
 
@@ -83,7 +83,8 @@ def create_feedback_batch(
 ) -> FeedbackBatchAccepted:
     """Store many items in one transaction: all of them, or none (errors name `items[i].field`).
 
-    Item `i` is idempotent under its own `idempotency_key`, else under `<Idempotency-Key>#<i>`.
+    Item `i` is idempotent under its own `idempotency_key`, else under a key derived from the
+    header and `i` that no client key can equal (`service.feedback_intake.batch_item_key`).
     """
     accepted = accept_feedback_batch(
         session, body.items, idempotency_key=idempotency_key, settings=settings, validator=_validator(request)
@@ -105,7 +106,7 @@ def read_feedback(feedback_id: Annotated[int, PathId], session: SessionDep) -> F
 def list_feedback(
     session: SessionDep,
     namespace: Namespace | None = None,
-    since: datetime | None = None,
+    since: UtcDatetime | None = None,
     status: Literal["pending", "trained", "skipped"] | None = None,
     limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 100,
     cursor: Annotated[

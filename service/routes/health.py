@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import logging
 
-import sqlalchemy as sa
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from memory_store.queue import JobQueue
 from service.deps import PUBLIC, MetricsDep
+from service.readiness import ReadinessChecks
 from service.schemas import EmbeddedVllmState, Health, Readiness
 
 router = APIRouter(tags=["health"], dependencies=[PUBLIC])
@@ -34,17 +34,11 @@ def _embedded_vllm(request: Request) -> EmbeddedVllmState | None:
 
 @router.get("/readyz", response_model=Readiness, responses={503: {"model": Readiness}})
 def readyz(request: Request) -> Response:
-    """Ready to take traffic: the database answers a query (503 otherwise, quickly). With the
-    embedded vLLM, also which server this process owns: pid, start time, model, state."""
-    embedded = _embedded_vllm(request)
-    try:
-        with request.app.state.session_factory() as session:
-            session.execute(sa.text("SELECT 1"))
-    except Exception as exc:  # noqa: BLE001 - any failure to reach the store means "not ready"
-        logger.warning("readiness check failed: %s", type(exc).__name__)
-        body = Readiness(status="unavailable", detail="database unreachable", embedded_vllm=embedded)
-        return JSONResponse(body.model_dump(mode="json"), status_code=503)
-    return JSONResponse(Readiness(status="ok", embedded_vllm=embedded).model_dump(mode="json"))
+    """Ready to do its job: every component ok (200), else 503; `components` says which is not.
+    With the embedded vLLM, also which server this process owns: pid, start time, model, state."""
+    checks: ReadinessChecks = request.app.state.readiness
+    readiness = checks.run().model_copy(update={"embedded_vllm": _embedded_vllm(request)})
+    return JSONResponse(readiness.model_dump(mode="json"), status_code=200 if readiness.status == "ok" else 503)
 
 
 @router.get("/metrics", response_class=Response)

@@ -8,11 +8,11 @@ from fastapi import APIRouter, Path, Query, status
 
 from memory_store.models import utcnow
 from memory_store.queue import JobQueue
-from service.deps import SessionDep, SettingsDep, require
+from service.deps import AuthenticatedRoute, SessionDep, SettingsDep, require
 from service.feedback_intake import TRAIN_JOB_KIND, train_dedupe_key
 from service.schemas import MAX_ID, MAX_PAGE, JobPage, JobPublic, Namespace, TrainJobCreate
 
-router = APIRouter(tags=["jobs"])
+router = APIRouter(tags=["jobs"], route_class=AuthenticatedRoute)
 
 JobStatus = Literal["queued", "running", "succeeded", "failed", "dead", "cancelled"]
 

@@ -7,10 +7,10 @@ from typing import Annotated
 from fastapi import APIRouter, Path, Query, status
 
 from memory_store.repositories import MemoryRepository
-from service.deps import SessionDep, SettingsDep, require
+from service.deps import AuthenticatedRoute, SessionDep, SettingsDep, require
 from service.schemas import MAX_ID, MAX_PAGE, MemoryCreate, MemoryPage, MemoryPublic, MemoryState, Namespace
 
-router = APIRouter(tags=["memories"])
+router = APIRouter(tags=["memories"], route_class=AuthenticatedRoute)
 
 MemoryId = Annotated[int, Path(ge=1, le=MAX_ID)]
 

@@ -21,7 +21,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from deploy.hotswap import served_name
 from memory_store.repositories import AdapterRepository, ConversationRepository
-from service.deps import SessionDep, require
+from service.deps import AuthenticatedRoute, SessionDep, require
 from service.proxy import (
     CONVERSATION_HEADER,
     SERVED_MODEL_HEADER,
@@ -35,7 +35,7 @@ from service.proxy import (
 
 logger = logging.getLogger(__name__)
 
-router = APIRouter(tags=["inference"])
+router = APIRouter(tags=["inference"], route_class=AuthenticatedRoute)
 
 CONVERSATION_SOURCE = "openai-proxy"
 

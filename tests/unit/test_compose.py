@@ -55,7 +55,8 @@ def test_services_and_health_gated_start_order(compose: dict[str, Any]) -> None:
     }
     assert services["worker"]["depends_on"]["api"]["condition"] == "service_healthy"
     assert services["worker"]["depends_on"]["vllm"]["condition"] == "service_healthy"
-    assert "/healthz" in " ".join(services["api"]["healthcheck"]["test"])
+    # readiness, not liveness: the api is healthy only when /readyz says every component is ok
+    assert "/readyz" in " ".join(services["api"]["healthcheck"]["test"])
     assert "/health" in " ".join(services["vllm"]["healthcheck"]["test"])
 
 
