@@ -83,6 +83,7 @@ class Settings(BaseSettings):
     anchor_topk: int = Field(64, ge=1)
     anchors_per_step: int = Field(16, ge=1)
     augment_questions: bool = True  # also train each question in a few fixed frames (training/augment.py)
+    augment_max_items: int = Field(8, ge=0)  # ... in runs of at most this many new items (step cost)
     report_max_items: int = Field(8, ge=0)  # taught items in a version's behaviour report
     batch_tokens: int = Field(4096, ge=16)
     grad_accum_steps: int = Field(1, ge=1)

@@ -219,7 +219,8 @@ class TrainJobHandler:
             )]  # fmt: skip
             conversations = recent_conversations(session, namespace, MAX_PROBE_CONVERSATIONS)
         new = render_feedback(tokenizer, new_items, self.render_config)
-        variants = self._question_variants(tokenizer, new_items, new) if self.settings.augment_questions else []
+        augment = self.settings.augment_questions and len(new.examples) <= self.settings.augment_max_items
+        variants = self._question_variants(tokenizer, new_items, new) if augment else []
         replay = render_feedback(tokenizer, replay_items, self.render_config)
         probes, probe_source = drift_probes(tokenizer, conversations, self.render_config)
         from_id, to_id = new_items[0][0], new_items[-1][0]

@@ -12,9 +12,12 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-__all__ = ["QUESTION_FRAMES", "question_variants"]
+__all__ = ["MAX_AUGMENTED_ITEMS", "QUESTION_FRAMES", "question_variants"]
 
 QUESTION_FRAMES: tuple[str, ...] = ("Quick question: {q}", "{q} Please answer in one sentence.")
+# Variants triple a run's supervised examples; runs with more new items than this train without
+# them (the items' own variety, and the step cost on CPU: Settings.augment_max_items)
+MAX_AUGMENTED_ITEMS = 8
 
 
 def question_variants(item: Mapping[str, Any], target_index: int) -> list[dict[str, Any]]:

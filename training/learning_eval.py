@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from training.anchor_cache import anchor_answers
-from training.augment import question_variants
+from training.augment import MAX_AUGMENTED_ITEMS, question_variants
 from training.bake import BakeConfig, MemoryBaker
 from training.behaviour import first_sentence
 from training.distill import MemoryNote
@@ -181,7 +181,7 @@ class LearningHarness:
         `parent_adapter` into `out_dir`, then score on `judge` (default: `new`) and `general`;
         drift is KL(base || update) on the built-in probes."""
         examples = [self.example(f.question, f.answer) for f in new]
-        if augment:
+        if augment and len(new) <= MAX_AUGMENTED_ITEMS:
             for fact in new:
                 item = {"messages": user_prompt(fact.question), "continuation": fact.answer}
                 examples += [render_example(self.tokenizer, v, self.render_config) for v in question_variants(item, 1)]
