@@ -9,6 +9,7 @@ code; knows nothing about HTTP or how vLLM is driven (the registry does that).
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import shutil
@@ -145,6 +146,29 @@ def conversation_probes(tokenizer: Any, conversations: Sequence[Sequence[Mapping
     return probes
 
 
+def conversations_not_taught(
+    conversations: Sequence[Sequence[Mapping[str, Any]]], items: Sequence[tuple[int, Mapping[str, Any]]]
+) -> list[Sequence[Mapping[str, Any]]]:
+    """The conversations whose prompt (everything before their last assistant turn) is not the prompt
+    of an item being taught: an answer the feedback corrects must change, so it is no drift probe."""
+    taught = set()
+    for item_id, item in items:
+        found = taught_item(item_id, item)
+        if found is not None:
+            taught.add(json.dumps(_plain(found.messages), sort_keys=True))
+    kept = []
+    for messages in conversations:
+        last = max((i for i, m in enumerate(messages) if m.get("role") == "assistant"), default=None)
+        prompt = list(messages[:last]) if last is not None else list(messages)
+        if json.dumps(_plain(prompt), sort_keys=True) not in taught:
+            kept.append(messages)
+    return kept
+
+
+def _plain(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    return [{"role": m.get("role"), "content": m.get("content")} for m in messages]
+
+
 def recent_conversations(session: Session, namespace: str, limit: int) -> list[list[dict[str, Any]]]:
     """The messages of the namespace's `limit` most recent stored conversations, oldest first
     (ordered and limited in SQL: reads `limit` rows however many are stored)."""
@@ -222,7 +246,8 @@ class TrainJobHandler:
         augment = self.settings.augment_questions and len(new.examples) <= self.settings.augment_max_items
         variants = self._question_variants(tokenizer, new_items, new) if augment else []
         replay = render_feedback(tokenizer, replay_items, self.render_config)
-        probes, probe_source = drift_probes(tokenizer, conversations, self.render_config)
+        probes, probe_source = drift_probes(tokenizer, conversations_not_taught(conversations, new_items),
+                                            self.render_config)
         from_id, to_id = new_items[0][0], new_items[-1][0]
         for item_id, reason in new.skipped.items():
             log.warning("feedback %d skipped: %s", item_id, reason)
