@@ -20,7 +20,7 @@ from service.distill_job import bake_config
 from service.registry import train_config
 from training.learning_eval import BakeScore, LearningHarness, load_fact_set, load_memory_set
 
-pytestmark = [pytest.mark.slow, pytest.mark.integration]
+pytestmark = [pytest.mark.slow, pytest.mark.integration, pytest.mark.timeout(1800)]
 
 EVAL_SET = Path(__file__).parents[1] / "data" / "bake_eval.json"
 GENERAL = Path(__file__).parents[1] / "data" / "learning_eval.json"

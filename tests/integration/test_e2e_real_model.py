@@ -19,7 +19,7 @@ from service.daemon import ThreadedServer, background_services, prepare_serving
 from training.behaviour import first_sentence
 from training.generate import answer_has_keys
 
-pytestmark = [pytest.mark.slow, pytest.mark.integration]
+pytestmark = [pytest.mark.slow, pytest.mark.integration, pytest.mark.timeout(1800)]
 
 NAMESPACE = "default"
 QUESTION = "Which city hosts the company's disaster recovery site?"
@@ -79,7 +79,7 @@ def test_one_feedback_item_is_served_and_nothing_is_forgotten(served: httpx.Clie
                                           "continuation": ANSWER})
     assert posted.status_code == 202, posted.text
     started = time.monotonic()
-    wait_for(lambda: ask(http, QUESTION)[2] == f"{NAMESPACE}-v1", 600, "v1 to be served")
+    wait_for(lambda: ask(http, QUESTION)[2] == f"{NAMESPACE}-v1", 1200, "v1 to be served")
     feedback_to_serving = time.monotonic() - started
 
     _, after, _ = ask(http, QUESTION)

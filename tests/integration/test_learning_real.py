@@ -17,7 +17,7 @@ from service.config import Settings
 from service.registry import train_config
 from training.learning_eval import LearningHarness, load_fact_set
 
-pytestmark = [pytest.mark.slow, pytest.mark.integration]
+pytestmark = [pytest.mark.slow, pytest.mark.integration, pytest.mark.timeout(1800)]
 
 EVAL_SET = Path(__file__).parents[1] / "data" / "learning_eval.json"
 
