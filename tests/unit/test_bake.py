@@ -66,7 +66,9 @@ def test_gate_counts_answers_for_a_bake() -> None:
     # good KL gap closure does not pass a bake whose answers do not carry the memories
     decision = distill_gate(_metrics(answer_agreement=1 / 3, gap_closure=0.64), settings)
     assert not decision.passed and "answer_agreement" in decision.reason
-    decision = distill_gate(_metrics(general_lost=1.0), settings)
+    allowed = float(settings.gate_max_general_lost)
+    assert distill_gate(_metrics(general_lost=allowed), settings).passed
+    decision = distill_gate(_metrics(general_lost=allowed + 1), settings)
     assert not decision.passed and "general answers lost" in decision.reason
     assert not distill_gate(_metrics(answer_agreement=math.nan), settings).passed
     assert not distill_gate(_metrics(drift_kl=5.0), settings).passed
