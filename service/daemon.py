@@ -60,7 +60,9 @@ class BaseModelUnavailable(RuntimeError):
 
 def ensure_base_model(settings: Settings) -> Path:
     """The base model folder: fetched when it is the default one and missing; otherwise it must
-    exist and hold a model config and a tokenizer, or start-up fails with one clear line."""
+    exist and hold a model config, or start-up fails with one clear line. A tokenizer is required
+    when this process trains (the worker is enabled); an ingest-only process without one accepts
+    feedback with the tokenizer-free checks (service.feedback_intake warns)."""
     from service.config import default_base_model
 
     path = Path(settings.base_model)
@@ -75,8 +77,12 @@ def ensure_base_model(settings: Settings) -> Path:
             f"or unset it to use the default ({default_base_model()}, fetched by `loraloop models fetch`)"
         )
     tokenizer_dir = Path(settings.tokenizer_path)
-    if not any((tokenizer_dir / name).is_file() for name in ("tokenizer.json", "tokenizer.model", "vocab.json")):
-        raise BaseModelUnavailable(f"LORALOOP_TOKENIZER={tokenizer_dir}: no tokenizer files there")
+    has_tokenizer = any((tokenizer_dir / name).is_file() for name in ("tokenizer.json", "tokenizer.model", "vocab.json"))
+    if not has_tokenizer and settings.worker_enabled:
+        raise BaseModelUnavailable(
+            f"LORALOOP_TOKENIZER={tokenizer_dir}: no tokenizer files there (the worker needs one to train; "
+            "point it at a tokenizer folder, or set LORALOOP_WORKER_ENABLED=false to only ingest)"
+        )
     return path
 
 

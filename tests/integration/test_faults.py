@@ -85,6 +85,7 @@ def test_vllm_down_feedback_still_accepted_and_reconciliation_catches_up(
             "LORALOOP_VLLM_URLS": fake.url,
             "LORALOOP_BASE_MODEL": str(tiny_model_dir),
             "LORALOOP_TOKENIZER": str(tiny_model_dir),
+            "LORALOOP_WORKER_ENABLED": "true",
             "LORALOOP_DEVICE": "cpu",
             "LORALOOP_RECONCILE_INTERVAL_S": "1",
             "LORALOOP_VLLM_RETRIES": "0",

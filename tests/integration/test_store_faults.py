@@ -283,6 +283,11 @@ class ReadOnlyServer(ServerProcess):
         if os.geteuid() == 0:
             prefix = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
         self.env["HOME"] = str(self.log_path.parent)
+        # ingest only: a model folder this user can read stands in for the (root-owned) cache
+        model = self.log_path.parent / "model"
+        model.mkdir(exist_ok=True)
+        (model / "config.json").write_text("{}")
+        self.env["LORALOOP_BASE_MODEL"] = str(model)
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(
                 [*prefix, sys.executable, "-m", "service.cli", "serve", "--port", str(self.port)],

@@ -52,6 +52,7 @@ class ServerProcess:
             "LORALOOP_TOKENIZER": str(data_dir / "no-tokenizer"),
             "LORALOOP_LOG_LEVEL": "WARNING",
             "LORALOOP_TRAIN_DEBOUNCE_S": "3600",
+            "LORALOOP_WORKER_ENABLED": "false",  # ingestion under test; no tokenizer, so no worker
         }
         self.process: subprocess.Popen[bytes] | None = None
 

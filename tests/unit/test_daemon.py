@@ -83,6 +83,12 @@ def test_start_up_fails_fast_without_tokenizer_files(tmp_path: Path) -> None:
         prepare_serving(settings)
 
 
+def test_an_ingest_only_process_starts_without_a_tokenizer(tmp_path: Path) -> None:
+    settings = settings_for(tmp_path).model_copy(update={"worker_enabled": False})
+    (Path(settings.base_model) / "tokenizer.json").unlink()
+    assert prepare_serving(settings).base_model == settings.base_model
+
+
 def test_the_default_base_model_is_the_real_one_in_the_offline_cache(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setenv("LORALOOP_CACHE_DIR", str(tmp_path / "cache"))
     settings = Settings(auth_disabled=True)
