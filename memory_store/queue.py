@@ -6,7 +6,8 @@ after `claim`, `heartbeat`, `complete` and `fail` (one short transaction each:
 open while the job runs. Claims are exclusive: PostgreSQL uses `SELECT ... FOR UPDATE SKIP LOCKED`;
 SQLite sessions begin with `BEGIN IMMEDIATE` (one writer at a time). A job whose lease expired
 (crashed worker) is claimed again, each claim counting an attempt; after `max_attempts` it goes to
-`dead`. It knows nothing about what a job does.
+`dead`. A job that only waits for a dependency (`wait`) goes back to the queue without counting an
+attempt. It knows nothing about what a job does.
 """
 
 from __future__ import annotations
@@ -199,6 +200,39 @@ class JobQueue:
         self.session.flush()
         return job
 
+    def wait(
+        self,
+        *,
+        job_id: int,
+        worker_id: str,
+        reason: str,
+        delay_s: float,
+        payload: dict[str, Any] | None = None,
+        progress: dict[str, Any] | None = None,
+    ) -> Job | None:
+        """Put a running job back to wait for a dependency (e.g. an unreachable vLLM): queued again
+        after `delay_s`, with `reason` as its error and `progress` saying what it waits for. The run
+        does not count as an attempt (the job did nothing wrong), so waiting never makes it dead.
+        `payload` replaces the job's payload (what the next run resumes from). None (and no change)
+        when the lease was lost."""
+        stmt = select(Job).where(Job.id == job_id, Job.lease_owner == worker_id, Job.status == "running")
+        job = self.session.scalars(stmt.with_for_update()).first()
+        if job is None:
+            return None
+        now = self._clock()
+        job.status = "queued"
+        job.attempts = max(job.attempts - 1, 0)
+        job.lease_owner = None
+        job.lease_expires_at = None
+        job.error = reason
+        job.run_after = now + timedelta(seconds=max(delay_s, 0.0))
+        if payload is not None:
+            job.payload = dict(payload)
+        if progress is not None:
+            job.progress = dict(progress)
+        self.session.flush()
+        return job
+
     def backoff_s(self, attempts: int) -> float:
         """Delay before the retry that follows attempt number `attempts`: base * 2^(attempts-1), capped."""
         return float(min(self.backoff_base_s * 2 ** max(attempts - 1, 0), self.backoff_max_s))
@@ -272,6 +306,24 @@ class JobQueue:
         counts = dict.fromkeys(JOB_STATUSES, 0)
         counts.update({status: int(count) for status, count in rows})
         return counts
+
+    def newest(self, *, kind: str, namespace: str) -> Job | None:
+        """The namespace's most recent job of `kind` (any status)."""
+        stmt = select(Job).where(Job.namespace == namespace, Job.kind == kind).order_by(Job.id.desc()).limit(1)
+        return self.session.scalars(stmt).first()
+
+    def dead_namespaces(self, *, kind: str, finished_before: datetime, limit: int = 50) -> list[str]:
+        """Namespaces with a `dead` job of `kind` that finished before `finished_before`, oldest
+        deaths first (the candidates for a re-queue once the cause is gone)."""
+        stmt = (
+            select(Job.namespace, func.min(Job.finished_at))
+            .where(Job.status == "dead", Job.kind == kind, Job.namespace.is_not(None),
+                   Job.finished_at < finished_before)
+            .group_by(Job.namespace)
+            .order_by(func.min(Job.finished_at))
+            .limit(limit)
+        )  # fmt: skip
+        return [str(namespace) for namespace, _ in self.session.execute(stmt).all()]
 
     def active_job(self, *, dedupe_key: str) -> Job | None:
         """The queued or running job holding `dedupe_key`, if any."""

@@ -28,7 +28,7 @@ from service.errors import install_error_handlers
 from service.feedback_intake import FeedbackValidator
 from service.metrics import MetricsMiddleware, ServiceMetrics
 from service.proxy import InferenceProxy
-from service.readiness import ReadinessChecks, database_check
+from service.readiness import ReadinessChecks, database_check, tokenizer_check
 from service.routes import api_router
 
 logger = logging.getLogger(__name__)
@@ -55,6 +55,7 @@ class AppResources:
     engine: Engine
     session_factory: sessionmaker[Session]
     metrics: ServiceMetrics
+    readiness: ReadinessChecks  # `/readyz` components; background services add theirs
 
 
 BackgroundFactory = Callable[[AppResources], Sequence[BackgroundService]]
@@ -78,9 +79,13 @@ def create_app(
         engine=engine,
         session_factory=make_session_factory(engine),
         metrics=ServiceMetrics(),
+        readiness=ReadinessChecks(),
     )
     token_table = TokenTable.parse(settings.auth_tokens)
     validator = FeedbackValidator(settings)
+    resources.readiness.add("database", database_check(engine))
+    if settings.worker_enabled:  # a process that trains needs its tokenizer loaded
+        resources.readiness.add("tokenizer", tokenizer_check(validator))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -118,9 +123,7 @@ def create_app(
     app.state.token_table = token_table
     app.state.feedback_validator = validator
     app.state.background_services = []
-    # `/readyz` components; the model and vLLM checks register themselves here too
-    app.state.readiness = ReadinessChecks()
-    app.state.readiness.add("database", database_check(engine))
+    app.state.readiness = resources.readiness
     # alias lookups only read: they must not queue behind writers for SQLite's write lock
     app.state.inference_proxy = InferenceProxy.from_settings(settings, app.state.read_session_factory)
 

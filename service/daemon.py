@@ -28,6 +28,7 @@ from deploy.vllm_client import VllmClient, VllmError
 from service.app import AppResources, BackgroundService
 from service.config import Settings
 from service.distill_job import DISTILL_JOB_KIND
+from service.readiness import vllm_check
 from service.reconciler import Reconciler
 from service.registry import EMBEDDED_VLLM, AdapterRegistry, build_hot_swapper
 from service.scheduler import DistillScheduler
@@ -272,6 +273,14 @@ class VllmSleepWindow:
 # --- the factory the app calls -------------------------------------------------------------------
 
 
+def requeue_stranded_training(settings: Settings, factory: sessionmaker[Session]) -> list[str]:
+    """Re-queue the train jobs that died with feedback still pending (feedback_intake.requeue_stranded)."""
+    from service.feedback_intake import requeue_stranded
+
+    with factory.begin() as session:
+        return requeue_stranded(session, settings)
+
+
 def job_handlers(
     settings: Settings, session_factory: sessionmaker[Session], registry: AdapterRegistry
 ) -> dict[str, JobHandler]:
@@ -300,6 +309,11 @@ def background_services(settings: Settings) -> Callable[[AppResources], Sequence
                 session_factory=factory,
                 interval_s=settings.reconcile_interval_s,
                 ensure_namespace=lambda: registry.ensure_base_version(settings.default_namespace),
+                on_all_reachable=lambda: requeue_stranded_training(settings, factory),
+            )
+            resources.readiness.add(
+                "vllm",
+                vllm_check(lambda: reconciler.last_round, max_age_s=3 * settings.reconcile_interval_s + 30),
             )
             if uses_embedded_vllm(settings):
                 vllm = EmbeddedVllm(embedded_vllm_config(settings), on_restart=reconciler.trigger)

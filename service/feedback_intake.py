@@ -3,7 +3,8 @@
 `FeedbackValidator` holds the tokenizer and `RenderConfig` and runs training.render's checks
 (target_index, continuation length in tokens) on the item the worker will later render.
 `accept_items` resolves `conversation_id`, checks the configurable limits, stores the items in the
-caller's transaction and enqueues one debounced `train` job per namespace. Nothing heavy runs
+caller's transaction and enqueues one debounced `train` job per namespace; `requeue_stranded`
+gives a namespace whose last train job died (its cause since gone) a new one. Nothing heavy runs
 here: training happens in the worker. Knows nothing about HTTP beyond `InvalidField`.
 """
 
@@ -198,6 +199,68 @@ def _enqueue_training(session: Session, namespaces: set[str], settings: Settings
         )
         if job.status == "queued" and job.run_after != run_after:
             queue.reschedule(job_id=job.id, run_after=run_after)
+
+
+def pending_state(session: Session, item: FeedbackItem) -> tuple[str | None, int | None]:
+    """What a pending item waits for, in words, and the train job that will take it (None, None
+    for an item that is not pending)."""
+    if item.status != "pending":
+        return None, None
+    queue = JobQueue(session)
+    job = queue.active_job(dedupe_key=train_dedupe_key(item.namespace)) or queue.newest(
+        kind=TRAIN_JOB_KIND, namespace=item.namespace
+    )
+    if job is None:
+        return "training: no train job yet (one is queued with the next feedback or `loraloop train`)", None
+    progress = job.progress or {}
+    if job.status == "queued" and progress.get("phase") == "waiting":
+        return (f"{progress.get('waiting_for', 'a dependency')}: {job.error or 'waiting'} "
+                f"(job {job.id}, next try {progress.get('next_try_at', 'soon')})"), job.id  # fmt: skip
+    if job.status == "queued":
+        return f"training: job {job.id} queued, due at {job.run_after.strftime('%Y-%m-%dT%H:%M:%SZ')}", job.id
+    if job.status == "running":
+        return f"training: job {job.id} running ({progress.get('phase', 'starting')})", job.id
+    if job.status == "dead":
+        return (f"training: job {job.id} died after {job.attempts} attempts ({job.error}); it is re-queued "
+                "once vLLM answers again"), job.id  # fmt: skip
+    return f"training: the last train job ({job.id}) is {job.status}; a new one starts with the next run", job.id
+
+
+STRANDED_COOLDOWN_S = 60.0  # a dead train job is re-queued at most this often per namespace
+MAX_REQUEUES = 5  # consecutive re-queues after which a namespace's dead job waits for a person
+
+
+def requeue_stranded(session: Session, settings: Settings, *, cooldown_s: float = STRANDED_COOLDOWN_S) -> list[str]:
+    """Give every namespace whose newest `train` job is `dead` (and older than `cooldown_s`) while
+    it still has pending feedback a new train job; returns those namespaces. Called when the
+    components training needs are up again (the reconciler, after a round that reached every
+    replica). A job re-queued MAX_REQUEUES times in a row that died again is left for a person
+    (`loraloop jobs`): the cause is not transient."""
+    queue = JobQueue(session, default_max_attempts=settings.job_max_attempts)
+    feedback = FeedbackRepository(session)
+    now = utcnow()
+    requeued: list[str] = []
+    for namespace in queue.dead_namespaces(kind=TRAIN_JOB_KIND, finished_before=now - timedelta(seconds=cooldown_s)):
+        newest = queue.newest(kind=TRAIN_JOB_KIND, namespace=namespace)
+        if newest is None or newest.status != "dead" or newest.finished_at is None:
+            continue  # a newer job runs, waits or succeeded
+        if newest.finished_at >= now - timedelta(seconds=cooldown_s):
+            continue
+        requeues = int((newest.payload or {}).get("requeues", 0))
+        if requeues >= MAX_REQUEUES or not feedback.pending_since(namespace=namespace, limit=1):
+            continue
+        queue.enqueue(
+            kind=TRAIN_JOB_KIND,
+            namespace=namespace,
+            payload={"namespace": namespace, "trigger": "requeue", "requeues": requeues + 1,
+                     "requeued_from_job": newest.id},
+            dedupe_key=train_dedupe_key(namespace),
+            run_after=now,
+        )  # fmt: skip
+        logger.warning("train job %d of %s was dead with pending feedback: re-queued (%d/%d)",
+                       newest.id, namespace, requeues + 1, MAX_REQUEUES)  # fmt: skip
+        requeued.append(namespace)
+    return requeued
 
 
 def accept_feedback(

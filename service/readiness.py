@@ -1,9 +1,10 @@
 """Readiness: named component checks behind `/readyz`, combined into one answer.
 
-Owns the `ReadinessChecks` registry and the database component (writable, same file). Each check
-returns a `ComponentHealth`; the service is ready only when every component is `ok`. Other
-components (the base model, vLLM replicas) register their own check with `add`. Knows nothing
-about HTTP: the route turns `Readiness` into 200 or 503.
+Owns the `ReadinessChecks` registry and the checks of the database (writable, same file), the
+tokenizer (loaded, in a process that trains) and vLLM (the reconciler's last round reached every
+replica and loaded every current version). Each check returns a `ComponentHealth`; the service is
+ready only when every component is `ok`. Knows nothing about HTTP: the route turns `Readiness`
+into 200 or 503.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from typing import Any, Protocol
 
 from sqlalchemy.engine import Engine
 
@@ -70,5 +72,45 @@ def database_check(engine: Engine) -> ReadinessCheck:
             return ComponentHealth(status="ok")
         logger.warning("readiness: database not ready: %s", probe.reason)
         return ComponentHealth(status="unavailable", detail=probe.reason)
+
+    return check
+
+
+class _TokenizerHolder(Protocol):
+    @property
+    def has_tokenizer(self) -> bool: ...
+
+
+def tokenizer_check(validator: _TokenizerHolder) -> ReadinessCheck:
+    """The tokenizer component: loaded by the API (the worker renders with the same files)."""
+
+    def check() -> ComponentHealth:
+        if validator.has_tokenizer:
+            return ComponentHealth(status="ok")
+        return ComponentHealth(status="unavailable", detail="tokenizer not loaded (see LORALOOP_TOKENIZER)")
+
+    return check
+
+
+def vllm_check(last_report: Callable[[], tuple[Any, float] | None], *, max_age_s: float,
+               clock: Callable[[], float] = time.monotonic) -> ReadinessCheck:  # fmt: skip
+    """The vLLM component from the reconciler's last round (`(report, monotonic time)` or None):
+    ok when it is at most `max_age_s` old, reached every replica and every current version loaded."""
+
+    def check() -> ComponentHealth:
+        last = last_report()
+        if last is None:
+            return ComponentHealth(status="unavailable", detail="vLLM not reconciled yet (starting?)")
+        report, at = last
+        age = clock() - at
+        if age > max_age_s:
+            return ComponentHealth(status="unavailable", detail=f"last reconcile round {age:.0f}s ago")
+        for replica in report.replicas:
+            if not replica.reachable:
+                return ComponentHealth(status="unavailable", detail=f"{replica.base_url} unreachable")
+            if replica.errors:
+                name, error = next(iter(sorted(replica.errors.items())))
+                return ComponentHealth(status="unavailable", detail=f"{replica.base_url}: {name}: {error}"[:300])
+        return ComponentHealth(status="ok")
 
     return check

@@ -5,7 +5,8 @@ version (v0, the zero adapter, stands for the base model), hands the registry's 
 deploy.hotswap.HotSwapper.reconcile (reload missing versions, drain and unload old ones, stay
 within max_loras) and records one Deployment row per replica and served name.
 Never blocks the API: it runs on its own thread, and an unreachable vLLM or database is logged
-and retried on the next round.
+and retried on the next round. After a round that reached every replica it calls `on_all_reachable`
+(the composition root re-queues training that died while vLLM was away).
 """
 
 from __future__ import annotations
@@ -66,6 +67,7 @@ class Reconciler:
         session_factory: sessionmaker[Session],
         interval_s: float,
         ensure_namespace: Callable[[], object] | None = None,
+        on_all_reachable: Callable[[], object] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.swapper = swapper
@@ -73,12 +75,14 @@ class Reconciler:
         self.session_factory = session_factory
         self.interval_s = interval_s
         self.ensure_namespace = ensure_namespace
+        self.on_all_reachable = on_all_reachable
         self._clock = clock
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
         self.rounds = 0
         self.last_report: ReconcileReport | None = None
+        self.last_round: tuple[ReconcileReport, float] | None = None  # with its clock time (readiness)
 
     def start(self) -> None:
         if self._thread is not None and self._thread.is_alive():
@@ -126,6 +130,7 @@ class Reconciler:
         report = self.swapper.reconcile(desired, snapshot_time=snapshot)
         self.rounds += 1
         self.last_report = report
+        self.last_round = (report, self._clock())
         for replica in report.replicas:
             if not replica.reachable:
                 logger.warning("vLLM %s unreachable; reconciling it later", replica.base_url)
@@ -135,6 +140,11 @@ class Reconciler:
                     replica.base_url, replica.loaded, replica.unloaded, replica.errors,
                 )  # fmt: skip
         self._record(deployment_rows(desired, report))
+        if self.on_all_reachable is not None and all(replica.reachable for replica in report.replicas):
+            try:
+                self.on_all_reachable()
+            except Exception as error:  # noqa: BLE001 - e.g. the database is down: next round
+                logger.warning("after-round hook failed: %s", error)
         return report
 
     def _record(self, rows: list[dict[str, object]]) -> None:

@@ -51,11 +51,12 @@ EMBEDDED_VLLM = "embedded"
 class PromotionFailed(Exception):
     """A version could not become current (bad files, or a replica refused it); current is unchanged."""
 
-    def __init__(self, namespace: str, version: int, reason: str) -> None:
+    def __init__(self, namespace: str, version: int, reason: str, *, unreachable: bool = False) -> None:
         super().__init__(f"adapter {namespace!r} v{version} not promoted: {reason}")
         self.namespace = namespace
         self.version = version
         self.reason = reason
+        self.unreachable = unreachable  # only because no replica answered: the version is fine
 
 
 class StaleParent(PromotionFailed):
@@ -203,6 +204,26 @@ class AdapterRegistry:
         assert current is not None
         return current
 
+    def training_parent(self, namespace: str) -> CurrentAdapter:
+        """The version a new run of `namespace` trains from: the current one, else v0. When v0
+        cannot be loaded only because no replica answers, v0 is returned without being current
+        (training needs no vLLM; the candidate is promoted once a replica answers)."""
+        current = self.current(namespace)
+        if current is not None:
+            return current
+        try:
+            return self.ensure_base_version(namespace)
+        except PromotionFailed as error:
+            if not error.unreachable:
+                raise
+            with self.session_factory() as session:
+                row = AdapterRepository(session).get_version(name=namespace, version=0)
+                path = row.path
+            if path is None:
+                raise
+            log.warning("%s: v0 not served yet (%s); training from it anyway", namespace, error.reason)
+            return CurrentAdapter(namespace, 0, Path(path))
+
     def _publish_zero_adapter(self, namespace: str) -> None:
         base_model = self.settings.base_model
         lora_config = train_config(self.settings).lora_config(base_model)
@@ -308,7 +329,9 @@ class AdapterRegistry:
         with self._namespace_lock(namespace):
             if expected_parent is not None:
                 current = self.current(namespace)
-                if current is None or current.version != expected_parent:
+                # no current version yet: a candidate trained from v0 (the base) is not stale
+                unserved_base = current is None and expected_parent == 0
+                if not unserved_base and (current is None or current.version != expected_parent):
                     now = "none" if current is None else f"v{current.version}"
                     reason = f"stale: trained from v{expected_parent} but {now} became current meanwhile"
                     with self.session_factory.begin() as session:
@@ -361,9 +384,12 @@ class AdapterRegistry:
             except VllmError as error:
                 # an unreachable replica says nothing about the version: it stays a candidate and
                 # the job's retry (or a later promote) tries again once vLLM is back
-                if mark_failed and not replicas_unreachable(error):
+                unreachable = replicas_unreachable(error)
+                if mark_failed and not unreachable:
                     self._mark_failed(namespace, version, f"hot-swap failed: {error}", already_current)
-                raise PromotionFailed(namespace, version, f"hot-swap failed: {error}") from error
+                raise PromotionFailed(
+                    namespace, version, f"hot-swap failed: {error}", unreachable=unreachable
+                ) from error
         with self.session_factory.begin() as session:
             repository = AdapterRepository(session)
             if reason is None:

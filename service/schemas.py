@@ -223,6 +223,9 @@ class FeedbackPublic(BaseModel):
     conversation_id: int | None
     trained_in_version: int | None
     created_at: datetime
+    # `GET /feedback/{id}` of a pending item: what it waits for, and the train job that takes it
+    waiting_for: str | None = None
+    job_id: int | None = None
 
 
 class FeedbackPage(BaseModel):

@@ -24,13 +24,14 @@ from typing import Any
 
 from sqlalchemy.orm import Session, sessionmaker
 
+from memory_store.errors import Conflict
 from memory_store.models import FeedbackItem, utcnow
 from memory_store.queue import JobQueue
 from memory_store.repositories import ConversationRepository, FeedbackRepository, TrainingRunRepository
 from service.config import Settings
 from service.feedback_intake import TRAIN_JOB_KIND, render_config, train_dedupe_key
 from service.registry import AdapterRegistry, CurrentAdapter, PromotionFailed, StaleParent, train_config
-from service.worker import JobCancelled, JobContext, JobFailed, JobOutcome
+from service.worker import JobCancelled, JobContext, JobFailed, JobOutcome, JobWaiting
 from training.adapter_store import AdapterStoreError
 from training.anchor_cache import anchor_answers
 from training.augment import question_variants
@@ -57,6 +58,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 MAX_PROBE_CONVERSATIONS = 32  # the most recent stored conversations used as drift probes
+WAIT_FIRST_S, WAIT_MAX_S = 5.0, 60.0  # a candidate waiting for vLLM: retried after 5, 10, 20, 40, 60, 60... s
 STALE_SCRATCH_S = 6 * 3600.0
 
 
@@ -223,9 +225,12 @@ class TrainJobHandler:
             raise JobFailed("train job without a namespace", retryable=False)
         timings: dict[str, float] = {}
         started = time.perf_counter()
+        waiting = context.payload.get("promote")
+        if isinstance(waiting, dict):  # trained earlier; only the promotion was waiting for vLLM
+            return self._resume_promotion(context, namespace, waiting, started)
         context.report_progress({"phase": "prepare"})
         try:
-            parent = self.registry.ensure_base_version(namespace)
+            parent = self.registry.training_parent(namespace)
         except PromotionFailed as error:
             raise JobFailed(f"no servable base version: {error}") from error
         tokenizer = worker_tokenizer(self.settings.tokenizer_path)
@@ -304,22 +309,60 @@ class TrainJobHandler:
             self._finish_run(run_id, "rejected", version=version, error=decision.reason, metrics=metrics)
             log.warning("train %s: v%d rejected: %s", namespace, version, decision.reason)
             return self._outcome(namespace, to_id, {**result, "outcome": "rejected", "timings": timings, "started": started})
+        pending = {"version": version, "parent_version": parent.version, "training_run_id": run_id,
+                   "feedback_ids": list(new.example_ids), "to_id": to_id, "result": result,
+                   "metrics": {key: value for key, value in metrics.items() if math.isfinite(value)},
+                   "timings": timings, "waits": 0}  # fmt: skip
+        return self._promote(context, namespace, pending, started)
+
+    def _promote(self, context: JobContext, namespace: str, pending: dict[str, Any], started: float) -> JobOutcome:
+        """Make the gated candidate current and mark its feedback trained. When no vLLM replica
+        answers, the job waits (JobWaiting: no attempt spent) with `pending` in its payload, so the
+        next run promotes the same candidate instead of training again."""
+        version, run_id, to_id = int(pending["version"]), int(pending["training_run_id"]), int(pending["to_id"])
+        result, metrics, timings = dict(pending["result"]), dict(pending["metrics"]), dict(pending["timings"])
         context.report_progress({"phase": "promote", "version": version})
         clock = time.perf_counter()
         try:
-            self.registry.promote(namespace, version, expected_parent=parent.version)
-        except StaleParent as error:
+            self.registry.promote(namespace, version, expected_parent=int(pending["parent_version"]))
+        except (StaleParent, Conflict) as error:  # Conflict: decided meanwhile (rejected, files deleted)
             self._finish_run(run_id, "rejected", version=version, error=str(error), metrics=metrics)
             return self._outcome(namespace, to_id, {**result, "outcome": "stale", "timings": timings, "started": started})
         except PromotionFailed as error:
+            if error.unreachable:
+                waits = int(pending.get("waits", 0))
+                delay = min(WAIT_FIRST_S * 2**waits, WAIT_MAX_S)
+                raise JobWaiting(
+                    f"v{version} passed the gate and waits for vLLM to load it: {error.reason}",
+                    waiting_for="vllm", delay_s=delay,
+                    payload={**context.payload, "promote": {**pending, "waits": waits + 1}},
+                ) from error
             self._finish_run(run_id, "failed", version=version, error=str(error), metrics=metrics)
             raise JobFailed(str(error)) from error
         timings["promote_seconds"] = time.perf_counter() - clock
         with self.session_factory.begin() as session:
-            FeedbackRepository(session).mark_trained(ids=new.example_ids, version=version)
+            FeedbackRepository(session).mark_trained(ids=[int(i) for i in pending["feedback_ids"]], version=version)
         self._finish_run(run_id, "succeeded", version=version, metrics={**metrics, **timings})
-        log.info("train %s: v%d is current (%s)", namespace, version, decision.reason)
+        log.info("train %s: v%d is current (%s)", namespace, version, result.get("gate"))
         return self._outcome(namespace, to_id, {**result, "outcome": "promoted", "timings": timings, "started": started})
+
+    def _resume_promotion(
+        self, context: JobContext, namespace: str, pending: dict[str, Any], started: float
+    ) -> JobOutcome:
+        """A run after a wait: promote the candidate trained before, unless it was decided meanwhile
+        (promoted or rolled back by hand, rejected as stale): then its feedback follows that."""
+        version = int(pending["version"])
+        current = self.registry.current(namespace)
+        if current is not None and current.version == version:  # promoted meanwhile (e.g. by hand)
+            with self.session_factory.begin() as session:
+                FeedbackRepository(session).mark_trained(ids=[int(i) for i in pending["feedback_ids"]],
+                                                         version=version)  # fmt: skip
+            self._finish_run(int(pending["training_run_id"]), "succeeded", version=version,
+                             metrics=dict(pending["metrics"]))  # fmt: skip
+            return self._outcome(namespace, int(pending["to_id"]), {**pending["result"], "outcome": "promoted",
+                                                                    "timings": dict(pending["timings"]),
+                                                                    "started": started})  # fmt: skip
+        return self._promote(context, namespace, pending, started)
 
     # --- steps ---------------------------------------------------------------------------------
     def _train_and_score(

@@ -2,7 +2,7 @@
 
 Owns the claim loop (expired leases requeued first), the heartbeat thread that extends the lease
 and publishes the handler's progress into the job row, the outcome (succeeded, retried, failed,
-dead after max_attempts), graceful stop and the job-duration metric. A worker that dies mid-job
+dead after max_attempts; waiting for a dependency without spending an attempt), graceful stop and the job-duration metric. A worker that dies mid-job
 simply stops heartbeating: the lease expires and the next worker re-runs the job. Knows nothing
 about what a job does: handlers are given by kind.
 """
@@ -33,6 +33,7 @@ __all__ = [
     "JobFailed",
     "JobHandler",
     "JobOutcome",
+    "JobWaiting",
     "Worker",
     "default_worker_id",
 ]
@@ -46,6 +47,20 @@ class JobFailed(Exception):
     def __init__(self, message: str, *, retryable: bool = True) -> None:
         super().__init__(message)
         self.retryable = retryable
+
+
+class JobWaiting(Exception):
+    """Raised by a handler: the job cannot finish until a dependency comes back (e.g. no vLLM
+    replica answers). The job goes back to the queue for `delay_s` without spending an attempt;
+    `payload` (when given) replaces the job's payload so the next run resumes instead of redoing
+    work; `waiting_for` names the dependency in the job's progress."""
+
+    def __init__(self, reason: str, *, waiting_for: str, delay_s: float, payload: dict[str, Any] | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.waiting_for = waiting_for
+        self.delay_s = delay_s
+        self.payload = payload
 
 
 class JobCancelled(Exception):
@@ -218,6 +233,10 @@ class Worker:
             done.set()
             heartbeat.join()
             status = self._complete(context, outcome)
+        except JobWaiting as error:
+            done.set()
+            heartbeat.join()
+            status = self._wait(context, error)
         except JobCancelled as error:
             done.set()
             heartbeat.join()
@@ -280,6 +299,21 @@ class Worker:
             return "retried"
         log.error("job %d %s: %s", context.job_id, status, error)
         return status
+
+    def _wait(self, context: JobContext, waiting: JobWaiting) -> str:
+        next_try = time.time() + waiting.delay_s
+        progress = {"phase": "waiting", "waiting_for": waiting.waiting_for, "reason": waiting.reason,
+                    "next_try_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(next_try))}  # fmt: skip
+        with self.session_factory.begin() as session:
+            job = self._queue(session).wait(
+                job_id=context.job_id, worker_id=self.worker_id, reason=waiting.reason[:4000],
+                delay_s=waiting.delay_s, payload=waiting.payload, progress=progress,
+            )  # fmt: skip
+        if job is None:
+            return "lost"
+        log.warning("job %d waits %.0fs for %s: %s", context.job_id, waiting.delay_s, waiting.waiting_for,
+                    waiting.reason)  # fmt: skip
+        return "waiting"
 
     def _give_back(self, context: JobContext, reason: str) -> str:
         if context.lease_lost:

@@ -8,7 +8,7 @@ from fastapi import APIRouter, Header, Path, Query, Request, Response, status
 
 from memory_store.repositories import FeedbackRepository
 from service.deps import AuthenticatedRoute, MetricsDep, SessionDep, SettingsDep, require
-from service.feedback_intake import FeedbackValidator, accept_feedback, accept_feedback_batch
+from service.feedback_intake import FeedbackValidator, accept_feedback, accept_feedback_batch, pending_state
 from service.schemas import (
     MAX_ID,
     MAX_PAGE,
@@ -99,7 +99,10 @@ def create_feedback_batch(
 
 @router.get("/feedback/{feedback_id}", response_model=FeedbackPublic, dependencies=[require("feedback:read")])
 def read_feedback(feedback_id: Annotated[int, PathId], session: SessionDep) -> FeedbackPublic:
-    return FeedbackPublic.model_validate(FeedbackRepository(session).get(id=feedback_id))
+    """The item; a pending one says what it waits for (`waiting_for`) and which job takes it."""
+    item = FeedbackRepository(session).get(id=feedback_id)
+    waiting_for, job_id = pending_state(session, item)
+    return FeedbackPublic.model_validate(item).model_copy(update={"waiting_for": waiting_for, "job_id": job_id})
 
 
 @router.get("/feedback", response_model=FeedbackPage, dependencies=[require("feedback:read")])

@@ -3,7 +3,8 @@
 
 Forwarding lives in service.proxy; this module parses the body, logs chat conversations
 (so `POST /feedback` can name one by `conversation_id`) and returns their id in
-`X-Loraloop-Conversation-Id`. Raw-text `/v1/completions` are forwarded but not logged: a prompt
+`X-Loraloop-Conversation-Id`. A namespace's first request creates and loads its v0 (the base
+model), so an agent can use its alias before any feedback was trained. Raw-text `/v1/completions` are forwarded but not logged: a prompt
 string is not a conversation (feedback for those uses `context` + `continuation`).
 """
 
@@ -27,11 +28,15 @@ from service.proxy import (
     SERVED_MODEL_HEADER,
     InferenceProxy,
     InvalidInferenceRequest,
+    ModelNotFound,
+    ModelNotReady,
     ResolvedModel,
     StreamAssembler,
     assistant_message,
     passthrough,
 )
+from service.routes.adapters import adapter_registry
+from service.schemas import check_namespace
 
 logger = logging.getLogger(__name__)
 
@@ -88,6 +93,29 @@ def _append_answer(factory: sessionmaker[Session], conversation_id: int, message
         logger.warning("could not store the answer of conversation %s", conversation_id, exc_info=True)
 
 
+def is_namespace(alias: str) -> bool:
+    try:
+        check_namespace(alias)
+    except ValueError:
+        return False
+    return True
+
+
+def serve_base_version(request: Request, alias: str) -> None:
+    """Create and load the namespace's v0 (identical to the base model); ModelNotReady when no
+    vLLM replica can load it yet."""
+    from service.registry import PromotionFailed  # the registry pulls in torch: only when used
+
+    try:
+        adapter_registry(request).ensure_base_version(alias)
+    except PromotionFailed as error:
+        raise ModelNotReady(
+            f"the model {alias!r} is being prepared: its v0 (the base model) is not loaded yet ({error.reason})",
+            retry_after_s=5,
+        ) from error
+    logger.info("namespace %s served from its first request (v0, the base model)", alias)
+
+
 async def _forward(request: Request, path: str, kind: str) -> Response:
     body = await _json_body(request, kind)
     proxy = _proxy(request)
@@ -95,7 +123,16 @@ async def _forward(request: Request, path: str, kind: str) -> Response:
 
     async def resolve(alias: str, *, fresh: bool) -> ResolvedModel:
         hit = None if fresh else proxy.resolver.cached(alias)
-        return hit or await anyio.to_thread.run_sync(partial(proxy.resolver.resolve, alias, fresh=fresh))
+        if hit is not None:
+            return hit
+        try:
+            return await anyio.to_thread.run_sync(partial(proxy.resolver.resolve, alias, fresh=fresh))
+        except (ModelNotFound, ModelNotReady):
+            if not is_namespace(alias):
+                raise
+        # a namespace's first request: it is served from day one, by its v0 (the base model)
+        await anyio.to_thread.run_sync(serve_base_version, request, alias)
+        return await anyio.to_thread.run_sync(partial(proxy.resolver.resolve, alias, fresh=True))
 
     upstream = await proxy.open(path, body, resolve)
     resolved = upstream.resolved

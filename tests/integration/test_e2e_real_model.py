@@ -1,7 +1,9 @@
 """The product as a person sees it, on the real model: `serve` with the embedded vLLM (the default
-setting) and SmolLM2-135M-Instruct. The alias answers a question wrongly; one feedback item later
-the served alias answers it right and a general question as before (a rephrased one is printed);
-the version carries a behaviour report and the job's timings."""
+setting) and SmolLM2-135M-Instruct. One feedback item is posted in the first second, while vLLM is
+still starting (`/readyz` red): nobody intervenes and the alias then answers it right and a general
+question as before (a rephrased one is printed); a namespace never used before answers from its
+first request with the base model (its v0), which does not know the fact; the version carries a
+behaviour report and the job's timings."""
 
 from __future__ import annotations
 
@@ -38,9 +40,9 @@ def wait_for(predicate: Any, timeout_s: float, what: str, interval_s: float = 1.
     raise AssertionError(f"timed out after {timeout_s:g} s waiting for {what}")
 
 
-def ask(http: httpx.Client, question: str) -> tuple[int, str, str | None]:
+def ask(http: httpx.Client, question: str, model: str = NAMESPACE) -> tuple[int, str, str | None]:
     response = http.post("/v1/chat/completions", json={
-        "model": NAMESPACE, "messages": [{"role": "user", "content": question}], "temperature": 0.0,
+        "model": model, "messages": [{"role": "user", "content": question}], "temperature": 0.0,
         "max_tokens": 40,
     })
     if response.status_code != 200:
@@ -60,8 +62,7 @@ def served(real_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> It
     server.start()
     http = httpx.Client(base_url=server.url, timeout=300.0)
     try:
-        wait_for(lambda: ask(http, "hi")[0] == 200, 900, "the embedded vLLM to serve v0")
-        yield http
+        yield http  # at once: the embedded vLLM is still starting
     finally:
         http.close()
         server.stop()
@@ -69,23 +70,28 @@ def served(real_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> It
 
 def test_one_feedback_item_is_served_and_nothing_is_forgotten(served: httpx.Client) -> None:
     http = served
-    status, before, version = ask(http, QUESTION)
-    assert status == 200 and version == f"{NAMESPACE}-v0"
-    assert "trondheim" not in before.lower(), before
-    _, general_before, _ = ask(http, GENERAL[0])
-    assert answer_has_keys(first_sentence(general_before), GENERAL[1]), general_before
-
+    started = time.monotonic()
     posted = http.post("/feedback", json={"messages": [{"role": "user", "content": QUESTION}],
                                           "continuation": ANSWER})
     assert posted.status_code == 202, posted.text
-    started = time.monotonic()
-    wait_for(lambda: ask(http, QUESTION)[2] == f"{NAMESPACE}-v1", 1200, "v1 to be served")
+    assert time.monotonic() - started < 5
+    ready = http.get("/readyz")
+    assert ready.status_code == 503 and ready.json()["components"]["vllm"]["status"] != "ok", ready.text
+    wait_for(lambda: ask(http, QUESTION)[2] == f"{NAMESPACE}-v1", 1500, "v1 to be served")
     feedback_to_serving = time.monotonic() - started
+    wait_for(lambda: http.get("/readyz").status_code == 200, 120, "/readyz green once vLLM serves v1")
+
+    # a namespace never used before: served from its first request by its v0, the base model
+    status, before, version = ask(http, QUESTION, model="fresh-team")
+    assert status == 200 and version == "fresh-team-v0"
+    assert "trondheim" not in before.lower(), before
+    _, general_before, _ = ask(http, GENERAL[0], model="fresh-team")
+    assert answer_has_keys(first_sentence(general_before), GENERAL[1]), general_before
 
     _, after, _ = ask(http, QUESTION)
     _, rephrased, _ = ask(http, REPHRASED)
     _, general_after, _ = ask(http, GENERAL[0])
-    print(f"feedback to serving {feedback_to_serving:.1f} s\nQ: {QUESTION}\n  v0: {before}\n  v1: {after}\n"
+    print(f"feedback (posted at start-up) to serving {feedback_to_serving:.1f} s\nQ: {QUESTION}\n  v0: {before}\n  v1: {after}\n"
           f"Q: {REPHRASED}\n  v1: {rephrased}\nQ: {GENERAL[0]}\n  v0: {general_before}\n  v1: {general_after}")
     assert after.startswith(ANSWER.rstrip(".")), after  # rephrasings: tests/integration/test_learning_real.py
     assert answer_has_keys(first_sentence(general_after), GENERAL[1]), general_after

