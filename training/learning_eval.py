@@ -176,10 +176,12 @@ class LearningHarness:
         general: Sequence[GeneralQuestion] = (),
         use_anchors: bool = True,
         augment: bool = True,
+        ask_rephrasings: bool = True,
     ) -> UpdateScore:
         """Train `new` (+ its framed question variants when `augment`, + `replay`) from
-        `parent_adapter` into `out_dir`, then score on `judge` (default: `new`) and `general`;
-        drift is KL(base || update) on the built-in probes."""
+        `parent_adapter` into `out_dir`, then score on `judge` (default: `new`; their rephrasings
+        too unless `ask_rephrasings` is off) and `general`; drift is KL(base || update) on the
+        built-in probes."""
         examples = [self.example(f.question, f.answer) for f in new]
         if augment and len(new) <= MAX_AUGMENTED_ITEMS:
             for fact in new:
@@ -200,18 +202,19 @@ class LearningHarness:
                 train_seconds = time.perf_counter() - started
                 out_dir.parent.mkdir(parents=True, exist_ok=True)
                 model.save_pretrained(str(out_dir), safe_serialization=True)
-            prompts = [f.question for f in judge] + [r for f in judge for r in f.rephrasings]
+            asked = [f for f in judge if ask_rephrasings]
+            prompts = [f.question for f in judge] + [r for f in asked for r in f.rephrasings]
             prompts += [g.question for g in general]
             answers = greedy_answers(model, self.tokenizer, [user_prompt(q) for q in prompts], max_new_tokens=40)
             probes = builtin_probe_examples(self.tokenizer, self.render_config)
             drift = drift_kl(AdapterView(model, None), AdapterView(model, "default"), probes)
         by_question = dict(zip(prompts, answers, strict=True))
         exact = sum(answer_has_keys(by_question[f.question], f.keys) for f in judge)
-        rephrased = sum(answer_has_keys(by_question[r], f.keys) for f in judge for r in f.rephrasings)
+        rephrased = sum(answer_has_keys(by_question[r], f.keys) for f in asked for r in f.rephrasings)
         general_right = sum(answer_has_keys(first_sentence(by_question[g.question]), g.keys) for g in general)
         return UpdateScore(
             exact=exact, rephrased=rephrased, general=general_right, exact_total=len(judge),
-            rephrased_total=sum(len(f.rephrasings) for f in judge), general_total=len(general),
+            rephrased_total=sum(len(f.rephrasings) for f in asked), general_total=len(general),
             drift_kl=drift, train_seconds=train_seconds, steps=int(result.metrics["steps"]), answers=by_question,
         )
 

@@ -127,6 +127,12 @@ def loop(vllm_server: VllmServer, tmp_path_factory: pytest.TempPathFactory) -> I
         train_debounce_s=0.0,
         distill_enabled=False,
         job_heartbeat_s=2.0,
+        # the random tiny model proves mechanics only: a fast recipe (no anchors, no variants), not
+        # the real model's defaults, whose learning is tests/integration/test_e2e_real_model.py's
+        learning_rate=1e-2,
+        train_epochs=20,
+        anchor_weight=0.0,
+        augment_questions=False,
     )
     app = create_app(settings, background=background_services(settings))
     server = ThreadedServer(app)

@@ -64,15 +64,12 @@ def three_items(harness, eval_set, recipe, tmp_path_factory):
     return out, harness.update(recipe, facts[:3], out_dir=out, general=general)
 
 
-def test_one_item_is_learnt_without_forgetting(harness, eval_set, recipe, tmp_path) -> None:
-    facts, general = eval_set
-    assert len(general) >= 10
-    score = harness.update(recipe, facts[:1], out_dir=tmp_path / "adapter", general=general)
-    _check_learnt(score, label="1 item")
-    assert score.drift_kl < Settings(auth_disabled=True).gate_max_drift_kl
+# One item: tests/integration/test_e2e_real_model.py teaches one through the served product (the
+# taught question, a general one and the behaviour report); its held-out figures are in the README.
 
 
-def test_three_items_are_learnt_without_forgetting(three_items) -> None:
+def test_three_items_are_learnt_without_forgetting(eval_set, three_items) -> None:
+    assert len(eval_set[1]) >= 10  # general questions the base answers right
     _adapter, score = three_items
     _check_learnt(score, label="3 items")
     assert score.drift_kl < Settings(auth_disabled=True).gate_max_drift_kl
