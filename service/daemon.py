@@ -274,10 +274,12 @@ class VllmSleepWindow:
 
 
 def requeue_stranded_training(settings: Settings, factory: sessionmaker[Session]) -> list[str]:
-    """Re-queue the train jobs that died with feedback still pending (feedback_intake.requeue_stranded)."""
-    from service.feedback_intake import requeue_stranded
+    """Every replica answers: jobs waiting for vLLM are due now (feedback_intake.wake_waiting) and
+    train jobs that died with feedback still pending are re-queued (feedback_intake.requeue_stranded)."""
+    from service.feedback_intake import requeue_stranded, wake_waiting
 
     with factory.begin() as session:
+        wake_waiting(session)
         return requeue_stranded(session, settings)
 
 

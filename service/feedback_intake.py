@@ -3,8 +3,9 @@
 `FeedbackValidator` holds the tokenizer and `RenderConfig` and runs training.render's checks
 (target_index, continuation length in tokens) on the item the worker will later render.
 `accept_items` resolves `conversation_id`, checks the configurable limits, stores the items in the
-caller's transaction and enqueues one debounced `train` job per namespace; `requeue_stranded`
-gives a namespace whose last train job died (its cause since gone) a new one. Nothing heavy runs
+caller's transaction and enqueues one debounced `train` job per namespace; once vLLM answers again,
+`wake_waiting` makes the jobs waiting for it due and `requeue_stranded` gives a namespace whose
+last train job died (its cause since gone) a new one. Nothing heavy runs
 here: training happens in the worker. Knows nothing about HTTP beyond `InvalidField`.
 """
 
@@ -228,6 +229,18 @@ def pending_state(session: Session, item: FeedbackItem) -> tuple[str | None, int
 
 STRANDED_COOLDOWN_S = 60.0  # a dead train job is re-queued at most this often per namespace
 MAX_REQUEUES = 5  # consecutive re-queues after which a namespace's dead job waits for a person
+
+
+def wake_waiting(session: Session, *, limit: int = 100) -> list[int]:
+    """Make every train job that waits for vLLM due now (a replica answers again): its candidate is
+    promoted on the next claim instead of after the rest of its back-off. Returns their ids."""
+    queue = JobQueue(session)
+    woken = []
+    for job in queue.list(status="queued", kind=TRAIN_JOB_KIND, limit=limit):
+        waits = (job.progress or {}).get("waiting_for") == "vllm" and isinstance((job.payload or {}).get("promote"), dict)
+        if waits and queue.reschedule(job_id=job.id, run_after=utcnow()):
+            woken.append(job.id)
+    return woken
 
 
 def requeue_stranded(session: Session, settings: Settings, *, cooldown_s: float = STRANDED_COOLDOWN_S) -> list[str]:

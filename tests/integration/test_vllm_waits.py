@@ -23,7 +23,7 @@ from memory_store.repositories import AdapterRepository, FeedbackRepository
 from service.app import create_app
 from service.config import Settings
 from service.daemon import background_services
-from service.feedback_intake import requeue_stranded
+from service.feedback_intake import requeue_stranded, wake_waiting
 from service.registry import AdapterRegistry, build_hot_swapper
 from service.train_job import TrainJobHandler
 from service.worker import Worker
@@ -96,7 +96,8 @@ def test_a_candidate_waits_for_vllm_without_spending_attempts_and_is_promoted_wh
         assert (job["status"], job["attempts"], job["payload"]["promote"]["waits"]) == ("queued", 0, 4)
 
         fake = late_vllm()
-        make_due(factory, job["id"])
+        with factory.begin() as session:  # what the reconciler does once every replica answers
+            assert wake_waiting(session) == [job["id"]]
         assert worker.run_once()
         job = the_job(client)
         assert (job["status"], job["result"]["outcome"], job["result"]["version"]) == ("succeeded", "promoted", 1)
