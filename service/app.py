@@ -28,7 +28,7 @@ from service.errors import install_error_handlers
 from service.feedback_intake import FeedbackValidator
 from service.metrics import MetricsMiddleware, ServiceMetrics
 from service.proxy import InferenceProxy
-from service.readiness import ReadinessChecks, database_check, tokenizer_check
+from service.readiness import ReadinessChecks, database_check
 from service.routes import api_router
 
 logger = logging.getLogger(__name__)
@@ -84,8 +84,6 @@ def create_app(
     token_table = TokenTable.parse(settings.auth_tokens)
     validator = FeedbackValidator(settings)
     resources.readiness.add("database", database_check(engine))
-    if settings.worker_enabled:  # a process that trains needs its tokenizer loaded
-        resources.readiness.add("tokenizer", tokenizer_check(validator))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

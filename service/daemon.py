@@ -28,7 +28,7 @@ from deploy.vllm_client import VllmClient, VllmError
 from service.app import AppResources, BackgroundService
 from service.config import Settings
 from service.distill_job import DISTILL_JOB_KIND
-from service.readiness import vllm_check
+from service.readiness import tokenizer_check, vllm_check
 from service.reconciler import Reconciler
 from service.registry import EMBEDDED_VLLM, AdapterRegistry, build_hot_swapper
 from service.scheduler import DistillScheduler
@@ -322,6 +322,7 @@ def background_services(settings: Settings) -> Callable[[AppResources], Sequence
                 services.append(EmbeddedVllmService(vllm, on_ready=reconciler.trigger))
             services.append(reconciler)
         if settings.worker_enabled:
+            resources.readiness.add("tokenizer", tokenizer_check(Path(settings.tokenizer_path)))
             handlers = job_handlers(settings, factory, registry)
             window = VllmSleepWindow(
                 swapper.clients if swapper else [], enabled=settings.vllm_sleep_for_training

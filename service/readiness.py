@@ -1,7 +1,7 @@
 """Readiness: named component checks behind `/readyz`, combined into one answer.
 
 Owns the `ReadinessChecks` registry and the checks of the database (writable, same file), the
-tokenizer (loaded, in a process that trains) and vLLM (the reconciler's last round reached every
+tokenizer (its files present, in a process that trains) and vLLM (the reconciler's last round reached every
 replica and loaded every current version). Each check returns a `ComponentHealth`; the service is
 ready only when every component is `ok`. Knows nothing about HTTP: the route turns `Readiness`
 into 200 or 503.
@@ -13,7 +13,8 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from typing import Any, Protocol
+from pathlib import Path
+from typing import Any
 
 from sqlalchemy.engine import Engine
 
@@ -76,18 +77,16 @@ def database_check(engine: Engine) -> ReadinessCheck:
     return check
 
 
-class _TokenizerHolder(Protocol):
-    @property
-    def has_tokenizer(self) -> bool: ...
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
 
 
-def tokenizer_check(validator: _TokenizerHolder) -> ReadinessCheck:
-    """The tokenizer component: loaded by the API (the worker renders with the same files)."""
+def tokenizer_check(tokenizer_dir: Path) -> ReadinessCheck:
+    """The tokenizer component of a process that trains: its files are there to load."""
 
     def check() -> ComponentHealth:
-        if validator.has_tokenizer:
+        if any((Path(tokenizer_dir) / name).is_file() for name in TOKENIZER_FILES):
             return ComponentHealth(status="ok")
-        return ComponentHealth(status="unavailable", detail="tokenizer not loaded (see LORALOOP_TOKENIZER)")
+        return ComponentHealth(status="unavailable", detail=f"no tokenizer files in {tokenizer_dir} (LORALOOP_TOKENIZER)")
 
     return check
 
