@@ -28,7 +28,7 @@ from deploy.vllm_client import VllmClient, VllmError
 from service.app import AppResources, BackgroundService
 from service.config import Settings
 from service.distill_job import DISTILL_JOB_KIND
-from service.readiness import tokenizer_check, vllm_check
+from service.readiness import TOKENIZER_FILES, tokenizer_check, vllm_check
 from service.reconciler import Reconciler
 from service.registry import EMBEDDED_VLLM, AdapterRegistry, build_hot_swapper
 from service.scheduler import DistillScheduler
@@ -78,7 +78,7 @@ def ensure_base_model(settings: Settings) -> Path:
             f"or unset it to use the default ({default_base_model()}, fetched by `loraloop models fetch`)"
         )
     tokenizer_dir = Path(settings.tokenizer_path)
-    has_tokenizer = any((tokenizer_dir / name).is_file() for name in ("tokenizer.json", "tokenizer.model", "vocab.json"))
+    has_tokenizer = any((tokenizer_dir / name).is_file() for name in TOKENIZER_FILES)
     if not has_tokenizer and settings.worker_enabled:
         raise BaseModelUnavailable(
             f"LORALOOP_TOKENIZER={tokenizer_dir}: no tokenizer files there (the worker needs one to train; "
