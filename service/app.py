@@ -21,7 +21,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from memory_store.db import make_engine, make_session_factory, upgrade_database
-from service.auth import TokenTable
+from service.auth import TokenSource
 from service.body_limit import BodySizeLimitMiddleware
 from service.config import Settings
 from service.errors import install_error_handlers
@@ -81,7 +81,7 @@ def create_app(
         metrics=ServiceMetrics(),
         readiness=ReadinessChecks(),
     )
-    token_table = TokenTable.parse(settings.auth_tokens)
+    token_table = TokenSource(settings.auth_tokens, settings.auth_tokens_file)
     validator = FeedbackValidator(settings)
     resources.readiness.add("database", database_check(engine))
 

@@ -47,8 +47,11 @@ class Settings(BaseSettings):
     max_messages: int = Field(512, ge=1)
     cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
     auth_disabled: bool = False
-    # comma-separated `TOKEN=scope scope` entries; TOKEN may be `sha256:<hex>` (stored hashed)
+    # comma-separated `TOKEN=scope scope [ns:PATTERN] [label:NAME]` entries; TOKEN may be
+    # `sha256:<hex>` (stored hashed). service.auth documents the format.
     auth_tokens: str = ""
+    # more entries, one per line, digests only; re-read when it changes (rotation without restart)
+    auth_tokens_file: Path | None = None
     default_namespace: str = "default"
 
     # --- model / rendering -----------------------------------------------------------------------
@@ -180,10 +183,10 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _fail_fast_on_unsafe_values(self) -> Settings:
-        if not self.auth_disabled and not self.auth_tokens.strip():
+        if not self.auth_disabled and not self.auth_tokens.strip() and self.auth_tokens_file is None:
             raise ValueError(
-                "LORALOOP_AUTH_TOKENS is empty: set tokens (`TOKEN=scope scope,...`) "
-                "or LORALOOP_AUTH_DISABLED=true for local use"
+                "LORALOOP_AUTH_TOKENS is empty: set tokens (`TOKEN=scope scope,...`), "
+                "LORALOOP_AUTH_TOKENS_FILE, or LORALOOP_AUTH_DISABLED=true for local use"
             )
         if self.lora_rank > self.vllm_max_lora_rank:
             raise ValueError(

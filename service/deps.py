@@ -20,7 +20,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer, SecurityS
 from sqlalchemy.orm import Session, sessionmaker
 
 from memory_store.db import check_database_file
-from service.auth import ANONYMOUS_ADMIN, Principal, TokenTable, bearer_token
+from service.auth import ANONYMOUS_ADMIN, Principal, TokenSource, bearer_token
 from service.config import Settings
 from service.errors import Forbidden, Unauthenticated
 from service.metrics import ServiceMetrics
@@ -82,7 +82,7 @@ def authorize_scopes(request: Request, scopes: list[str]) -> Principal:
     settings: Settings = request.app.state.settings
     if settings.auth_disabled:
         return ANONYMOUS_ADMIN
-    table: TokenTable = request.app.state.token_table
+    table: TokenSource = request.app.state.token_table
     token = bearer_token(request.headers.get("authorization"))
     if token is None:
         raise Unauthenticated("missing bearer token (Authorization: Bearer <token>)")

@@ -39,7 +39,7 @@ def test_admin_implies_every_scope() -> None:
 def test_only_digests_are_kept_in_memory() -> None:
     table = TokenTable.parse("plain-secret-value=admin")
     assert "plain-secret-value" not in repr(vars(table))
-    assert b"plain-secret-value" not in b"".join(digest for digest, _ in table._entries)
+    assert b"plain-secret-value" not in b"".join(entry.digest for entry in table.entries)
 
 
 @pytest.mark.parametrize(
