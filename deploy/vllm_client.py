@@ -7,7 +7,6 @@ database or which version is current: deploy.hotswap decides what to load, the s
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -174,7 +173,7 @@ def _is_sleeping_call() -> _Call[bool]:
 
 
 class _Attempts(Generic[T]):
-    """The retry state machine shared by the sync and async clients (no I/O here)."""
+    """The retry state machine of one call (no I/O here)."""
 
     def __init__(self, call: _Call[T], base_url: str, retries: int) -> None:
         self.call = call
@@ -303,91 +302,3 @@ class VllmClient:
 
     def is_sleeping(self) -> bool:
         return self._run(_is_sleeping_call())
-
-
-class AsyncVllmClient:
-    """The same API for the async service (health checks, reconciliation from the event loop)."""
-
-    def __init__(
-        self,
-        base_url: str,
-        timeout: float = 30.0,
-        retries: int = 3,
-        *,
-        backoff_s: float = 0.25,
-        max_backoff_s: float = 4.0,
-        transport: httpx.AsyncBaseTransport | None = None,
-    ) -> None:
-        self.base_url = base_url.rstrip("/")
-        self.timeout = timeout
-        self.retries = retries
-        self.backoff_s = backoff_s
-        self.max_backoff_s = max_backoff_s
-        self._http = httpx.AsyncClient(base_url=self.base_url, timeout=timeout, transport=transport)
-
-    async def aclose(self) -> None:
-        await self._http.aclose()
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        await self.aclose()
-
-    async def _run(self, call: _Call[T]) -> T:
-        attempts = _Attempts(call, self.base_url, self.retries)
-        for attempt in range(self.retries + 1):
-            if attempt:
-                await asyncio.sleep(min(self.max_backoff_s, self.backoff_s * 2 ** (attempt - 1)))
-            try:
-                response = await self._http.request(
-                    call.method, call.path, json=call.body, params=list(call.params)
-                )
-            except httpx.TransportError as exc:
-                attempts.on_transport_error(exc)
-                continue
-            done, value = attempts.on_response(response)
-            if done:
-                return value  # type: ignore[return-value]
-        raise attempts.give_up()
-
-    async def health(self) -> bool:
-        try:
-            response = await self._http.get("/health", timeout=min(self.timeout, 5.0))
-        except httpx.TransportError:
-            return False
-        return response.status_code == 200
-
-    async def models(self) -> list[ServedModel]:
-        return await self._run(_Call("GET", "/v1/models", _parse_models))
-
-    async def adapters(self) -> dict[str, str]:
-        return {m.id: m.root or "" for m in await self.models() if m.is_adapter}
-
-    async def load_adapter(self, name: str, path: str | Path, inplace: bool = False) -> None:
-        await self._run(_load_call(name, path, inplace))
-
-    async def unload_adapter(self, name: str) -> None:
-        await self._run(_unload_call(name))
-
-    async def tokenize(
-        self,
-        *,
-        messages: Sequence[Mapping[str, Any]] | None = None,
-        prompt: str | None = None,
-        model: str | None = None,
-        add_generation_prompt: bool = True,
-        add_special_tokens: bool | None = None,
-    ) -> list[int]:
-        return await self._run(
-            _tokenize_call(messages, prompt, model, add_generation_prompt, add_special_tokens)
-        )
-
-    async def sleep(self, level: int = 1) -> None:
-        await self._run(_sleep_call(level))
-
-    async def wake_up(self, tags: Sequence[str] | None = None) -> None:
-        await self._run(_wake_up_call(tags))
-
-    async def is_sleeping(self) -> bool:
-        return await self._run(_is_sleeping_call())

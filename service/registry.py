@@ -171,12 +171,6 @@ class AdapterRegistry:
             ).all()
         return {name: (int(version), str(path)) for name, version, path in rows}
 
-    def current_served_name(self, namespace: str) -> str | None:
-        """The vLLM model name requests for `namespace` must use now (`<namespace>-v<N>`), or None."""
-        current = self.current(namespace)
-        return None if current is None else served_name(namespace, current.version)
-
-    # --- v0 ------------------------------------------------------------------------------------
     def ensure_base_version(self, namespace: str) -> CurrentAdapter:
         """The namespace's current version, creating and promoting v0 (a zero adapter, identical to
         the base model) when the namespace has none yet, so agents always address an adapter."""

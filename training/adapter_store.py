@@ -190,10 +190,6 @@ class AdapterStore:
                 found.append(int(match.group(1)))
         return sorted(found)
 
-    def latest_version(self, namespace: str) -> int | None:
-        versions = self.versions(namespace)
-        return versions[-1] if versions else None
-
     def read_metadata(self, namespace: str, version: int) -> dict[str, Any]:
         folder = self.path(namespace, version)
         if not folder.is_dir():

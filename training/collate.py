@@ -1,5 +1,5 @@
-"""Batching of rendered examples: right padding, packing with per-example position ids, and
-length-bucketed batches. Labels are built upstream (training.render) and only carried along here.
+"""Batching of rendered examples: right padding and length-bucketed batches. Labels are built
+upstream (training.render) and only carried along here.
 Knows nothing about tokenizers, templates or models.
 """
 
@@ -11,10 +11,6 @@ from collections.abc import Sequence
 import torch
 
 from training.render import IGNORE_INDEX, Example
-
-
-class PackingError(ValueError):
-    """An example is longer than the pack it should go into."""
 
 
 def pad_collate(examples: Sequence[Example], pad_token_id: int) -> dict[str, torch.Tensor]:
@@ -32,53 +28,6 @@ def pad_collate(examples: Sequence[Example], pad_token_id: int) -> dict[str, tor
         labels[row, :length] = torch.tensor(example.labels, dtype=torch.long)
         attention_mask[row, :length] = torch.tensor(example.attention_mask, dtype=torch.long)
     return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
-
-
-def pack_examples(examples: Sequence[Example], max_tokens: int) -> dict[str, torch.Tensor]:
-    """Concatenate examples into one row of at most max_tokens (no padding).
-
-    Returns input_ids, labels and position_ids, which restart at 0 for every example, and NO
-    attention_mask: given position_ids without an attention mask, transformers builds a block-diagonal
-    causal mask from the restarts, so one example never attends to another (an all-ones mask, or a
-    KV cache, switches that off: call the model with use_cache=False). Each example's first label is -100: it would otherwise be predicted from the
-    previous example's last token.
-    """
-    if not examples:
-        raise ValueError("pack_examples needs at least one example")
-    total = sum(len(example.input_ids) for example in examples)
-    if total > max_tokens:
-        raise PackingError(f"{total} tokens do not fit in a pack of {max_tokens}")
-    input_ids: list[int] = []
-    labels: list[int] = []
-    position_ids: list[int] = []
-    for example in examples:
-        input_ids.extend(example.input_ids)
-        labels.append(IGNORE_INDEX)
-        labels.extend(example.labels[1:])
-        position_ids.extend(range(len(example.input_ids)))
-    return {
-        "input_ids": torch.tensor([input_ids], dtype=torch.long),
-        "labels": torch.tensor([labels], dtype=torch.long),
-        "position_ids": torch.tensor([position_ids], dtype=torch.long),
-    }
-
-
-def greedy_packs(examples: Sequence[Example], max_tokens: int) -> list[list[Example]]:
-    """First-fit-decreasing grouping of examples into packs of at most max_tokens tokens."""
-    packs: list[list[Example]] = []
-    room: list[int] = []
-    for example in sorted(examples, key=len, reverse=True):
-        if len(example) > max_tokens:
-            raise PackingError(f"an example of {len(example)} tokens exceeds the pack size {max_tokens}")
-        for index, free in enumerate(room):
-            if len(example) <= free:
-                packs[index].append(example)
-                room[index] -= len(example)
-                break
-        else:
-            packs.append([example])
-            room.append(max_tokens - len(example))
-    return packs
 
 
 def length_bucketed_batches(examples: Sequence[Example], batch_tokens: int, seed: int) -> list[list[Example]]:

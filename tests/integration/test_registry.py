@@ -81,7 +81,7 @@ def test_promotion_swaps_every_replica_before_the_pointer_flips(
     assert version_row(factory, v1) == ("candidate", None)
     assert registry.desired_state() == {NS: (0, str(base.path))}  # a candidate is not served
     current = registry.promote(NS, v1, expected_parent=0)
-    assert current.version == 1 and registry.current_served_name(NS) == "geo-v1"
+    assert current.version == 1 and registry.current(NS).version == 1
     assert all("geo-v1" in r.state.adapters for r in replicas)
     assert registry.desired_state() == {NS: (1, str(current.path))}
     assert version_row(factory, 0)[0] == "retired"

@@ -3,7 +3,6 @@ retries with backoff, timeouts, tokenization and sleep mode; MockTransport only 
 
 from __future__ import annotations
 
-import asyncio
 import json
 import socket
 import time
@@ -15,7 +14,6 @@ import pytest
 from deploy.vllm_client import (
     AdapterAlreadyLoaded,
     AdapterNotFound,
-    AsyncVllmClient,
     ServedModel,
     VllmClient,
     VllmError,
@@ -185,20 +183,3 @@ def test_success_body_is_not_parsed_as_json() -> None:
 
     with VllmClient("http://vllm", transport=httpx.MockTransport(handler)) as client:
         assert client.load_adapter("a", "/p") is None
-
-
-def test_async_client_same_behaviour(server: FakeVllm, adapter_dir: Path) -> None:
-    async def scenario() -> None:
-        async with AsyncVllmClient(server.url, retries=2, backoff_s=0.01) as client:
-            assert await client.health()
-            server.state.faults.append(Fault("/v1/load_lora_adapter"))
-            await client.load_adapter("ns-v1", adapter_dir)
-            assert await client.adapters() == {"ns-v1": str(adapter_dir)}
-            with pytest.raises(AdapterAlreadyLoaded):
-                await client.load_adapter("ns-v1", adapter_dir)
-            assert await client.tokenize(prompt="a") == [1, 97]
-            await client.unload_adapter("ns-v1")
-            with pytest.raises(AdapterNotFound):
-                await client.unload_adapter("ns-v1")
-
-    asyncio.run(scenario())
