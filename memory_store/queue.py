@@ -21,6 +21,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from memory_store.errors import NotFound
+from memory_store.filters import namespace_matches
 from memory_store.models import JOB_ACTIVE_STATUSES, JOB_STATUSES, Job, utcnow
 
 DEFAULT_LEASE_S = 60.0
@@ -58,6 +59,7 @@ class JobQueue:
         dedupe_key: str | None = None,
         run_after: datetime | None = None,
         max_attempts: int | None = None,
+        created_by: str | None = None,
     ) -> Job:
         """Add a job; with `dedupe_key`, return the queued/running job of that key if there is one
         (two racing producers get the same job: a partial unique index decides)."""
@@ -79,6 +81,7 @@ class JobQueue:
             run_after=run_after or now,
             dedupe_key=dedupe_key,
             created_at=now,
+            created_by=created_by,
         )
         if dedupe_key is None:
             self.session.add(job)
@@ -274,11 +277,15 @@ class JobQueue:
         kind: str | None = None,
         after_id: int | None = None,
         limit: int = 100,
+        namespace_patterns: Sequence[str] | None = None,
     ) -> Sequence[Job]:
-        """Jobs by id ascending; next page: `after_id=<last id>`."""
+        """Jobs by id ascending; next page: `after_id=<last id>`. `namespace_patterns` (None: any)
+        keeps the jobs of matching namespaces (and drops those of no namespace)."""
         stmt = select(Job)
         if namespace is not None:
             stmt = stmt.where(Job.namespace == namespace)
+        if namespace_patterns is not None:
+            stmt = stmt.where(namespace_matches(Job.namespace, namespace_patterns))
         if status is not None:
             if status not in JOB_STATUSES:
                 raise ValueError(f"status must be one of {', '.join(JOB_STATUSES)}; got {status!r}")

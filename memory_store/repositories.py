@@ -22,6 +22,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, selectinload
 
 from memory_store.errors import Conflict, IdempotencyConflict, NotFound
+from memory_store.filters import namespace_matches
 from memory_store.models import (
     ADAPTER_VERSION_STATUSES,
     DEPLOYMENT_STATES,
@@ -87,11 +88,13 @@ class NewFeedback:
     tags: list[Any] | None = None
     conversation_id: int | None = None
     idempotency_key: str | None = None
+    created_by: str | None = None  # audit label of the writer; not part of the request
 
     def request_hash(self) -> str:
-        """sha256 of the canonical JSON of everything but the key: equal bodies, equal hashes."""
+        """sha256 of the canonical JSON of the body (not the key, not the writer's label)."""
         body = asdict(self)
         body.pop("idempotency_key")
+        body.pop("created_by")
         canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
         return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
@@ -114,6 +117,7 @@ class FeedbackRepository:
         tags: list[Any] | None = None,
         conversation_id: int | None = None,
         idempotency_key: str | None = None,
+        created_by: str | None = None,
     ) -> tuple[FeedbackItem, bool]:
         """Store one item; returns `(item, created)`.
 
@@ -132,6 +136,7 @@ class FeedbackRepository:
             tags=tags,
             conversation_id=conversation_id,
             idempotency_key=idempotency_key,
+            created_by=created_by,
         )
         item, created = self._add_one(new)
         if created and idempotency_key is None:
@@ -208,6 +213,7 @@ class FeedbackRepository:
             request_hash=request_hash,
             status="pending",
             created_at=utcnow(),
+            created_by=new.created_by,
         )
 
     def _by_keys(self, keys: Sequence[tuple[str, str]]) -> dict[tuple[str, str], FeedbackItem]:
@@ -252,11 +258,15 @@ class FeedbackRepository:
         status: str | None = None,
         after_id: int | None = None,
         limit: int = DEFAULT_PAGE_SIZE,
+        namespace_patterns: Sequence[str] | None = None,
     ) -> Sequence[FeedbackItem]:
-        """Items created at or after `since`, oldest first; next page: `after_id=<last id>`."""
+        """Items created at or after `since`, oldest first; next page: `after_id=<last id>`.
+        `namespace_patterns` (None: any) keeps the namespaces matching one of them."""
         stmt = select(FeedbackItem)
         if namespace is not None:
             stmt = stmt.where(FeedbackItem.namespace == namespace)
+        if namespace_patterns is not None:
+            stmt = stmt.where(namespace_matches(FeedbackItem.namespace, namespace_patterns))
         if since is not None:
             stmt = stmt.where(FeedbackItem.created_at >= since)
         if status is not None:
@@ -352,15 +362,6 @@ class FeedbackRepository:
             stmt = stmt.where(FeedbackItem.namespace == namespace)
         return int(self.session.scalar(stmt) or 0)
 
-    def pending_by_namespace(self) -> dict[str, int]:
-        """{namespace: pending count} for every namespace with pending items (the scheduler's view)."""
-        rows = self.session.execute(
-            select(FeedbackItem.namespace, func.count())
-            .where(FeedbackItem.status == "pending")
-            .group_by(FeedbackItem.namespace)
-        ).all()
-        return {namespace: int(count) for namespace, count in rows}
-
     def status_counts(self, *, namespace: str | None = None) -> dict[str, int]:
         """{status: count} (for metrics); statuses with no item are reported as 0."""
         stmt = select(FeedbackItem.status, func.count()).group_by(FeedbackItem.status)
@@ -387,9 +388,15 @@ class ConversationRepository:
         messages: list[dict[str, Any]],
         model: str | None = None,
         source: str | None = None,
+        created_by: str | None = None,
     ) -> Conversation:
         conversation = Conversation(
-            namespace=namespace, messages=messages, model=model, source=source, created_at=utcnow()
+            namespace=namespace,
+            messages=messages,
+            model=model,
+            source=source,
+            created_at=utcnow(),
+            created_by=created_by,
         )
         self.session.add(conversation)
         self.session.flush()
@@ -508,6 +515,7 @@ class MemoryRepository:
         title: str | None = None,
         priority: int = 0,
         tags: list[Any] | None = None,
+        created_by: str | None = None,
     ) -> Memory:
         now = utcnow()
         memory = Memory(
@@ -519,6 +527,7 @@ class MemoryRepository:
             state="active",
             created_at=now,
             updated_at=now,
+            created_by=created_by,
         )
         self.session.add(memory)
         self.session.flush()
@@ -545,11 +554,12 @@ class MemoryRepository:
             stmt = stmt.where(Memory.state == state)
         return self.session.scalars(_page(stmt, Memory.id, after_id=after_id, limit=limit)).all()
 
-    def delete(self, *, id: int, namespace: str | None = None) -> Memory:
+    def delete(self, *, id: int, namespace: str | None = None, retired_by: str | None = None) -> Memory:
         """Retire a memory (kept for history; no longer listed as active). Idempotent."""
         memory = self.get(id=id, namespace=namespace)
         if memory.state != "retired":
             memory.state = "retired"
+            memory.retired_by = retired_by
             memory.updated_at = utcnow()
             self.session.flush()
         return memory
@@ -684,29 +694,6 @@ class AdapterRepository:
             raise Conflict(f"adapter {name!r} already has version {version}") from error
         return row
 
-    def update_version(
-        self,
-        *,
-        name: str,
-        version: int,
-        path: str | None = None,
-        sha256: str | None = None,
-        metrics: dict[str, Any] | None = None,
-        reason: str | None = None,
-    ) -> AdapterVersion:
-        """Fill in what is known after training/publishing; None leaves a field unchanged."""
-        row = self.get_version(name=name, version=version)
-        if path is not None:
-            row.path = path
-        if sha256 is not None:
-            row.sha256 = sha256
-        if metrics is not None:
-            row.metrics = {**(row.metrics or {}), **metrics}
-        if reason is not None:
-            row.reason = reason
-        self.session.flush()
-        return row
-
     def set_status(
         self, *, name: str, version: int, status: str, reason: str | None = None
     ) -> AdapterVersion:
@@ -816,19 +803,26 @@ class AdapterRepository:
         )
 
     def list_adapters(
-        self, *, after_name: str | None = None, limit: int = DEFAULT_PAGE_SIZE
+        self,
+        *,
+        after_name: str | None = None,
+        limit: int = DEFAULT_PAGE_SIZE,
+        namespace_patterns: Sequence[str] | None = None,
     ) -> Sequence[Adapter]:
         """Adapters by name (without their versions); next page: `after_name=<last name>`."""
         stmt = select(Adapter)
+        if namespace_patterns is not None:
+            stmt = stmt.where(namespace_matches(Adapter.name, namespace_patterns))
         if after_name is not None:
             stmt = stmt.where(Adapter.name > after_name)
         return self.session.scalars(stmt.order_by(Adapter.name).limit(_positive(limit))).all()
 
-    def list_with_versions(self) -> Sequence[Adapter]:
-        """Every adapter by name, with `.versions` loaded (ordered by version)."""
-        return self.session.scalars(
-            select(Adapter).options(selectinload(Adapter.versions)).order_by(Adapter.name)
-        ).all()
+    def list_with_versions(self, *, namespace_patterns: Sequence[str] | None = None) -> Sequence[Adapter]:
+        """Every adapter by name (of the matching namespaces), with `.versions` loaded (by version)."""
+        stmt = select(Adapter).options(selectinload(Adapter.versions)).order_by(Adapter.name)
+        if namespace_patterns is not None:
+            stmt = stmt.where(namespace_matches(Adapter.name, namespace_patterns))
+        return self.session.scalars(stmt).all()
 
     def set_pinned(self, *, name: str, version: int, pinned: bool) -> AdapterVersion:
         """Pin a version (retention never deletes its files) or unpin it. A version whose files are
@@ -1028,15 +1022,6 @@ class DeploymentRepository:
                 Deployment.replica_url == replica_url, Deployment.served_name == served_name
             )
         ).first()
-
-    def set_state(self, *, id: int, state: str, error: str | None = None) -> Deployment:
-        _check_choice("state", state, DEPLOYMENT_STATES)
-        row = self.get(id=id)
-        row.state = state
-        row.error = error
-        row.updated_at = utcnow()
-        self.session.flush()
-        return row
 
     def get(self, *, id: int) -> Deployment:
         row = self.session.get(Deployment, id)

@@ -6,12 +6,14 @@ Entry format (comma-separated in `Settings.auth_tokens`, one per line in `auth_t
 `ns:` words bind the token to namespaces, by exact name or a `*` pattern (`ns:support-*`); an
 entry without one may touch every namespace, and `admin` is global whatever it names. `label:`
 names the entry in audit records (default `token-<position>`); the secret is never recorded.
+`ensure_may_write` (403 naming the namespace) and `ensure_may_see` (the 404 of a missing row)
+apply a grant where a request names a namespace or reaches a namespaced record.
 
 Only sha256 digests are kept in memory, and a presented token is compared against every one of
 them with `hmac.compare_digest`. `TokenSource` re-reads the token file when it changes (checked at
 most every `RELOAD_CHECK_S`), so a removed token is refused within a second without a restart; a
 file that no longer parses keeps the last good table and is reported. Knows nothing about routes or
-the database.
+tables.
 """
 
 from __future__ import annotations
@@ -26,7 +28,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from memory_store.errors import NotFound
+from memory_store.filters import pattern_regex
 from service.config import SCOPES
+from service.errors import Forbidden
 
 ADMIN_SCOPE = "admin"
 NAMESPACE_WORD = "ns:"
@@ -43,8 +48,8 @@ class TokenConfigError(ValueError):
 
 
 def namespace_pattern_regex(pattern: str) -> re.Pattern[str]:
-    """`*` matches any run of characters; everything else matches itself."""
-    return re.compile("^" + ".*".join(re.escape(part) for part in pattern.split("*")) + "$")
+    """`*` matches any run of characters; everything else matches itself (as in SQL listings)."""
+    return re.compile(pattern_regex(pattern))
 
 
 @dataclass(frozen=True)
@@ -80,7 +85,19 @@ class Principal:
             return True
         if namespace is None:
             return False
-        return any(regex.match(namespace) for regex in self._regexes)
+        return any(regex.fullmatch(namespace) for regex in self._regexes)
+
+
+def ensure_may_write(principal: Principal, namespace: str, *, field: str = "namespace") -> None:
+    """A write that names `namespace` outside the token's grant: 403 naming the namespace."""
+    if not principal.allows_namespace(namespace):
+        raise Forbidden(f"the token may not write to namespace {namespace!r}", field=field)
+
+
+def ensure_may_see(principal: Principal, namespace: str | None, entity: str, key: object) -> None:
+    """A record of a namespace outside the token's grant reads as absent: the same 404 as no row."""
+    if not principal.allows_namespace(namespace):
+        raise NotFound(entity, key)
 
 
 ANONYMOUS_ADMIN = Principal(token_index=None, scopes=frozenset({ADMIN_SCOPE}), label="anonymous")

@@ -3,7 +3,9 @@
 `SessionDep` commits when the endpoint returns (before the response is sent, so a 2xx always
 means the data is durable) and rolls back on any error; GET/HEAD requests get a read-only session
 (on SQLite it does not take the write lock). `require(scope)` is the one way a route
-declares the scope it needs; `AuthenticatedRoute` checks it before the body is read. Knows nothing
+declares the scope it needs; `AuthenticatedRoute` checks it before the body is read, and
+`PrincipalDep` hands the authenticated token to the route, which applies its namespace grant
+with service.auth's `ensure_may_write` (403) and `ensure_may_see` (404). Knows nothing
 about individual routes or tables.
 """
 
@@ -81,6 +83,7 @@ def authorize_scopes(request: Request, scopes: list[str]) -> Principal:
     """`authorize` for an explicit list of scopes."""
     settings: Settings = request.app.state.settings
     if settings.auth_disabled:
+        request.state.principal = ANONYMOUS_ADMIN
         return ANONYMOUS_ADMIN
     table: TokenSource = request.app.state.token_table
     token = bearer_token(request.headers.get("authorization"))
@@ -92,7 +95,19 @@ def authorize_scopes(request: Request, scopes: list[str]) -> Principal:
     missing = [scope for scope in scopes if not principal.allows(scope)]
     if missing:
         raise Forbidden(f"the token lacks the scope {missing[0]!r}")
+    request.state.principal = principal
     return principal
+
+
+def get_principal(request: Request) -> Principal:
+    """The principal `require(...)` authenticated for this request (routes with a scope only)."""
+    principal = getattr(request.state, "principal", None)
+    if principal is None:
+        raise Unauthenticated("missing bearer token (Authorization: Bearer <token>)")
+    return principal
+
+
+PrincipalDep = Annotated[Principal, Depends(get_principal)]
 
 
 def require(scope: str) -> DependsParam:

@@ -26,6 +26,7 @@ from memory_store.errors import NotFound
 from memory_store.models import FeedbackItem, utcnow
 from memory_store.queue import JobQueue
 from memory_store.repositories import ConversationRepository, FeedbackRepository, NewFeedback
+from service.auth import Principal, ensure_may_write
 from service.config import Settings
 from service.errors import InvalidField
 from service.message_checks import check_context, check_tool_messages
@@ -142,9 +143,11 @@ def _prepare(
     settings: Settings,
     validator: FeedbackValidator,
     prefix: str,
+    principal: Principal,
 ) -> NewFeedback:
     _check_limits(body, settings, prefix)
     namespace = body.namespace or settings.default_namespace
+    ensure_may_write(principal, namespace, field=_prefixed(prefix, "namespace"))
     messages = message_dicts(body.messages) if body.messages is not None else None
     context = messages
     if body.conversation_id is not None:
@@ -179,6 +182,7 @@ def _prepare(
         tags=body.tags,
         conversation_id=body.conversation_id,
         idempotency_key=idempotency_key,
+        created_by=principal.label,
     )
 
 
@@ -283,10 +287,18 @@ def accept_feedback(
     idempotency_key: str | None,
     settings: Settings,
     validator: FeedbackValidator,
+    principal: Principal,
 ) -> AcceptedItem:
-    """Validate and store one item in the caller's transaction (replays return the stored row)."""
+    """Validate and store one item in the caller's transaction (replays return the stored row).
+    A namespace outside `principal`'s grant is refused (403) before anything is stored."""
     new = _prepare(
-        session, body, idempotency_key=idempotency_key, settings=settings, validator=validator, prefix=""
+        session,
+        body,
+        idempotency_key=idempotency_key,
+        settings=settings,
+        validator=validator,
+        prefix="",
+        principal=principal,
     )
     item, created = FeedbackRepository(session).add(**_as_kwargs(new))
     if created:
@@ -314,6 +326,7 @@ def accept_feedback_batch(
     idempotency_key: str | None,
     settings: Settings,
     validator: FeedbackValidator,
+    principal: Principal,
 ) -> list[AcceptedItem]:
     """Validate every item first (errors name `items[i].field`), then store all in one go."""
     if len(items) > settings.max_batch_items:
@@ -328,6 +341,7 @@ def accept_feedback_batch(
             settings=settings,
             validator=validator,
             prefix=f"items[{index}]",
+            principal=principal,
         )
         for index, item in enumerate(items)
     ]
@@ -349,4 +363,5 @@ def _as_kwargs(new: NewFeedback) -> dict[str, Any]:
         "tags": new.tags,
         "conversation_id": new.conversation_id,
         "idempotency_key": new.idempotency_key,
+        "created_by": new.created_by,
     }

@@ -223,6 +223,7 @@ class FeedbackPublic(BaseModel):
     conversation_id: int | None
     trained_in_version: int | None
     created_at: datetime
+    created_by: str | None = None  # label of the token entry that wrote it (never the secret)
     # `GET /feedback/{id}` of a pending item: what it waits for, and the train job that takes it
     waiting_for: str | None = None
     job_id: int | None = None
@@ -252,6 +253,7 @@ class ConversationPublic(BaseModel):
     model: str | None
     source: str | None
     created_at: datetime
+    created_by: str | None = None  # label of the token entry that wrote it (never the secret)
 
 
 # --- memories ------------------------------------------------------------------------------------
@@ -280,6 +282,8 @@ class MemoryPublic(BaseModel):
     baked_in_version: int | None
     created_at: datetime
     updated_at: datetime
+    created_by: str | None = None  # label of the token entry that wrote it (never the secret)
+    retired_by: str | None = None
 
 
 class MemoryPage(BaseModel):
@@ -364,6 +368,7 @@ class JobPublic(BaseModel):
     result: dict[str, Any] | None
     error: str | None
     created_at: datetime
+    created_by: str | None = None  # label of the token entry that wrote it (never the secret)
     started_at: datetime | None
     finished_at: datetime | None
 

@@ -2,6 +2,7 @@
 
 Version lists are bounded: each adapter shows its newest `versions_limit` versions and
 `/adapters/{name}/versions` pages through all of them; `GET /adapters` pages through adapters.
+A token bound to some namespaces lists only their adapters; any other reads as absent (404).
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ from fastapi.responses import StreamingResponse
 from memory_store.models import Adapter, AdapterVersion
 from memory_store.repositories import AdapterRepository, files_deleted_message
 from service.adapter_archive import TarStream, UnsafeAdapterPath, resolve_version_dir
-from service.deps import AuthenticatedRoute, SessionDep, SettingsDep, require
+from service.auth import Principal, ensure_may_see, ensure_may_write
+from service.deps import AuthenticatedRoute, PrincipalDep, SessionDep, SettingsDep, require
 from service.errors import AdapterFilesUnavailable, InvalidField, ResourceNotFound
 from service.schemas import (
     MAX_ID,
@@ -43,6 +45,11 @@ DEFAULT_VERSIONS_LIMIT = 100
 VersionsLimit = Annotated[
     int, Query(ge=1, le=MAX_PAGE, description="newest versions listed per adapter (older: /versions)")
 ]
+
+
+def visible(principal: Principal, name: str) -> None:
+    """An adapter outside the token's namespaces answers exactly as one that does not exist."""
+    ensure_may_see(principal, name, "adapter", name)
 
 
 def version_public(row: AdapterVersion) -> AdapterVersionPublic:
@@ -86,6 +93,7 @@ def newest_versions_public(repository: AdapterRepository, adapter: Adapter, limi
 @router.get("/adapters", response_model=AdapterList, dependencies=[require("adapters:read")])
 def list_adapters(
     session: SessionDep,
+    principal: PrincipalDep,
     limit: Annotated[int, Query(ge=1, le=MAX_PAGE, description="adapters per page")] = 50,
     cursor: Annotated[
         str | None,
@@ -100,7 +108,9 @@ def list_adapters(
 ) -> AdapterList:
     """Adapters by name, each with its newest `versions_limit` versions (ascending)."""
     repository = AdapterRepository(session)
-    adapters = repository.list_adapters(after_name=cursor, limit=limit)
+    adapters = repository.list_adapters(
+        after_name=cursor, limit=limit, namespace_patterns=principal.namespaces
+    )
     next_cursor = adapters[-1].name if len(adapters) == limit else None
     return AdapterList(
         adapters=[newest_versions_public(repository, a, versions_limit) for a in adapters],
@@ -110,8 +120,12 @@ def list_adapters(
 
 @router.get("/adapters/{name}", response_model=AdapterPublic, dependencies=[require("adapters:read")])
 def read_adapter(
-    name: AdapterName, session: SessionDep, versions_limit: VersionsLimit = DEFAULT_VERSIONS_LIMIT
+    name: AdapterName,
+    session: SessionDep,
+    principal: PrincipalDep,
+    versions_limit: VersionsLimit = DEFAULT_VERSIONS_LIMIT,
 ) -> AdapterPublic:
+    visible(principal, name)
     repository = AdapterRepository(session)
     return newest_versions_public(repository, repository.get_adapter(name=name), versions_limit)
 
@@ -122,6 +136,7 @@ def read_adapter(
 def list_versions(
     name: AdapterName,
     session: SessionDep,
+    principal: PrincipalDep,
     limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 100,
     cursor: Annotated[
         int | None, Query(ge=0, le=MAX_ID, description="`next_cursor` of the previous page (a version)")
@@ -129,6 +144,7 @@ def list_versions(
     order: Annotated[Literal["asc", "desc"], Query(description="by version number")] = "asc",
 ) -> AdapterVersionPage:
     """Every version of one adapter, a page at a time (pass `next_cursor` back as `cursor`)."""
+    visible(principal, name)
     repository = AdapterRepository(session)
     rows = repository.list_versions(
         name=name, after_version=cursor, limit=limit, newest_first=order == "desc"
@@ -143,7 +159,10 @@ def list_versions(
 @router.get(
     "/adapters/{name}/current", response_model=AdapterVersionPublic, dependencies=[require("adapters:read")]
 )
-def read_current_version(name: AdapterName, session: SessionDep) -> AdapterVersionPublic:
+def read_current_version(
+    name: AdapterName, session: SessionDep, principal: PrincipalDep
+) -> AdapterVersionPublic:
+    visible(principal, name)
     current = AdapterRepository(session).current(name=name)
     if current is None:
         raise ResourceNotFound(f"adapter {name!r} has no current version yet")
@@ -170,8 +189,13 @@ def version_detail(row: AdapterVersion, settings: Settings) -> AdapterVersionDet
     dependencies=[require("adapters:read")],
 )
 def read_version(
-    name: AdapterName, version: VersionNumber, session: SessionDep, settings: SettingsDep
+    name: AdapterName,
+    version: VersionNumber,
+    session: SessionDep,
+    settings: SettingsDep,
+    principal: PrincipalDep,
 ) -> AdapterVersionDetail:
+    visible(principal, name)
     return version_detail(AdapterRepository(session).get_version(name=name, version=version), settings)
 
 
@@ -182,11 +206,16 @@ def read_version(
     dependencies=[require("adapters:read")],
 )
 def download_version(
-    name: AdapterName, version: VersionNumber, session: SessionDep, settings: SettingsDep
+    name: AdapterName,
+    version: VersionNumber,
+    session: SessionDep,
+    settings: SettingsDep,
+    principal: PrincipalDep,
 ) -> StreamingResponse:
     """The version folder as a tar, streamed; `X-Adapter-Sha256` is its registered digest
     (training.adapter_store.dir_sha256 of the extracted folder). Files that no longer match the
     digest are refused (409)."""
+    visible(principal, name)
     row = AdapterRepository(session).get_version(name=name, version=version)
     if row.files_deleted_at is not None:
         raise AdapterFilesUnavailable(files_deleted_message(row))
@@ -235,7 +264,11 @@ def adapter_registry(request: Request) -> AdapterRegistry:
 
 @router.post("/adapters/{name}/rollback", response_model=AdapterPublic, dependencies=[require("admin")])
 def rollback_adapter(
-    name: AdapterName, request: Request, session: SessionDep, body: RollbackRequest | None = None
+    name: AdapterName,
+    request: Request,
+    session: SessionDep,
+    principal: PrincipalDep,
+    body: RollbackRequest | None = None,
 ) -> AdapterPublic:
     """Make an earlier version current (default: the newest retired one before the current).
     Its files are verified and loaded on every vLLM replica before the pointer flips; on failure
@@ -244,7 +277,7 @@ def rollback_adapter(
 
     try:
         adapter_registry(request).rollback(
-            name, body.version if body else None, reason="rolled back through the API"
+            name, body.version if body else None, reason=f"rolled back through the API by {principal.label}"
         )
     except PromotionFailed as error:
         raise AdapterFilesUnavailable(str(error)) from error
@@ -259,9 +292,10 @@ def rollback_adapter(
     dependencies=[require("adapters:write")],
 )
 def pin_version(
-    name: AdapterName, version: VersionNumber, body: PinRequest, session: SessionDep
+    name: AdapterName, version: VersionNumber, body: PinRequest, session: SessionDep, principal: PrincipalDep
 ) -> AdapterVersionPublic:
     """Pin (`{"pinned": true}`) or unpin a version: retention never deletes a pinned version's files.
     A version whose files were already deleted cannot be pinned (409)."""
+    ensure_may_write(principal, name, field="name")
     row = AdapterRepository(session).set_pinned(name=name, version=version, pinned=body.pinned)
     return version_public(row)

@@ -7,7 +7,8 @@ from typing import Annotated
 from fastapi import APIRouter, Path, status
 
 from memory_store.repositories import ConversationRepository
-from service.deps import AuthenticatedRoute, SessionDep, SettingsDep, require
+from service.auth import ensure_may_see, ensure_may_write
+from service.deps import AuthenticatedRoute, PrincipalDep, SessionDep, SettingsDep, require
 from service.errors import InvalidField
 from service.feedback_intake import message_dicts
 from service.message_checks import check_conversation
@@ -23,8 +24,10 @@ router = APIRouter(tags=["conversations"], route_class=AuthenticatedRoute)
     dependencies=[require("feedback:write")],
 )
 def create_conversation(
-    body: ConversationCreate, session: SessionDep, settings: SettingsDep
+    body: ConversationCreate, session: SessionDep, settings: SettingsDep, principal: PrincipalDep
 ) -> ConversationPublic:
+    namespace = body.namespace or settings.default_namespace
+    ensure_may_write(principal, namespace)
     if len(body.messages) > settings.max_messages:
         raise InvalidField(
             f"at most {settings.max_messages} messages per conversation (LORALOOP_MAX_MESSAGES)",
@@ -33,10 +36,11 @@ def create_conversation(
     messages = message_dicts(body.messages)
     check_conversation(messages)
     conversation = ConversationRepository(session).add(
-        namespace=body.namespace or settings.default_namespace,
+        namespace=namespace,
         messages=messages,
         model=body.model,
         source=body.source,
+        created_by=principal.label,
     )
     return ConversationPublic.model_validate(conversation)
 
@@ -47,6 +51,8 @@ def create_conversation(
     dependencies=[require("feedback:read")],
 )
 def read_conversation(
-    conversation_id: Annotated[int, Path(ge=1, le=MAX_ID)], session: SessionDep
+    conversation_id: Annotated[int, Path(ge=1, le=MAX_ID)], session: SessionDep, principal: PrincipalDep
 ) -> ConversationPublic:
-    return ConversationPublic.model_validate(ConversationRepository(session).get(id=conversation_id))
+    conversation = ConversationRepository(session).get(id=conversation_id)
+    ensure_may_see(principal, conversation.namespace, "conversation", conversation_id)
+    return ConversationPublic.model_validate(conversation)

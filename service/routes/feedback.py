@@ -7,7 +7,8 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, Header, Path, Query, Request, Response, status
 
 from memory_store.repositories import FeedbackRepository
-from service.deps import AuthenticatedRoute, MetricsDep, SessionDep, SettingsDep, require
+from service.auth import ensure_may_see
+from service.deps import AuthenticatedRoute, MetricsDep, PrincipalDep, SessionDep, SettingsDep, require
 from service.feedback_intake import FeedbackValidator, accept_feedback, accept_feedback_batch, pending_state
 from service.schemas import (
     MAX_ID,
@@ -54,11 +55,17 @@ def create_feedback(
     session: SessionDep,
     settings: SettingsDep,
     metrics: MetricsDep,
+    principal: PrincipalDep,
     idempotency_key: IdempotencyKey = None,
 ) -> FeedbackAccepted:
     """Store one improved continuation; training picks it up in the background."""
     accepted = accept_feedback(
-        session, body, idempotency_key=idempotency_key, settings=settings, validator=_validator(request)
+        session,
+        body,
+        idempotency_key=idempotency_key,
+        settings=settings,
+        validator=_validator(request),
+        principal=principal,
     )
     if accepted.created:
         metrics.feedback_accepted.labels(namespace=accepted.item.namespace).inc()
@@ -79,6 +86,7 @@ def create_feedback_batch(
     session: SessionDep,
     settings: SettingsDep,
     metrics: MetricsDep,
+    principal: PrincipalDep,
     idempotency_key: IdempotencyKey = None,
 ) -> FeedbackBatchAccepted:
     """Store many items in one transaction: all of them, or none (errors name `items[i].field`).
@@ -87,7 +95,12 @@ def create_feedback_batch(
     header and `i` that no client key can equal (`service.feedback_intake.batch_item_key`).
     """
     accepted = accept_feedback_batch(
-        session, body.items, idempotency_key=idempotency_key, settings=settings, validator=_validator(request)
+        session,
+        body.items,
+        idempotency_key=idempotency_key,
+        settings=settings,
+        validator=_validator(request),
+        principal=principal,
     )
     for entry in accepted:
         if entry.created:
@@ -98,9 +111,12 @@ def create_feedback_batch(
 
 
 @router.get("/feedback/{feedback_id}", response_model=FeedbackPublic, dependencies=[require("feedback:read")])
-def read_feedback(feedback_id: Annotated[int, PathId], session: SessionDep) -> FeedbackPublic:
+def read_feedback(
+    feedback_id: Annotated[int, PathId], session: SessionDep, principal: PrincipalDep
+) -> FeedbackPublic:
     """The item; a pending one says what it waits for (`waiting_for`) and which job takes it."""
     item = FeedbackRepository(session).get(id=feedback_id)
+    ensure_may_see(principal, item.namespace, "feedback", feedback_id)
     waiting_for, job_id = pending_state(session, item)
     return FeedbackPublic.model_validate(item).model_copy(update={"waiting_for": waiting_for, "job_id": job_id})
 
@@ -108,6 +124,7 @@ def read_feedback(feedback_id: Annotated[int, PathId], session: SessionDep) -> F
 @router.get("/feedback", response_model=FeedbackPage, dependencies=[require("feedback:read")])
 def list_feedback(
     session: SessionDep,
+    principal: PrincipalDep,
     namespace: Namespace | None = None,
     since: UtcDatetime | None = None,
     status: Literal["pending", "trained", "skipped"] | None = None,
@@ -118,7 +135,12 @@ def list_feedback(
 ) -> FeedbackPage:
     """Items oldest first; pass `next_cursor` back as `cursor` for the next page (null at the end)."""
     items = FeedbackRepository(session).list(
-        namespace=namespace, since=since, status=status, after_id=cursor, limit=limit
+        namespace=namespace,
+        since=since,
+        status=status,
+        after_id=cursor,
+        limit=limit,
+        namespace_patterns=principal.namespaces,
     )
     next_cursor = str(items[-1].id) if len(items) == limit else None
     return FeedbackPage(

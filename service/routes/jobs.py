@@ -8,7 +8,8 @@ from fastapi import APIRouter, Path, Query, status
 
 from memory_store.models import utcnow
 from memory_store.queue import JobQueue
-from service.deps import AuthenticatedRoute, SessionDep, SettingsDep, require
+from service.auth import ensure_may_see, ensure_may_write
+from service.deps import AuthenticatedRoute, PrincipalDep, SessionDep, SettingsDep, require
 from service.feedback_intake import TRAIN_JOB_KIND, train_dedupe_key
 from service.schemas import MAX_ID, MAX_PAGE, JobPage, JobPublic, Namespace, TrainJobCreate
 
@@ -23,14 +24,18 @@ JobStatus = Literal["queued", "running", "succeeded", "failed", "dead", "cancell
     response_model=JobPublic,
     dependencies=[require("adapters:write")],
 )
-def enqueue_training(body: TrainJobCreate, session: SessionDep, settings: SettingsDep) -> JobPublic:
+def enqueue_training(
+    body: TrainJobCreate, session: SessionDep, settings: SettingsDep, principal: PrincipalDep
+) -> JobPublic:
     """Queue a training run of a namespace now; answers the queued (or already active) job."""
     namespace = body.namespace or settings.default_namespace
+    ensure_may_write(principal, namespace)
     job = JobQueue(session, default_max_attempts=settings.job_max_attempts).enqueue(
         kind=TRAIN_JOB_KIND,
         namespace=namespace,
         payload={"namespace": namespace, "trigger": "api"},
         dedupe_key=train_dedupe_key(namespace),
+        created_by=principal.label,
     )
     if job.status == "queued":
         # the active job may be one that feedback queued with the debounce delay: run it now
@@ -41,6 +46,7 @@ def enqueue_training(body: TrainJobCreate, session: SessionDep, settings: Settin
 @router.get("/jobs", response_model=JobPage, dependencies=[require("adapters:read")])
 def list_jobs(
     session: SessionDep,
+    principal: PrincipalDep,
     namespace: Namespace | None = None,
     status: JobStatus | None = None,
     kind: Annotated[str | None, Query(max_length=64, pattern=r"^[a-z_]+$")] = None,
@@ -49,11 +55,22 @@ def list_jobs(
         int | None, Query(ge=0, le=MAX_ID, description="`next_cursor` of the previous page")
     ] = None,
 ) -> JobPage:
-    jobs = JobQueue(session).list(namespace=namespace, status=status, kind=kind, after_id=cursor, limit=limit)
+    jobs = JobQueue(session).list(
+        namespace=namespace,
+        status=status,
+        kind=kind,
+        after_id=cursor,
+        limit=limit,
+        namespace_patterns=principal.namespaces,
+    )
     next_cursor = str(jobs[-1].id) if len(jobs) == limit else None
     return JobPage(items=[JobPublic.model_validate(job) for job in jobs], next_cursor=next_cursor)
 
 
 @router.get("/jobs/{job_id}", response_model=JobPublic, dependencies=[require("adapters:read")])
-def read_job(job_id: Annotated[int, Path(ge=1, le=MAX_ID)], session: SessionDep) -> JobPublic:
-    return JobPublic.model_validate(JobQueue(session).get(job_id=job_id))
+def read_job(
+    job_id: Annotated[int, Path(ge=1, le=MAX_ID)], session: SessionDep, principal: PrincipalDep
+) -> JobPublic:
+    job = JobQueue(session).get(job_id=job_id)
+    ensure_may_see(principal, job.namespace, "job", job_id)
+    return JobPublic.model_validate(job)

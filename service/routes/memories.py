@@ -7,7 +7,8 @@ from typing import Annotated
 from fastapi import APIRouter, Path, Query, status
 
 from memory_store.repositories import MemoryRepository
-from service.deps import AuthenticatedRoute, SessionDep, SettingsDep, require
+from service.auth import ensure_may_see, ensure_may_write
+from service.deps import AuthenticatedRoute, PrincipalDep, SessionDep, SettingsDep, require
 from service.schemas import MAX_ID, MAX_PAGE, MemoryCreate, MemoryPage, MemoryPublic, MemoryState, Namespace
 
 router = APIRouter(tags=["memories"], route_class=AuthenticatedRoute)
@@ -21,13 +22,18 @@ MemoryId = Annotated[int, Path(ge=1, le=MAX_ID)]
     response_model=MemoryPublic,
     dependencies=[require("feedback:write")],
 )
-def create_memory(body: MemoryCreate, session: SessionDep, settings: SettingsDep) -> MemoryPublic:
+def create_memory(
+    body: MemoryCreate, session: SessionDep, settings: SettingsDep, principal: PrincipalDep
+) -> MemoryPublic:
+    namespace = body.namespace or settings.default_namespace
+    ensure_may_write(principal, namespace)
     memory = MemoryRepository(session).add(
-        namespace=body.namespace or settings.default_namespace,
+        namespace=namespace,
         content=body.content,
         title=body.title,
         priority=body.priority,
         tags=body.tags,
+        created_by=principal.label,
     )
     return MemoryPublic.model_validate(memory)
 
@@ -36,6 +42,7 @@ def create_memory(body: MemoryCreate, session: SessionDep, settings: SettingsDep
 def list_memories(
     session: SessionDep,
     settings: SettingsDep,
+    principal: PrincipalDep,
     namespace: Namespace | None = None,
     state: Annotated[MemoryState | None, Query(description="omit for every state")] = None,
     limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 100,
@@ -43,20 +50,27 @@ def list_memories(
         int | None, Query(ge=0, le=MAX_ID, description="`next_cursor` of the previous page")
     ] = None,
 ) -> MemoryPage:
-    """Memories of one namespace (the default one when omitted), oldest first."""
-    memories = MemoryRepository(session).list(
-        namespace=namespace or settings.default_namespace, state=state, after_id=cursor, limit=limit
-    )
+    """Memories of one namespace (the default one when omitted), oldest first; a namespace outside
+    the token's grant lists nothing."""
+    namespace = namespace or settings.default_namespace
+    if not principal.allows_namespace(namespace):
+        return MemoryPage(items=[], next_cursor=None)
+    memories = MemoryRepository(session).list(namespace=namespace, state=state, after_id=cursor, limit=limit)
     next_cursor = str(memories[-1].id) if len(memories) == limit else None
     return MemoryPage(items=[MemoryPublic.model_validate(m) for m in memories], next_cursor=next_cursor)
 
 
 @router.get("/memories/{memory_id}", response_model=MemoryPublic, dependencies=[require("feedback:read")])
-def read_memory(memory_id: MemoryId, session: SessionDep) -> MemoryPublic:
-    return MemoryPublic.model_validate(MemoryRepository(session).get(id=memory_id))
+def read_memory(memory_id: MemoryId, session: SessionDep, principal: PrincipalDep) -> MemoryPublic:
+    memory = MemoryRepository(session).get(id=memory_id)
+    ensure_may_see(principal, memory.namespace, "memory", memory_id)
+    return MemoryPublic.model_validate(memory)
 
 
 @router.delete("/memories/{memory_id}", response_model=MemoryPublic, dependencies=[require("feedback:write")])
-def delete_memory(memory_id: MemoryId, session: SessionDep) -> MemoryPublic:
-    """Retire a memory: it stays for history (state `retired`) and is no longer used. Idempotent."""
-    return MemoryPublic.model_validate(MemoryRepository(session).delete(id=memory_id))
+def delete_memory(memory_id: MemoryId, session: SessionDep, principal: PrincipalDep) -> MemoryPublic:
+    """Retire a memory: it stays for history (state `retired`) and is no longer used. Idempotent.
+    A memory of a namespace outside the token's grant is not found (404), as on reads."""
+    repository = MemoryRepository(session)
+    ensure_may_see(principal, repository.get(id=memory_id).namespace, "memory", memory_id)
+    return MemoryPublic.model_validate(repository.delete(id=memory_id, retired_by=principal.label))

@@ -4,8 +4,10 @@
 Forwarding lives in service.proxy; this module parses the body, logs chat conversations
 (so `POST /feedback` can name one by `conversation_id`) and returns their id in
 `X-Loraloop-Conversation-Id`. A namespace's first request creates and loads its v0 (the base
-model), so an agent can use its alias before any feedback was trained. Raw-text `/v1/completions` are forwarded but not logged: a prompt
-string is not a conversation (feedback for those uses `context` + `continuation`).
+model), so an agent can use its alias before any feedback was trained. A token bound to some
+namespaces sees only their aliases: any other is an unknown model (404), never created.
+Raw-text `/v1/completions` are forwarded but not logged: a prompt string is not a conversation
+(feedback for those uses `context` + `continuation`).
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from deploy.hotswap import served_name
 from memory_store.repositories import AdapterRepository, ConversationRepository
-from service.deps import AuthenticatedRoute, SessionDep, require
+from service.auth import Principal
+from service.deps import AuthenticatedRoute, PrincipalDep, SessionDep, get_principal, require
 from service.proxy import (
     CONVERSATION_HEADER,
     SERVED_MODEL_HEADER,
@@ -66,7 +69,7 @@ async def _json_body(request: Request, kind: str) -> dict[str, Any]:
 
 
 def _start_conversation(
-    factory: sessionmaker[Session], resolved: ResolvedModel, messages: list[Any]
+    factory: sessionmaker[Session], resolved: ResolvedModel, messages: list[Any], created_by: str | None
 ) -> int | None:
     """Store the request's messages; None (and a warning) when the store is unavailable: the
     answer still goes out, only without a conversation id."""
@@ -77,6 +80,7 @@ def _start_conversation(
                 messages=messages,
                 model=resolved.served_name,
                 source=CONVERSATION_SOURCE,
+                created_by=created_by,
             )
             return row.id
     except Exception:
@@ -120,8 +124,11 @@ async def _forward(request: Request, path: str, kind: str) -> Response:
     body = await _json_body(request, kind)
     proxy = _proxy(request)
     factory: sessionmaker[Session] = request.app.state.session_factory
+    principal: Principal = get_principal(request)
 
     async def resolve(alias: str, *, fresh: bool) -> ResolvedModel:
+        if not principal.allows_namespace(alias):
+            raise ModelNotFound(f"the model {alias!r} does not exist", param="model")
         hit = None if fresh else proxy.resolver.cached(alias)
         if hit is not None:
             return hit
@@ -141,7 +148,7 @@ async def _forward(request: Request, path: str, kind: str) -> Response:
     conversation_id: int | None = None
     if logged:
         conversation_id = await anyio.to_thread.run_sync(
-            _start_conversation, factory, resolved, body["messages"]
+            _start_conversation, factory, resolved, body["messages"], principal.label
         )
         if conversation_id is not None:
             headers[CONVERSATION_HEADER] = str(conversation_id)
@@ -191,8 +198,9 @@ async def completions(request: Request) -> Response:
 
 
 @router.get("/v1/models", dependencies=[require("inference")])
-def list_models(session: SessionDep) -> dict[str, Any]:
-    """The aliases that can be addressed now: every adapter with a current version."""
+def list_models(session: SessionDep, principal: PrincipalDep) -> dict[str, Any]:
+    """The aliases that can be addressed now: every adapter with a current version (of the
+    token's namespaces)."""
     data = [
         {
             "id": adapter.name,
@@ -202,7 +210,7 @@ def list_models(session: SessionDep) -> dict[str, Any]:
             "root": served_name(adapter.name, adapter.current_version),
             "parent": adapter.base_model,
         }
-        for adapter in AdapterRepository(session).list_with_versions()
+        for adapter in AdapterRepository(session).list_with_versions(namespace_patterns=principal.namespaces)
         if adapter.current_version is not None
     ]
     return {"object": "list", "data": data}

@@ -27,7 +27,7 @@ pytestmark = pytest.mark.integration
 WRITER, READER, ADAPTER_READER, ADMIN = "writer-token", "reader-token", "adapters-token", "admin-token"
 TOKENS = (
     f"{WRITER}=feedback:write,{READER}=feedback:read,"
-    f"sha256:{hashlib.sha256(ADAPTER_READER.encode()).hexdigest()}=adapters:read,{ADMIN}=admin"
+    f"sha256:{hashlib.sha256(ADAPTER_READER.encode()).hexdigest()}=adapters:read,{ADMIN}=admin label:ops-admin"
 )
 USER = {"role": "user", "content": "What is the capital of France?"}
 ASSISTANT = {"role": "assistant", "content": "Lyon."}
@@ -377,6 +377,9 @@ def test_adapter_registry_download_and_rollback(client: TestClient, settings: Se
     assert rolled.status_code == 200, rolled.text
     assert rolled.json()["current"] == 1
     assert client.get("/adapters/geo/current", headers=headers).json()["version"] == 1
+    # audit: the version rolled back from names the token entry that did it (its label), never the secret
+    left = client.get("/adapters/geo/versions/2", headers=headers).json()
+    assert left["status"] == "retired" and "by ops-admin" in left["reason"] and ADMIN not in rolled.text
 
 
 @pytest.mark.parametrize(

@@ -180,7 +180,6 @@ def test_feedback_training_bookkeeping(db_session_factory):
         repo = FeedbackRepository(session)
         assert repo.count_pending(namespace="ns") == 3
         assert repo.count_pending() == 4
-        assert repo.pending_by_namespace() == {"ns": 3, "b": 1}
         assert repo.status_counts(namespace="ns") == {"pending": 3, "trained": 6, "skipped": 1}
         assert [item.id for item in repo.pending_since(namespace="ns")] == ids[7:]
         assert [item.id for item in repo.pending_since(namespace="ns", after_id=ids[7])] == ids[8:]
@@ -262,10 +261,8 @@ def test_adapter_versions_current_pointer_and_rollback(db_session_factory):
         assert (v0.version, v1.version) == (0, 1)
         with pytest.raises(Conflict, match="path"):
             repo.set_current(name="ns", version=1)  # no files yet
-        repo.update_version(
-            name="ns", version=1, path="/a/ns/v1", sha256="1" * 64, metrics={"nll_after": 0.5}
-        )
-        repo.update_version(name="ns", version=1, metrics={"drift_kl": 0.01})
+        v1.path, v1.sha256 = "/a/ns/v1", "1" * 64  # the files published
+        v1.metrics = {"nll_after": 0.5, "drift_kl": 0.01}
         repo.set_current(name="ns", version=1)
         repo.add_version(name="ns", path="/a/ns/v2", parent_version=1)
         repo.set_status(name="ns", version=2, status="rejected", reason="gate: nll did not drop")
@@ -393,9 +390,13 @@ def test_deployments_upsert_per_replica_and_name(db_session_factory):
             error="down",
         )
         assert same.id == first.id
-        repo.set_state(id=first.id, state="unloading")
+        repo.upsert(
+            adapter_name="ns", version=1, replica_url="http://a:8000", served_name="ns-v1", state="unloading"
+        )
         with pytest.raises(ValueError):
-            repo.set_state(id=first.id, state="bogus")
+            repo.upsert(
+                adapter_name="ns", version=1, replica_url="http://a:8000", served_name="ns-v1", state="bogus"
+            )
     with db_session_factory.begin() as session:
         repo = DeploymentRepository(session)
         assert [(d.replica_url, d.state) for d in repo.list(adapter_name="ns")] == [
