@@ -2,8 +2,9 @@
 
 `FeedbackValidator` holds the tokenizer and `RenderConfig` and runs training.render's checks
 (target_index, continuation length in tokens) on the item the worker will later render.
-`accept_items` resolves `conversation_id`, checks the configurable limits, stores the items in the
-caller's transaction and enqueues one debounced `train` job per namespace; once vLLM answers again,
+`accept_feedback` / `accept_feedback_batch` refuse a namespace outside the token's grant, resolve
+`conversation_id`, check the configurable limits, store the items (with the token's audit label) in
+the caller's transaction and enqueue one debounced `train` job per namespace; once vLLM answers again,
 `wake_waiting` makes the jobs waiting for it due and `requeue_stranded` gives a namespace whose
 last train job died (its cause since gone) a new one. Nothing heavy runs
 here: training happens in the worker. Knows nothing about HTTP beyond `InvalidField`.
