@@ -313,12 +313,14 @@ def namespace_page(request: Request, name: str) -> Response:
             },
             x_label="version",
         )
-        other_chart = line_chart(
-            "gap closure and training seconds by version",
-            {
-                "gap_closure": [(r["row"].version, r["gap_closure"]) for r in rows],
-                "train_seconds": [(r["row"].version, r["train_seconds"]) for r in rows],
-            },
+        gap_chart = line_chart(
+            "gap closure by version",
+            {"gap_closure": [(r["row"].version, r["gap_closure"]) for r in rows]},
+            x_label="version",
+        )
+        seconds_chart = line_chart(
+            "training seconds by version",
+            {"train_seconds": [(r["row"].version, r["train_seconds"]) for r in rows]},
             x_label="version",
         )
         loss_charts = []
@@ -334,7 +336,7 @@ def namespace_page(request: Request, name: str) -> Response:
             viewer=viewer,
             adapter=adapter,
             rows=rows[::-1],
-            charts=[Markup(nll_chart), Markup(other_chart)],
+            charts=[Markup(chart) for chart in (nll_chart, gap_chart, seconds_chart)],
             loss_charts=loss_charts,
             pending=FeedbackRepository(session).count_pending(namespace=name),
         )
