@@ -47,6 +47,7 @@ TEMPLATES = Environment(
 )
 VERSION_METRICS = ("nll_before", "nll_after", "drift_kl", "gap_closure", "train_seconds")
 MAX_FORM_BYTES = 16 * 1024
+MAX_INSPECTED_TOKENS = 2000  # per feedback item on the version page
 
 
 @dataclass(frozen=True)
@@ -389,6 +390,13 @@ def version_page(request: Request, name: str, version: int) -> Response:
                 namespace=name, after_id=row.feedback_from_id - 1, limit=50
             )
             feedback = [item for item in items if item.id <= row.feedback_to_id]
+        validator = request.app.state.feedback_validator
+        tokens = {
+            item.id: (validator.inspect(
+                {"messages": item.messages, "target_index": item.target_index, "continuation": item.continuation}
+            ) or [])[:MAX_INSPECTED_TOKENS]
+            for item in feedback
+        }  # fmt: skip
         return render(
             "version.html",
             viewer=viewer,
@@ -398,6 +406,7 @@ def version_page(request: Request, name: str, version: int) -> Response:
             summary=(report or {}).get("summary") if isinstance(report, dict) else None,
             report=report_rows(report),
             feedback=feedback,
+            tokens=tokens,
             is_current=row.status == "current",
         )
 

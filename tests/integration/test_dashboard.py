@@ -216,6 +216,10 @@ def test_pages_show_versions_metrics_and_the_behaviour_report(client: TestClient
     version = client.get("/ui/ns/geo/v/2").text
     assert "Lyon" in version and '<mark class="ins">Paris</mark>' in version
     assert "taught 1/2 right" in version
+    # the `loraloop inspect` view of each trained item: the continuation's tokens are the trained ones
+    trained = "".join(re.findall(r'<span class="trained" title="[^"]*">([^<]*)</span>', version))
+    masked = "".join(re.findall(r'<span class="masked" title="[^"]*">([^<]*)</span>', version))
+    assert "Paris." in trained and "capital of France" in masked and "capital" not in trained
     assert client.get("/ui/ns/geo/v/9").status_code == 404
     assert client.get("/ui/ns/nope").status_code == 404
     assert "refresh" in client.get("/ui/jobs").text
@@ -386,6 +390,8 @@ def test_browser_admin_session(browser: Any, live_url: str) -> None:
     assert page.locator(".continuation").nth(1).inner_text() == HOSTILE
     assert page.evaluate("window.__pwned === undefined")
     assert page.locator("img[src=x]").count() == 0
+    trained = "".join(page.locator(".feedback").nth(1).locator(".tokens .trained").all_inner_texts())
+    assert HOSTILE in trained  # the hostile continuation is what was trained, shown as text
     shoot(page, "version-desktop")
 
     page.goto(f"{live_url}/ui/ns/geo")
