@@ -47,6 +47,7 @@ TEMPLATES = Environment(
 )
 VERSION_METRICS = ("nll_before", "nll_after", "drift_kl", "gap_closure", "train_seconds")
 MAX_FORM_BYTES = 16 * 1024
+MAX_QUEUE_SHOWN = 50  # oldest pending feedback items on the jobs page
 MAX_INSPECTED_TOKENS = 2000  # per feedback item on the version page
 
 
@@ -425,13 +426,20 @@ def jobs_page(request: Request) -> Response:
             and viewer.principal.allows_namespace(job.namespace)
         ][-100:][::-1]
         pending: dict[str, int] = {}
+        queue: list[Any] = []
         if viewer.can("feedback:read"):
+            feedback = FeedbackRepository(session)
             pending = {
                 ns: count
-                for ns, count in FeedbackRepository(session).pending_by_namespace().items()
+                for ns, count in feedback.pending_by_namespace().items()
                 if viewer.principal.allows_namespace(ns)
             }
-        return render("jobs.html", viewer=viewer, jobs=jobs, pending=pending, refresh_s=3)
+            queue = [
+                item
+                for item in feedback.list(status="pending", limit=200)
+                if viewer.principal.allows_namespace(item.namespace)
+            ][:MAX_QUEUE_SHOWN]
+        return render("jobs.html", viewer=viewer, jobs=jobs, pending=pending, queue=queue, refresh_s=3)
 
 
 # --- actions (admin) -----------------------------------------------------------------------------

@@ -19,6 +19,8 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
+from memory_store.models import Job
+from memory_store.queue import JobQueue
 from memory_store.repositories import AdapterRepository, FeedbackRepository, TrainingRunRepository
 from service.app import create_app
 from service.config import Settings
@@ -106,6 +108,10 @@ def seed(settings: Settings, factory: Any, vllm: FakeVllm) -> None:
              "candidate": "It is 4.", "parent_right": True, "candidate_right": True},
         ],
     }  # fmt: skip
+    with factory.begin() as session:
+        job = JobQueue(session).enqueue(kind="train", namespace="geo", payload={"namespace": "geo"})
+        job.status = "running"
+        job.progress = {"phase": "train", "step": 3, "total_steps": 8, "loss": 0.75}
     for name, count in (("geo", 3), ("other", 1)):
         for version in range(count):
             source = settings.data_dir / "src" / f"{name}-{version}"
@@ -320,11 +326,17 @@ needs_chromium = pytest.mark.skipif(
 
 
 @pytest.fixture
-def live_url(tmp_path: Path, fake_vllm: FakeVllm) -> Iterator[str]:
+def live_app(tmp_path: Path, fake_vllm: FakeVllm) -> Any:
+    settings = make_settings(f"sqlite:///{tmp_path / 'store' / 'loraloop.db'}", tmp_path, fake_vllm)
+    return create_app(settings, start_background=False)
+
+
+@pytest.fixture
+def live_url(live_app: Any, fake_vllm: FakeVllm) -> Iterator[str]:
     import uvicorn
 
-    settings = make_settings(f"sqlite:///{tmp_path / 'store' / 'loraloop.db'}", tmp_path, fake_vllm)
-    app = create_app(settings, start_background=False)
+    app = live_app
+    settings = app.state.settings
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -370,8 +382,19 @@ def shoot(page: Any, name: str) -> None:
     page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=True)
 
 
+def set_progress(factory: Any, progress: dict[str, Any]) -> None:
+    with factory.begin() as session:
+        job = session.query(Job).filter(Job.status == "running").one()
+        job.progress = progress
+
+
+@pytest.fixture
+def live_factory(live_app: Any) -> Any:
+    return live_app.state.session_factory
+
+
 @needs_chromium
-def test_browser_admin_session(browser: Any, live_url: str) -> None:
+def test_browser_admin_session(browser: Any, live_url: str, live_factory: Any) -> None:
     page = browser_login(browser, live_url, ADMIN)
     assert page.locator("#namespaces").inner_text().count("geo") >= 1
     shoot(page, "namespaces-desktop")
@@ -407,12 +430,24 @@ def test_browser_admin_session(browser: Any, live_url: str) -> None:
     assert page.locator("#answer").inner_text() == "answer from geo-v1"
     shoot(page, "chat-desktop")
 
+    page.goto(f"{live_url}/ui/jobs")
+    assert "3/8" in page.locator("#jobs .step").first.inner_text()
+    assert (
+        "0.7500" in page.locator("#jobs").inner_text()
+        and "still pending" in page.locator("#queue").inner_text()
+    )
+    shoot(page, "jobs-desktop")
+    # live: the worker's next heartbeat shows up without a reload by the operator
+    set_progress(live_factory, {"phase": "train", "step": 5, "total_steps": 8, "loss": 0.5})
+    page.wait_for_function(
+        "document.querySelector('#jobs .step').innerText.startsWith('5/8')", timeout=10_000
+    )
+
     page.goto(f"{live_url}/ui/ns/geo")
     page.click("#train-now")
     page.wait_for_url(f"{live_url}/ui/jobs")
-    assert "train" in page.locator("#jobs").inner_text()
+    assert page.locator("#jobs tbody tr").count() == 2  # the queued run beside the running one
     assert page.locator("meta[http-equiv=refresh]").count() == 1
-    shoot(page, "jobs-desktop")
 
 
 @needs_chromium
