@@ -8,6 +8,7 @@ tests.unit.fake_vllm.FakeVllm.
 
 from __future__ import annotations
 
+import logging
 import re
 import shutil
 import threading
@@ -293,6 +294,24 @@ def test_without_auth_the_dashboard_is_open(db_url: str, tmp_path: Path, fake_vl
         assert client.post("/ui/ns/geo/rollback", data={"version": "1"}).status_code == 403  # CSRF still
         rolled = client.post("/ui/ns/geo/rollback", data={"version": "1", "csrf": csrf_of(page.text)})
         assert rolled.status_code == 303 and current_of(client, "geo") == 1
+
+
+def test_logs_hold_no_token_and_no_feedback_text(
+    client: TestClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.DEBUG):
+        client.post("/ui/login", data={"token": "wrong-" + ADMIN})
+        for token in (READER, CHATTER, ADMIN):
+            login(client, token)
+            for path in ("/ui/", "/ui/ns/geo", "/ui/ns/geo/v/2", "/ui/jobs", "/ui/chat"):
+                client.get(path)
+        page = client.get("/ui/ns/geo").text
+        client.post("/ui/chat", data={"model": "geo", "question": "Secret question?", "csrf": csrf_of(page)})
+        client.post("/ui/ns/geo/rollback", data={"version": "1", "csrf": csrf_of(page)})
+    logged = "\n".join(f"{r.getMessage()} {r.args!r} {r.__dict__!r}" for r in caplog.records)
+    assert "dashboard login" in logged, "nothing was logged: the capture is not working"
+    for secret in (ADMIN, READER, CHATTER, "window.__pwned", "Secret question"):
+        assert secret not in logged, secret
 
 
 def test_every_dashboard_route_needs_a_session(client: TestClient) -> None:
