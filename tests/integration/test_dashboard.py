@@ -503,3 +503,22 @@ def test_browser_phone_layout(browser: Any, live_url: str) -> None:
         # nothing wider than the screen: the page does not scroll sideways
         assert page.evaluate("document.documentElement.scrollWidth") <= VIEWPORTS["phone"]["width"] + 1, path
         shoot(page, f"{name}-phone")
+
+
+def test_a_long_run_keeps_at_most_max_recorded_losses(db_session_factory: Any) -> None:
+    """service.train_job thins the per-step losses it keeps with the run; the last one stays."""
+    from types import SimpleNamespace
+
+    from service.train_job import MAX_RECORDED_LOSSES, TrainJobHandler
+
+    with db_session_factory.begin() as session:
+        run_id = TrainingRunRepository(session).start(namespace="geo", kind="train").id
+    handler = SimpleNamespace(session_factory=db_session_factory)
+    losses = [1.0 / (step + 1) for step in range(MAX_RECORDED_LOSSES * 3 + 7)]
+    TrainJobHandler._record_losses(handler, run_id, losses)  # type: ignore[arg-type]
+    with db_session_factory.begin() as session:
+        TrainingRunRepository(session).finish(id=run_id, status="succeeded", metrics={"steps": 1507.0})
+    with db_session_factory() as session:
+        kept = TrainingRunRepository(session).get(id=run_id).metrics
+    assert len(kept["loss_per_step"]) == MAX_RECORDED_LOSSES and kept["steps"] == 1507.0
+    assert kept["loss_per_step"][0] == losses[0] and kept["loss_per_step"][-1] == losses[-1]
