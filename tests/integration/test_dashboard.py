@@ -24,6 +24,7 @@ from memory_store.models import Job
 from memory_store.queue import JobQueue
 from memory_store.repositories import AdapterRepository, FeedbackRepository, TrainingRunRepository
 from service.app import create_app
+from service.auth import RELOAD_CHECK_S
 from service.config import Settings
 from service.dashboard.session import COOKIE_NAME
 from tests.unit.fake_vllm import FakeVllm
@@ -522,3 +523,34 @@ def test_a_long_run_keeps_at_most_max_recorded_losses(db_session_factory: Any) -
         kept = TrainingRunRepository(session).get(id=run_id).metrics
     assert len(kept["loss_per_step"]) == MAX_RECORDED_LOSSES and kept["steps"] == 1507.0
     assert kept["loss_per_step"][0] == losses[0] and kept["loss_per_step"][-1] == losses[-1]
+
+
+def test_a_removed_token_ends_its_session_and_logout_clears_the_cookie(
+    tmp_path: Path, fake_vllm: FakeVllm
+) -> None:
+    import hashlib
+
+    token = "file-token-0123456789"
+    token_file = tmp_path / "tokens"
+    token_file.write_text(
+        f"sha256:{hashlib.sha256(token.encode()).hexdigest()}=adapters:read label:from-file\n"
+    )
+    settings = make_settings(f"sqlite:///{tmp_path / 'db.sqlite'}", tmp_path, fake_vllm).model_copy(
+        update={"auth_tokens_file": token_file}
+    )
+    app = create_app(settings, start_background=False)
+    with TestClient(app, follow_redirects=False) as client:
+        login(client, token)
+        page = client.get("/ui/")
+        assert page.status_code == 200 and "from-file" in page.text
+        logged_out = client.post("/ui/logout", data={"csrf": csrf_of(page.text)})
+        assert logged_out.status_code == 303 and 'loraloop_session=""' in logged_out.headers["set-cookie"]
+        assert client.get("/ui/").status_code == 303
+
+        login(client, token)
+        assert client.get("/ui/").status_code == 200
+        token_file.write_text(
+            "# rotated: no entries left but a comment\n" + "sha256:" + "0" * 64 + "=adapters:read\n"
+        )
+        time.sleep(RELOAD_CHECK_S + 0.1)  # TokenSource re-reads a changed file after this long
+        assert client.get("/ui/").status_code == 303  # the same cookie, the token gone: logged out
