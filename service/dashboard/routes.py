@@ -23,11 +23,11 @@ from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 from markupsafe import Markup
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from memory_store.errors import NotFound
-from memory_store.models import AdapterVersion
-from memory_store.queue import JobQueue
+from memory_store.errors import NotFound, StoreError
+from memory_store.models import AdapterVersion, Job, TrainingRun
 from memory_store.repositories import AdapterRepository, FeedbackRepository, TrainingRunRepository
 from service.auth import ANONYMOUS_ADMIN, Principal, TokenSource
 from service.dashboard.diff import highlight_pair
@@ -47,6 +47,8 @@ TEMPLATES = Environment(
 )
 VERSION_METRICS = ("nll_before", "nll_after", "drift_kl", "gap_closure", "train_seconds")
 MAX_FORM_BYTES = 16 * 1024
+MAX_JOBS_SHOWN, MAX_JOBS_SCANNED = 100, 500  # newest jobs on the jobs page
+MAX_LOSS_CHARTS = 6  # the newest runs' loss curves on a namespace page
 MAX_QUEUE_SHOWN = 50  # oldest pending feedback items on the jobs page
 MAX_INSPECTED_TOKENS = 2000  # per feedback item on the version page
 
@@ -305,7 +307,24 @@ def namespace_page(request: Request, name: str) -> Response:
         except NotFound:
             raise refused(404, "no such namespace", viewer) from None
         versions = list(repository.list_versions(name=name, limit=200, newest_first=True))[::-1]
-        runs = {run.id: run for run in TrainingRunRepository(session).list(namespace=name, limit=None)}
+        run_ids = {row.training_run_id for row in versions if row.training_run_id is not None}
+        recent_runs = list(
+            session.scalars(
+                select(TrainingRun)
+                .where(TrainingRun.namespace == name)
+                .order_by(TrainingRun.id.desc())
+                .limit(MAX_LOSS_CHARTS)
+            )
+        )
+        runs = {run.id: run for run in recent_runs}
+        missing = run_ids - set(runs)
+        if missing:
+            runs.update(
+                {
+                    run.id: run
+                    for run in session.scalars(select(TrainingRun).where(TrainingRun.id.in_(missing)))
+                }
+            )
         rows = version_rows(versions, runs)
         nll_chart = line_chart(
             "held-out NLL and drift by version",
@@ -326,7 +345,7 @@ def namespace_page(request: Request, name: str) -> Response:
             x_label="version",
         )
         loss_charts = []
-        for run in sorted(runs.values(), key=lambda run: run.id, reverse=True)[:6]:
+        for run in recent_runs:
             losses = (run.metrics or {}).get("loss_per_step")
             if isinstance(losses, list) and losses:
                 title = f"{run.kind} run #{run.id} (v{run.version}) loss per step"
@@ -417,14 +436,13 @@ def version_page(request: Request, name: str, version: int) -> Response:
 def jobs_page(request: Request) -> Response:
     viewer = viewer_of(request, "adapters:read")
     with read_session(request) as session:
+        newest = session.scalars(select(Job).order_by(Job.id.desc()).limit(MAX_JOBS_SCANNED))
         jobs = [
             job
-            for job in JobQueue(session).list(limit=500)
-            if job.namespace is None
-            and viewer.principal.all_namespaces
-            or job.namespace is not None
-            and viewer.principal.allows_namespace(job.namespace)
-        ][-100:][::-1]
+            for job in newest
+            if (job.namespace is None and viewer.principal.all_namespaces)
+            or (job.namespace is not None and viewer.principal.allows_namespace(job.namespace))
+        ][:MAX_JOBS_SHOWN]
         pending: dict[str, int] = {}
         queue: list[Any] = []
         if viewer.can("feedback:read"):
@@ -464,6 +482,8 @@ async def rollback_action(request: Request, name: str) -> Response:
         raise refused(409, f"rollback refused: {error}", viewer) from None
     except NotFound as error:
         raise refused(404, str(error), viewer) from None
+    except (StoreError, ValueError) as error:  # e.g. a version whose files were deleted
+        raise refused(409, f"rollback refused: {error}", viewer) from None
     return RedirectResponse(f"/ui/ns/{name}", status_code=303)
 
 

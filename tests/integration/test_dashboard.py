@@ -258,6 +258,15 @@ def test_admin_rolls_back_a_read_only_token_is_refused(client: TestClient) -> No
     assert current_of(client, "geo") == 1
     assert 'id="current">v1<' in client.get("/ui/ns/geo").text
 
+    factory = client.app.state.session_factory  # type: ignore[attr-defined]
+    with factory.begin() as session:
+        AdapterRepository(session).mark_files_deleted(name="geo", version=0)
+    gone = client.post("/ui/ns/geo/rollback", data={"version": "0", "csrf": csrf_of(page)})
+    assert gone.status_code == 409 and "rollback refused" in gone.text and current_of(client, "geo") == 1
+    assert (
+        client.post("/ui/ns/geo/rollback", data={"version": "77", "csrf": csrf_of(page)}).status_code == 404
+    )
+
     queued = client.post("/ui/ns/geo/train", data={"csrf": csrf_of(page)})
     assert queued.status_code == 303
     assert "train" in client.get("/ui/jobs").text
