@@ -11,7 +11,9 @@ with autoescaping; tokens and feedback text are never logged. Knows nothing abou
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import inspect
 import json
 import logging
 from dataclasses import dataclass
@@ -141,9 +143,6 @@ def read_session(request: Request) -> Session:
 
 def handle(fn):  # type: ignore[no-untyped-def]
     """Turns PageRefused into its response (pages raise it from anywhere)."""
-    import functools
-    import inspect
-
     if inspect.iscoroutinefunction(fn):
 
         @functools.wraps(fn)
