@@ -50,6 +50,7 @@ from service.train_job import (
     drift_probes,
     feedback_item_dict,
     recent_conversations,
+    record_run_losses,
     render_feedback,
     scratch_dir,
     worker_tokenizer,
@@ -262,6 +263,7 @@ class DistillJobHandler:
             except Exception as error:
                 self._finish_run(run_id, "failed", error=f"{type(error).__name__}: {error}")
                 raise
+            record_run_losses(self.session_factory, run_id, result.loss_history)
             metrics = {key: float(value) for key, value in result.metrics.items()}
             metrics["memories"] = float(len(memory_ids))
             metrics["teacher_from_vllm"] = 1.0 if teacher_source == "vllm" else 0.0
@@ -341,6 +343,7 @@ class DistillJobHandler:
             except Exception as error:
                 self._finish_run(run_id, "failed", error=f"{type(error).__name__}: {error}")
                 raise
+            record_run_losses(self.session_factory, run_id, result.loss_history)
             metrics = {key: float(value) for key, value in result.metrics.items()}
             metrics["memories"] = float(len(memory_ids))
             metrics["replay_memories"] = float(len(replay_notes))

@@ -206,6 +206,20 @@ def scratch_dir(settings: Settings) -> Path:
     return root
 
 
+def record_run_losses(session_factory: sessionmaker[Session], run_id: int, losses: Sequence[float]) -> None:
+    """Keep a training run's loss per optimiser step in its metrics (`loss_per_step`, plotted by
+    the dashboard); evenly thinned to at most MAX_RECORDED_LOSSES points, the last one kept."""
+    values = [float(loss) for loss in losses]
+    if not values:
+        return
+    if len(values) > MAX_RECORDED_LOSSES:
+        stride = len(values) / MAX_RECORDED_LOSSES
+        values = [values[int(i * stride)] for i in range(MAX_RECORDED_LOSSES - 1)] + [values[-1]]
+    with session_factory.begin() as session:
+        run = TrainingRunRepository(session).get(id=run_id)
+        run.metrics = {**(run.metrics or {}), "loss_per_step": values}
+
+
 class TrainJobHandler:
     """Handler of `train` jobs (payload `{"namespace": ...}`)."""
 
@@ -473,15 +487,7 @@ class TrainJobHandler:
         return [str(row.get("candidate", "")) for row in rows]
 
     def _record_losses(self, run_id: int, losses: Sequence[float]) -> None:
-        """Keep the run's loss per optimiser step (the dashboard plots it); evenly thinned to at
-        most MAX_RECORDED_LOSSES points, the last one always kept."""
-        values = [float(loss) for loss in losses]
-        if len(values) > MAX_RECORDED_LOSSES:
-            stride = len(values) / MAX_RECORDED_LOSSES
-            values = [values[int(i * stride)] for i in range(MAX_RECORDED_LOSSES - 1)] + [values[-1]]
-        with self.session_factory.begin() as session:
-            run = TrainingRunRepository(session).get(id=run_id)
-            run.metrics = {**(run.metrics or {}), "loss_per_step": values}
+        record_run_losses(self.session_factory, run_id, losses)
 
     def _finish_run(self, run_id: int, status: str, *, version: int | None = None, error: str | None = None,
                     metrics: Mapping[str, Any] | None = None) -> None:  # fmt: skip
