@@ -75,7 +75,10 @@ def signer(request: Request) -> SessionSigner:
     state = request.app.state
     found = getattr(state, "dashboard_signer", None)
     if found is None:
-        found = state.dashboard_signer = SessionSigner()
+        settings = state.settings
+        configured = settings.dashboard_session_secret
+        secret = hashlib.sha256(configured.encode("utf-8")).digest() if configured else None
+        found = state.dashboard_signer = SessionSigner(secret, ttl_s=settings.dashboard_session_ttl_s)
     return found
 
 

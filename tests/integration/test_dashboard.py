@@ -563,3 +563,22 @@ def test_a_removed_token_ends_its_session_and_logout_clears_the_cookie(
         )
         time.sleep(RELOAD_CHECK_S + 0.1)  # TokenSource re-reads a changed file after this long
         assert client.get("/ui/").status_code == 303  # the same cookie, the token gone: logged out
+
+
+def test_a_configured_secret_is_shared_by_processes_and_the_ttl_applies(
+    tmp_path: Path, fake_vllm: FakeVllm
+) -> None:
+    settings = make_settings(f"sqlite:///{tmp_path / 'db.sqlite'}", tmp_path, fake_vllm).model_copy(
+        update={"dashboard_session_secret": "shared-between-replicas", "dashboard_session_ttl_s": 600}
+    )
+    with TestClient(create_app(settings, start_background=False), follow_redirects=False) as first:
+        login(first, READER)
+        assert "Max-Age=600" in first.post("/ui/login", data={"token": READER}).headers["set-cookie"]
+        cookie = first.cookies[COOKIE_NAME]
+    with TestClient(create_app(settings, start_background=False), follow_redirects=False) as second:
+        second.cookies.set(COOKIE_NAME, cookie)
+        assert second.get("/ui/").status_code == 200  # another process with the same secret
+    other = settings.model_copy(update={"dashboard_session_secret": ""})
+    with TestClient(create_app(other, start_background=False), follow_redirects=False) as third:
+        third.cookies.set(COOKIE_NAME, cookie)
+        assert third.get("/ui/").status_code == 303  # its own per-process secret
