@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed-stamp
 # vLLM lives in its own venv (.venv-vllm, see deploy/install_vllm_cpu.sh)
 VLLM_STAMP := .venv-vllm/.vllm-stamp
 
-.PHONY: install tokenizers model vllm postgres test test-fast run bench clean help
+.PHONY: install tokenizers model vllm postgres browser test test-fast run bench clean help
 
 help:
 	@echo "make run        install, fetch the real model, start loraloop + embedded vLLM and show the loop"
@@ -44,7 +44,11 @@ vllm: $(VLLM_STAMP)
 postgres:
 	bash .ci/ensure-postgres.sh
 
-test: install tokenizers model vllm postgres
+# the dashboard's browser tests drive Debian's chromium through Playwright (never `playwright install`)
+browser:
+	@test -x /usr/bin/chromium || (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium)
+
+test: install tokenizers model vllm postgres browser
 	LORALOOP_TEST_POSTGRES_URL=$${LORALOOP_TEST_POSTGRES_URL:-postgresql+psycopg://postgres@127.0.0.1:5432/test} \
 		$(PY) -m pytest
 

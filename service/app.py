@@ -24,6 +24,7 @@ from memory_store.db import make_engine, make_session_factory, upgrade_database
 from service.auth import TokenSource
 from service.body_limit import BodySizeLimitMiddleware
 from service.config import Settings
+from service.dashboard import router as dashboard_router
 from service.errors import install_error_handlers
 from service.feedback_intake import FeedbackValidator
 from service.metrics import MetricsMiddleware, ServiceMetrics
@@ -127,6 +128,7 @@ def create_app(
 
     install_error_handlers(app)
     app.include_router(api_router)
+    app.include_router(dashboard_router)
     # Middleware added last runs first: metrics see every answer, the 413 included.
     if settings.cors_origins:
         app.add_middleware(

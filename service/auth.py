@@ -202,7 +202,11 @@ class TokenTable:
 
     def authenticate(self, token: str) -> Principal | None:
         """The principal of `token`, or None. Every entry is compared, so timing says nothing."""
-        presented = token_digest(token)
+        return self.authenticate_digest(token_digest(token))
+
+    def authenticate_digest(self, presented: bytes) -> Principal | None:
+        """The principal of the token whose sha256 digest is `presented` (the dashboard's session
+        cookie carries the digest, never the token), or None."""
         found: Principal | None = None
         for index, entry in enumerate(self._entries):
             if hmac.compare_digest(presented, entry.digest) and found is None:
@@ -275,6 +279,9 @@ class TokenSource:
 
     def authenticate(self, token: str) -> Principal | None:
         return self.table().authenticate(token)
+
+    def authenticate_digest(self, digest: bytes) -> Principal | None:
+        return self.table().authenticate_digest(digest)
 
     def __len__(self) -> int:
         return len(self.table())

@@ -52,6 +52,10 @@ class Settings(BaseSettings):
     auth_tokens: str = ""
     # more entries, one per line, digests only; re-read when it changes (rotation without restart)
     auth_tokens_file: Path | None = None
+    # the dashboard's (/ui) session cookies are signed with this secret (empty: one generated per
+    # process, so a restart logs operators out) and expire after `dashboard_session_ttl_s`
+    dashboard_session_secret: str = Field("", repr=False)
+    dashboard_session_ttl_s: int = Field(8 * 3600, ge=60, le=30 * 86400)
     default_namespace: str = "default"
 
     # --- model / rendering -----------------------------------------------------------------------

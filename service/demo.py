@@ -50,6 +50,11 @@ def demo_settings(root: Path = Path("./var")) -> Settings:
     )
 
 
+def dashboard_url(base_url: str) -> str:
+    """Where the operator's dashboard of a server on `base_url` is (service.dashboard)."""
+    return f"{base_url.rstrip('/')}/ui/"
+
+
 def log_to_file(path: Path, level: str) -> None:
     """The daemon's log goes to `path`, so the console shows the demo's story only."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -176,6 +181,7 @@ def run_demo(console: Console, *, keep_serving: bool = True) -> dict[str, float]
     timings: dict[str, float] = {}
     try:
         console.print(f"API on {server.url}; starting the embedded vLLM (CPU build: about a minute) ...")
+        console.print(f"dashboard: [bold]{dashboard_url(server.url)}[/] (versions, behaviour reports, chat)")
         timings["startup_s"] = client.wait_until_serving(timeout_s=900)
         console.print(
             f"vLLM serves the alias [bold]{settings.default_namespace!r}[/] after {timings['startup_s']:.1f} s"
@@ -224,7 +230,8 @@ def run_demo(console: Console, *, keep_serving: bool = True) -> dict[str, float]
         )
         if keep_serving:
             console.print(
-                f"\nloraloop keeps serving on {server.url} (Ctrl-C to stop). Try:\n"
+                f"\nloraloop keeps serving on {server.url} (Ctrl-C to stop); the dashboard is on "
+                f"{dashboard_url(server.url)}. Try:\n"
                 f"  curl -s {server.url}/v1/chat/completions -H 'Content-Type: application/json' -d "
                 f'\'{{"model": "{settings.default_namespace}", "messages": [{{"role": "user", '
                 f'"content": "{DEMO_QUESTION}"}}], "temperature": 0}}\''

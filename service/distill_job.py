@@ -50,6 +50,7 @@ from service.train_job import (
     drift_probes,
     feedback_item_dict,
     recent_conversations,
+    record_run_losses,
     render_feedback,
     scratch_dir,
     worker_tokenizer,
@@ -262,6 +263,7 @@ class DistillJobHandler:
             except Exception as error:
                 self._finish_run(run_id, "failed", error=f"{type(error).__name__}: {error}")
                 raise
+            record_run_losses(self.session_factory, run_id, result.loss_history)
             metrics = {key: float(value) for key, value in result.metrics.items()}
             metrics["memories"] = float(len(memory_ids))
             metrics["teacher_from_vllm"] = 1.0 if teacher_source == "vllm" else 0.0
@@ -341,6 +343,7 @@ class DistillJobHandler:
             except Exception as error:
                 self._finish_run(run_id, "failed", error=f"{type(error).__name__}: {error}")
                 raise
+            record_run_losses(self.session_factory, run_id, result.loss_history)
             metrics = {key: float(value) for key, value in result.metrics.items()}
             metrics["memories"] = float(len(memory_ids))
             metrics["replay_memories"] = float(len(replay_notes))
@@ -424,14 +427,24 @@ class DistillJobHandler:
 
 
 def enqueue_distill(
-    session: Session, settings: Settings, namespace: str, *, scheduled_for: datetime | None = None, trigger: str
+    session: Session,
+    settings: Settings,
+    namespace: str,
+    *,
+    scheduled_for: datetime | None = None,
+    trigger: str,
+    created_by: str | None = None,
 ) -> Job:
     """Queue a distillation of `namespace` (or return the one already queued or running)."""
     payload: dict[str, Any] = {"namespace": namespace, "trigger": trigger}
     if scheduled_for is not None:
         payload["scheduled_for"] = scheduled_for.isoformat()
     return JobQueue(session, default_max_attempts=settings.job_max_attempts).enqueue(
-        kind=DISTILL_JOB_KIND, namespace=namespace, payload=payload, dedupe_key=distill_dedupe_key(namespace)
+        kind=DISTILL_JOB_KIND,
+        namespace=namespace,
+        payload=payload,
+        dedupe_key=distill_dedupe_key(namespace),
+        created_by=created_by,
     )
 
 

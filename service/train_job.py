@@ -57,6 +57,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
+MAX_RECORDED_LOSSES = 500  # per-step losses kept with a training run (thinned beyond)
 MAX_PROBE_CONVERSATIONS = 32  # the most recent stored conversations used as drift probes
 WAIT_FIRST_S, WAIT_MAX_S = 5.0, 60.0  # a candidate waiting for vLLM: retried after 5, 10, 20, 40, 60, 60... s
 STALE_SCRATCH_S = 6 * 3600.0
@@ -205,6 +206,20 @@ def scratch_dir(settings: Settings) -> Path:
     return root
 
 
+def record_run_losses(session_factory: sessionmaker[Session], run_id: int, losses: Sequence[float]) -> None:
+    """Keep a training run's loss per optimiser step in its metrics (`loss_per_step`, plotted by
+    the dashboard); evenly thinned to at most MAX_RECORDED_LOSSES points, the last one kept."""
+    values = [float(loss) for loss in losses]
+    if not values:
+        return
+    if len(values) > MAX_RECORDED_LOSSES:
+        stride = len(values) / MAX_RECORDED_LOSSES
+        values = [values[int(i * stride)] for i in range(MAX_RECORDED_LOSSES - 1)] + [values[-1]]
+    with session_factory.begin() as session:
+        run = TrainingRunRepository(session).get(id=run_id)
+        run.metrics = {**(run.metrics or {}), "loss_per_step": values}
+
+
 class TrainJobHandler:
     """Handler of `train` jobs (payload `{"namespace": ...}`)."""
 
@@ -278,7 +293,7 @@ class TrainJobHandler:
                           if item is not None]
                 metrics, report = self._train_and_score(
                     context, namespace, parent, new.examples, variants, replay.examples, probes, candidate_dir,
-                    timings, taught[: self.settings.report_max_items], tokenizer,
+                    timings, taught[: self.settings.report_max_items], tokenizer, run_id=run_id,
                 )
             except (TrainingDiverged, TrainingBudgetExceeded) as error:
                 self._finish_run(run_id, "failed", error=f"{type(error).__name__}: {error}", metrics=counts)
@@ -378,6 +393,8 @@ class TrainJobHandler:
         timings: dict[str, float],
         taught: list[TaughtItem],
         tokenizer: Any,
+        *,
+        run_id: int | None = None,
     ) -> tuple[dict[str, float], dict[str, Any]]:
         """Train on the resident base, then score and report with the same weights in memory: the
         candidate is the trained `default` adapter, the parent is loaded beside it."""
@@ -405,6 +422,8 @@ class TrainJobHandler:
             )
             model = holder.model = trained.model
             timings["train_seconds"] = time.perf_counter() - clock
+            if run_id is not None:
+                self._record_losses(run_id, trained.loss_history)
             if context.should_stop():
                 raise JobCancelled("stopped after training, before evaluation")
             context.report_progress({"phase": "evaluate"})
@@ -466,6 +485,9 @@ class TrainJobHandler:
         if [row.get("question") for row in rows] != questions:
             return None
         return [str(row.get("candidate", "")) for row in rows]
+
+    def _record_losses(self, run_id: int, losses: Sequence[float]) -> None:
+        record_run_losses(self.session_factory, run_id, losses)
 
     def _finish_run(self, run_id: int, status: str, *, version: int | None = None, error: str | None = None,
                     metrics: Mapping[str, Any] | None = None) -> None:  # fmt: skip

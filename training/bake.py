@@ -139,6 +139,7 @@ class BakeResult:
     metrics: dict[str, float]  # answer_agreement, gap_closure, drift_kl, general_lost, train_*, ...
     report: dict[str, Any]  # behaviour report: teacher, parent and candidate answers side by side
     model: Any  # the trained PeftModel (adapter `default`, parent as `parent`); the caller strips it
+    loss_history: tuple[float, ...] = ()  # the student's loss per optimiser step
 
 
 class MemoryBaker:
@@ -284,7 +285,7 @@ class MemoryBaker:
         })
         for key in ("general_right", "general_lost", "general_parent_right", "general_total"):
             metrics[key] = float(summary[key])
-        return BakeResult(Path(out_dir), metrics, report, model)
+        return BakeResult(Path(out_dir), metrics, report, model, tuple(result.loss_history))
 
     # --- pieces ----------------------------------------------------------------------------------
     def _with_parent(self, base: Any, parent_adapter: Path | None) -> Any:

@@ -121,7 +121,12 @@ def serve_base_version(request: Request, alias: str) -> None:
 
 
 async def _forward(request: Request, path: str, kind: str) -> Response:
-    body = await _json_body(request, kind)
+    return await forward(request, path, kind, await _json_body(request, kind))
+
+
+async def forward(request: Request, path: str, kind: str, body: dict[str, Any]) -> Response:
+    """Send a parsed, checked `body` through the gateway (also the dashboard's chat box): alias
+    resolution, a namespace's first v0, conversation logging, streaming."""
     proxy = _proxy(request)
     factory: sessionmaker[Session] = request.app.state.session_factory
     principal: Principal = get_principal(request)

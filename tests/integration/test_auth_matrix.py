@@ -38,6 +38,9 @@ PUBLIC_DOC_ROUTES = {
     ("GET", "/redoc"),
 }
 SECRET_CONTENT = "zebra-unicorn-secret-continuation"
+# The dashboard's pages authenticate by session cookie (the same tokens, scopes and namespaces);
+# tests/integration/test_dashboard.py checks every one of its routes.
+DASHBOARD_PREFIX = "/ui"
 
 
 def token_for(scope: str) -> str:
@@ -104,6 +107,8 @@ def api_operations(app: FastAPI) -> list[tuple[str, str, str | None]]:
     operations = []
     for route in all_routes(app):
         if not isinstance(route.original_route, APIRoute):
+            continue
+        if route.path == DASHBOARD_PREFIX or route.path.startswith(DASHBOARD_PREFIX + "/"):
             continue
         scopes, is_public = declared_scopes(route)
         for method in sorted(route.methods):

@@ -303,6 +303,8 @@ def test_feedback_trains_a_new_current_version(pipeline) -> None:
         assert second.status == "pending" and second.id == late[0]
         run = session.get(TrainingRun, result["training_run_id"])
         assert (run.status, run.version, run.parent_version) == ("succeeded", 1, 0)
+        losses = run.metrics["loss_per_step"]  # the dashboard plots them
+        assert len(losses) == int(metrics["steps"]) and losses[-1] == pytest.approx(metrics["final_loss"])
         follow_up = JobQueue(session).active_job(dedupe_key="train:default")
         assert follow_up is not None and follow_up.payload["trigger"] == "follow-up"
 
@@ -440,6 +442,10 @@ def test_distill_now_bakes_the_memories(pipeline, monkeypatch: pytest.MonkeyPatc
     memories = client.get("/memories", params={"namespace": "ops", "state": "baked"}).json()["items"]
     assert [(m["content"], m["baked_in_version"]) for m in memories] == [(memory["content"], 1)]
     assert client.get("/memories", params={"namespace": "ops", "state": "active"}).json()["items"] == []
+    with factory() as session:
+        (run,) = session.query(TrainingRun).filter_by(namespace="ops", kind="distill").all()
+        losses = run.metrics["loss_per_step"]  # the dashboard plots them
+        assert losses and all(isinstance(value, float) for value in losses)
 
 
 @pytest.mark.slow
@@ -494,6 +500,9 @@ def test_bake_replays_baked_memories_but_never_a_retired_one(
     for key in ("answer_agreement", "gap_closure", "drift_kl", "general_lost", "steps"):
         assert math.isfinite(metrics[key]), key
     assert 0 < metrics["teacher_cache_bytes"] < 20e6
+    with factory() as session:
+        (run,) = session.query(TrainingRun).filter_by(namespace="ops", kind="distill").all()
+        assert len(run.metrics["loss_per_step"]) == int(metrics["steps"])  # the dashboard plots them
 
 
 @pytest.mark.parametrize(("outcome", "exit_code"), [("promoted", 0), ("rejected", 1), ("nothing_to_train", 0)])
