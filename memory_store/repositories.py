@@ -362,6 +362,14 @@ class FeedbackRepository:
             stmt = stmt.where(FeedbackItem.namespace == namespace)
         return int(self.session.scalar(stmt) or 0)
 
+    def pending_by_namespace(self, *, namespace_patterns: Sequence[str] | None = None) -> dict[str, int]:
+        """{namespace: pending count} for every namespace (matching a pattern) with pending items."""
+        stmt = select(FeedbackItem.namespace, func.count()).where(FeedbackItem.status == "pending")
+        if namespace_patterns is not None:
+            stmt = stmt.where(namespace_matches(FeedbackItem.namespace, namespace_patterns))
+        rows = self.session.execute(stmt.group_by(FeedbackItem.namespace)).all()
+        return {namespace: int(count) for namespace, count in rows}
+
     def status_counts(self, *, namespace: str | None = None) -> dict[str, int]:
         """{status: count} (for metrics); statuses with no item are reported as 0."""
         stmt = select(FeedbackItem.status, func.count()).group_by(FeedbackItem.status)

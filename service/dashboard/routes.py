@@ -226,8 +226,9 @@ def root_redirect() -> Response:
 
 
 def namespace_rows(session: Session, viewer: Viewer) -> list[dict[str, Any]]:
-    adapters = {adapter.name: adapter for adapter in AdapterRepository(session).list_with_versions()}
-    pending = FeedbackRepository(session).pending_by_namespace()
+    patterns = viewer.principal.namespaces
+    adapters = {a.name: a for a in AdapterRepository(session).list_with_versions(namespace_patterns=patterns)}
+    pending = FeedbackRepository(session).pending_by_namespace(namespace_patterns=patterns)
     runs = TrainingRunRepository(session)
     rows = []
     for name in sorted(set(adapters) | set(pending)):
@@ -449,14 +450,11 @@ def jobs_page(request: Request) -> Response:
         queue: list[Any] = []
         if viewer.can("feedback:read"):
             feedback = FeedbackRepository(session)
-            pending = {
-                ns: count
-                for ns, count in feedback.pending_by_namespace().items()
-                if viewer.principal.allows_namespace(ns)
-            }
+            patterns = viewer.principal.namespaces
+            pending = feedback.pending_by_namespace(namespace_patterns=patterns)
             queue = [
                 item
-                for item in feedback.list(status="pending", limit=200)
+                for item in feedback.list(status="pending", limit=200, namespace_patterns=patterns)
                 if viewer.principal.allows_namespace(item.namespace)
             ][:MAX_QUEUE_SHOWN]
         return render("jobs.html", viewer=viewer, jobs=jobs, pending=pending, queue=queue, refresh_s=3)
