@@ -8,7 +8,8 @@ from fastapi import APIRouter, Header, Path, Query, Request, Response, status
 
 from memory_store.repositories import FeedbackRepository
 from service.deps import AuthenticatedRoute, MetricsDep, SessionDep, SettingsDep, require
-from service.feedback_intake import FeedbackValidator, accept_feedback, accept_feedback_batch, pending_state
+from service.feedback_intake import FeedbackValidator, feedback_batch_unit, feedback_unit, pending_state
+from service.feedback_writer import DirectFeedbackWriter, FeedbackWriter
 from service.schemas import (
     MAX_ID,
     MAX_PAGE,
@@ -41,6 +42,10 @@ def _validator(request: Request) -> FeedbackValidator:
     return request.app.state.feedback_validator
 
 
+def _writer(request: Request) -> FeedbackWriter | DirectFeedbackWriter:
+    return request.app.state.feedback_writer
+
+
 @router.post(
     "/feedback",
     status_code=status.HTTP_202_ACCEPTED,
@@ -51,15 +56,17 @@ def create_feedback(
     body: FeedbackCreate,
     request: Request,
     response: Response,
-    session: SessionDep,
     settings: SettingsDep,
     metrics: MetricsDep,
     idempotency_key: IdempotencyKey = None,
 ) -> FeedbackAccepted:
-    """Store one improved continuation; training picks it up in the background."""
-    accepted = accept_feedback(
-        session, body, idempotency_key=idempotency_key, settings=settings, validator=_validator(request)
+    """Store one improved continuation; training picks it up in the background.
+
+    Answered once the item is committed (with the other requests in flight: `FeedbackWriter`)."""
+    unit = feedback_unit(
+        body, idempotency_key=idempotency_key, settings=settings, validator=_validator(request)
     )
+    [accepted] = _writer(request).submit(unit)
     if accepted.created:
         metrics.feedback_accepted.labels(namespace=accepted.item.namespace).inc()
     else:
@@ -76,7 +83,6 @@ def create_feedback(
 def create_feedback_batch(
     body: FeedbackBatchCreate,
     request: Request,
-    session: SessionDep,
     settings: SettingsDep,
     metrics: MetricsDep,
     idempotency_key: IdempotencyKey = None,
@@ -86,9 +92,10 @@ def create_feedback_batch(
     Item `i` is idempotent under its own `idempotency_key`, else under a key derived from the
     header and `i` that no client key can equal (`service.feedback_intake.batch_item_key`).
     """
-    accepted = accept_feedback_batch(
-        session, body.items, idempotency_key=idempotency_key, settings=settings, validator=_validator(request)
+    unit = feedback_batch_unit(
+        body.items, idempotency_key=idempotency_key, settings=settings, validator=_validator(request)
     )
+    accepted = _writer(request).submit(unit)
     for entry in accepted:
         if entry.created:
             metrics.feedback_accepted.labels(namespace=entry.item.namespace).inc()
