@@ -26,11 +26,13 @@ from service.errors import Forbidden, Unauthenticated
 from service.metrics import ServiceMetrics
 
 
-def get_settings(request: Request) -> Settings:
+# The cheap dependencies are `async def`: FastAPI runs a sync dependency in the threadpool, one
+# thread hand-off per dependency per request.
+async def get_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
-def get_metrics(request: Request) -> ServiceMetrics:
+async def get_metrics(request: Request) -> ServiceMetrics:
     return request.app.state.metrics
 
 
@@ -68,7 +70,7 @@ bearer_scheme = HTTPBearer(
 )
 
 
-def authorize(
+async def authorize(
     security_scopes: SecurityScopes,
     request: Request,
     _credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer_scheme)],

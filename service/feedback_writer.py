@@ -22,12 +22,14 @@ in its own transaction in the caller's thread, as before group commit. Knows not
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import queue
 import threading
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
+import anyio
 from sqlalchemy.orm import Session, sessionmaker
 
 from memory_store.db import check_database_file
@@ -52,6 +54,10 @@ class DirectFeedbackWriter:
     def __init__(self, session_factory: sessionmaker[Session], settings: Settings) -> None:
         self._session_factory = session_factory
         self._settings = settings
+
+    async def submit_async(self, unit: StoreUnit) -> list[AcceptedItem]:
+        """`submit` from the event loop (in a worker thread: it blocks on SQLite's lock)."""
+        return await anyio.to_thread.run_sync(self.submit, unit)
 
     def submit(self, unit: StoreUnit) -> list[AcceptedItem]:
         with self._session_factory() as session:
@@ -91,6 +97,13 @@ class FeedbackWriter:
         self._ensure_started()
         self._queue.put(pending)
         return pending.future.result()
+
+    async def submit_async(self, unit: StoreUnit) -> list[AcceptedItem]:
+        """`submit` from the event loop: awaits the commit without holding a thread."""
+        pending = _Pending(unit)
+        self._ensure_started()
+        self._queue.put(pending)
+        return await asyncio.wrap_future(pending.future)
 
     def close(self) -> None:
         """Stop the thread once the units already submitted are answered."""
