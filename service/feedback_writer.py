@@ -142,6 +142,11 @@ class FeedbackWriter:
                 return
 
     def _write(self, group: list[_Pending]) -> None:
+        # a unit whose request was cancelled while it waited is not stored (nobody is answered);
+        # the others can no longer be cancelled, so answering them below cannot fail
+        group = [pending for pending in group if pending.future.set_running_or_notify_cancel()]
+        if not group:
+            return
         done: list[tuple[_Pending, list[AcceptedItem]]] = []  # the units that stored (or replayed)
         try:
             with self._session_factory() as session:

@@ -147,3 +147,16 @@ def test_a_failed_commit_fails_every_request_of_the_group(
         with pytest.raises(RuntimeError, match="disk on fire"):
             pending.future.result()
     assert stored(db_session_factory) == []
+
+
+def test_a_request_cancelled_while_waiting_is_not_stored_and_the_writer_keeps_going(
+    db_session_factory: sessionmaker[Session], settings: Settings, validator: FeedbackValidator
+) -> None:
+    cancelled, kept = _Pending(unit(validator, settings, "gone")), _Pending(unit(validator, settings, "kept"))
+    assert cancelled.future.cancel()  # e.g. asyncio.wrap_future's waiter cancelled with its request
+    writer = FeedbackWriter(db_session_factory, settings)
+    writer._write([cancelled, kept])
+    assert kept.future.result()[0].created
+    assert writer.submit(unit(validator, settings, "after"))[0].created
+    writer.close()
+    assert [key for key, _ in stored(db_session_factory)] == ["kept", "after"]
