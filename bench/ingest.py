@@ -1,11 +1,17 @@
 """Sustained `POST /feedback` ingestion against a real `loraloop serve` process on loopback.
 
-For SQLite and PostgreSQL, single items and batches: a separate load process keeps N requests in
-flight for a fixed duration and reports items/s and request latency (p50/p99). One JSON line per
-configuration; the last line compares batch with single ingestion on SQLite (the embedded default):
-{"metric", "value", "baseline", "baseline_value", "ratio"}.
+Two servers per backend, measured in the same run and interleaved (same machine load): `group`,
+the shipped write path (one writer thread commits the items of every request in flight in one
+transaction: service.feedback_writer), and `per_request`, a plain one-transaction-per-request
+handler (LORALOOP_FEEDBACK_GROUP_COMMIT=false, the path before group commit). A separate load process
+keeps N requests in flight for a fixed duration and reports items/s, requests/s, request latency
+(p50/p99) and the server's CPU time per request (robust to a shared machine; `loadavg_1m` says how
+shared it was). No training runs meanwhile (the count trigger is off; bench/load.py measures
+ingestion while a job trains). One JSON line per configuration; the last line compares the SQLite
+single-item requests/s (the embedded default, 8 in flight) of both handlers:
+{"metric", "value", "baseline", "baseline_value", "ratio", ...}.
 
-    python bench/ingest.py [--duration 10] [--postgres-url URL | --no-postgres]
+    python bench/ingest.py [--duration 10] [--rounds 2] [--postgres-url URL | --no-postgres]
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -236,11 +243,39 @@ def postgres_schema(admin_url: str) -> tuple[str, object] | None:
     return url, drop
 
 
+HANDLERS = {"per_request": {"LORALOOP_FEEDBACK_GROUP_COMMIT": "false"}, "group": {}}
+QUIET = {"LORALOOP_TRAIN_TRIGGER_COUNT": "1000000000"}  # no training during the measurement
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (Linux /proc), 0 where unavailable."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def measure(server: Server, mode: str, args: argparse.Namespace) -> dict[str, object]:
+    load_before = os.getloadavg()[0]
+    cpu_before = cpu_seconds(server.process.pid)
+    result = run_load(server.url, mode, args)
+    cpu = cpu_seconds(server.process.pid) - cpu_before
+    result["server_cpu_ms_per_request"] = round(cpu * 1000 / max(int(result["requests"]), 1), 2)
+    result["loadavg_1m"] = round(max(load_before, os.getloadavg()[0]), 2)
+    return result
+
+
+def mean(values: list[float]) -> float:
+    return round(statistics.fmean(values), 1) if values else float("nan")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--duration", type=float, default=10.0, help="seconds of load per configuration")
+    parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds of SQLite single items")
     parser.add_argument("--concurrency", type=int, default=8, help="requests in flight (single items)")
     parser.add_argument("--batch-concurrency", type=int, default=2, help="requests in flight (batches)")
     parser.add_argument("--batch-size", type=int, default=50, help="items per batch request")
@@ -259,45 +294,74 @@ def main() -> None:
 
     sys.path.insert(0, str(REPO_ROOT))
     tokenizer = tokenizer_folder()
-    results: dict[tuple[str, str], dict[str, object]] = {}
+    results: dict[tuple[str, str, str], list[dict[str, object]]] = {}
     with tempfile.TemporaryDirectory(prefix="loraloop-bench-") as scratch:
-        backends: list[tuple[str, str, object]] = [("sqlite", f"sqlite:///{scratch}/bench.db", None)]
-        if not args.no_postgres and args.postgres_url:
-            created = postgres_schema(args.postgres_url)
-            if created is not None:
-                backends.append(("postgres", created[0], created[1]))
-        for backend, url, cleanup in backends:
-            data_dir = Path(scratch) / backend
-            data_dir.mkdir()
-            server = Server(url, data_dir, tokenizer)
+        backends = ["sqlite"] + (["postgres"] if not args.no_postgres and args.postgres_url else [])
+        for backend in backends:
+            servers: dict[str, Server] = {}
+            cleanups: list[Callable[[], None]] = []
             try:
-                for mode in ("single", "batch"):
-                    result = run_load(server.url, mode, args)
-                    line = {
-                        "backend": backend,
-                        "mode": mode,
-                        "tokenizer_check": tokenizer is not None,
-                        **result,
-                    }
-                    if mode == "batch":
-                        line["batch_size"] = args.batch_size
-                    results[(backend, mode)] = line
-                    print(json.dumps(line), flush=True)
+                for handler, env in HANDLERS.items():
+                    data_dir = Path(scratch) / f"{backend}-{handler}"
+                    data_dir.mkdir()
+                    if backend == "sqlite":
+                        url = f"sqlite:///{data_dir}/bench.db"
+                    else:
+                        created = postgres_schema(args.postgres_url)
+                        if created is None:
+                            break
+                        url, drop = created
+                        cleanups.append(drop)
+                    servers[handler] = Server(url, data_dir, tokenizer, {**QUIET, **env})
+                if len(servers) < len(HANDLERS):
+                    continue
+                rounds = args.rounds if backend == "sqlite" else 1
+                plan = [("single", r) for r in range(rounds)] + [("batch", 0)]
+                for mode, round_index in plan:
+                    for handler, server in servers.items():  # interleaved: same load on both
+                        line = {
+                            "backend": backend,
+                            "mode": mode,
+                            "handler": handler,
+                            "round": round_index,
+                            "tokenizer_check": tokenizer is not None,
+                            **measure(server, mode, args),
+                        }
+                        if mode == "batch":
+                            line["batch_size"] = args.batch_size
+                        results.setdefault((backend, mode, handler), []).append(line)
+                        print(json.dumps(line), flush=True)
             finally:
-                server.stop()
-                if callable(cleanup):
-                    cleanup()
+                for server in servers.values():
+                    server.stop()
+                for drop in cleanups:
+                    drop()
 
-    single = results[("sqlite", "single")]["items_per_s"]
-    batch = results[("sqlite", "batch")]["items_per_s"]
+    def figure(backend: str, mode: str, handler: str, key: str) -> float | None:
+        runs = results.get((backend, mode, handler))
+        return mean([float(run[key]) for run in runs]) if runs else None
+
+    value = figure("sqlite", "single", "group", "requests_per_s")
+    baseline = figure("sqlite", "single", "per_request", "requests_per_s")
     print(
         json.dumps(
             {
-                "metric": "sqlite_batch_ingest_items_per_s",
-                "value": batch,
-                "baseline": "sqlite_single_ingest_items_per_s",
-                "baseline_value": single,
-                "ratio": round(float(batch) / float(single), 2) if single else None,
+                "metric": "sqlite_single_ingest_requests_per_s",
+                "value": value,
+                "baseline": "sqlite_single_ingest_requests_per_s_per_request_transaction",
+                "baseline_value": baseline,
+                "ratio": round(value / baseline, 2) if value and baseline else None,
+                "concurrency": args.concurrency,
+                "p99_ms": figure("sqlite", "single", "group", "p99_ms"),
+                "baseline_p99_ms": figure("sqlite", "single", "per_request", "p99_ms"),
+                "sqlite_batch_items_per_s": figure("sqlite", "batch", "group", "items_per_s"),
+                "postgres_single_requests_per_s": figure("postgres", "single", "group", "requests_per_s"),
+                "postgres_single_requests_per_s_per_request_transaction": figure(
+                    "postgres", "single", "per_request", "requests_per_s"
+                ),
+                "loadavg_1m": max(
+                    (float(run["loadavg_1m"]) for runs in results.values() for run in runs), default=None
+                ),
             }
         )
     )

@@ -356,11 +356,15 @@ class FeedbackRepository:
         )
         return int(result.rowcount)  # type: ignore[attr-defined]
 
-    def count_pending(self, *, namespace: str | None = None) -> int:
-        stmt = select(func.count()).select_from(FeedbackItem).where(FeedbackItem.status == "pending")
+    def count_pending(self, *, namespace: str | None = None, at_most: int | None = None) -> int:
+        """Pending items (of `namespace`); with `at_most`, min(count, at_most), which reads at most
+        `at_most` index entries instead of every pending row."""
+        rows = select(FeedbackItem.id).where(FeedbackItem.status == "pending")
         if namespace is not None:
-            stmt = stmt.where(FeedbackItem.namespace == namespace)
-        return int(self.session.scalar(stmt) or 0)
+            rows = rows.where(FeedbackItem.namespace == namespace)
+        if at_most is not None:
+            rows = rows.limit(max(at_most, 0))
+        return int(self.session.scalar(select(func.count()).select_from(rows.subquery())) or 0)
 
     def pending_by_namespace(self, *, namespace_patterns: Sequence[str] | None = None) -> dict[str, int]:
         """{namespace: pending count} for every namespace (matching a pattern) with pending items."""

@@ -27,6 +27,7 @@ from service.config import Settings
 from service.dashboard import router as dashboard_router
 from service.errors import install_error_handlers
 from service.feedback_intake import FeedbackValidator
+from service.feedback_writer import DirectFeedbackWriter, FeedbackWriter
 from service.metrics import MetricsMiddleware, ServiceMetrics
 from service.proxy import InferenceProxy
 from service.readiness import ReadinessChecks, database_check
@@ -84,6 +85,8 @@ def create_app(
     )
     token_table = TokenSource(settings.auth_tokens, settings.auth_tokens_file)
     validator = FeedbackValidator(settings)
+    writer_class = FeedbackWriter if settings.feedback_group_commit else DirectFeedbackWriter
+    feedback_writer = writer_class(resources.session_factory, settings)
     resources.readiness.add("database", database_check(engine))
 
     @asynccontextmanager
@@ -103,6 +106,7 @@ def create_app(
             for service in reversed(started):
                 logger.info("stopping background service %s", service.name)
                 await anyio.to_thread.run_sync(service.stop)
+            await anyio.to_thread.run_sync(feedback_writer.close)
             await app.state.inference_proxy.aclose()
             engine.dispose()
 
@@ -121,6 +125,7 @@ def create_app(
     app.state.metrics = resources.metrics
     app.state.token_table = token_table
     app.state.feedback_validator = validator
+    app.state.feedback_writer = feedback_writer
     app.state.background_services = []
     app.state.readiness = resources.readiness
     # alias lookups only read: they must not queue behind writers for SQLite's write lock

@@ -38,6 +38,9 @@ class Settings(BaseSettings):
     data_dir: Path = Path("./var")
     db_pool_size: int = Field(5, ge=1)
     db_connect_timeout_s: float = Field(5.0, gt=0)
+    # POST /feedback(:batch): one writer thread commits the items of all requests in flight in one
+    # transaction (service.feedback_writer); false: one transaction per request
+    feedback_group_commit: bool = True
 
     # --- HTTP service ------------------------------------------------------------------------------
     host: str = "127.0.0.1"

@@ -28,11 +28,13 @@ from service.errors import Forbidden, Unauthenticated
 from service.metrics import ServiceMetrics
 
 
-def get_settings(request: Request) -> Settings:
+# The cheap dependencies are `async def`: FastAPI runs a sync dependency in the threadpool, one
+# thread hand-off per dependency per request.
+async def get_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
-def get_metrics(request: Request) -> ServiceMetrics:
+async def get_metrics(request: Request) -> ServiceMetrics:
     return request.app.state.metrics
 
 
@@ -70,7 +72,7 @@ bearer_scheme = HTTPBearer(
 )
 
 
-def authorize(
+async def authorize(
     security_scopes: SecurityScopes,
     request: Request,
     _credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer_scheme)],
@@ -99,12 +101,17 @@ def authorize_scopes(request: Request, scopes: list[str]) -> Principal:
     return principal
 
 
-def get_principal(request: Request) -> Principal:
+def principal_of(request: Request) -> Principal:
     """The principal `require(...)` authenticated for this request (routes with a scope only)."""
     principal = getattr(request.state, "principal", None)
     if principal is None:
         raise Unauthenticated("missing bearer token (Authorization: Bearer <token>)")
     return principal
+
+
+async def get_principal(request: Request) -> Principal:
+    """`principal_of` as a dependency (async: no thread hand-off for a lookup)."""
+    return principal_of(request)
 
 
 PrincipalDep = Annotated[Principal, Depends(get_principal)]

@@ -2,11 +2,12 @@
 
 `FeedbackValidator` holds the tokenizer and `RenderConfig` and runs training.render's checks
 (target_index, continuation length in tokens) on the item the worker will later render.
-`accept_feedback` / `accept_feedback_batch` refuse a namespace outside the token's grant, resolve
-`conversation_id`, check the configurable limits, store the items (with the token's audit label) in
-the caller's transaction and enqueue one debounced `train` job per namespace; once vLLM answers again,
-`wake_waiting` makes the jobs waiting for it due and `requeue_stranded` gives a namespace whose
-last train job died (its cause since gone) a new one. Nothing heavy runs
+`feedback_unit` / `feedback_batch_unit` check a request's items (refusing a namespace outside the
+token's grant, resolving `conversation_id`, checking the configurable limits; the items carry the
+token's audit label) into a `StoreUnit`, which `service.feedback_writer` stores in
+its transaction before `enqueue_training` queues one debounced `train` job per namespace; once vLLM
+answers again, `wake_waiting` makes the jobs waiting for it due and `requeue_stranded` gives a
+namespace whose last train job died (its cause since gone) a new one. Nothing heavy runs
 here: training happens in the worker. Knows nothing about HTTP beyond `InvalidField`.
 """
 
@@ -14,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from functools import lru_cache
@@ -101,24 +102,6 @@ class FeedbackValidator:
             validate_feedback(self._tokenizer, item, self.config)
 
 
-    def inspect(self, item: dict[str, Any]) -> list[Any] | None:
-        """`loraloop inspect`'s token rows of a stored item (training.inspect.TokenRow: piece, id,
-        trained), or None without a tokenizer or when the item does not render."""
-        if self._tokenizer is None:
-            return None
-        from training.inspect import token_table
-        from training.render import RenderError, render_example
-
-        if isinstance(item.get("messages"), list) and item.get("target_index") is None:
-            item = {**item, "target_index": default_target_index(item["messages"])}
-        with self._tokenizer_lock:
-            try:
-                example = render_example(self._tokenizer, item, self.config)
-            except (RenderError, ValueError):
-                return None
-            return None if example is None else token_table(self._tokenizer, example)
-
-
 def default_target_index(messages: Sequence[dict[str, Any]]) -> int:
     """The API's default `target_index`: the last message when it is an assistant turn (replace
     it), else `len(messages)` (append a new assistant turn). Items are stored with the resolved
@@ -155,7 +138,7 @@ def _check_limits(body: FeedbackCreate, settings: Settings, prefix: str) -> None
 
 
 def _prepare(
-    session: Session,
+    session: Session | None,
     body: FeedbackCreate,
     *,
     idempotency_key: str | None,
@@ -170,6 +153,8 @@ def _prepare(
     messages = message_dicts(body.messages) if body.messages is not None else None
     context = messages
     if body.conversation_id is not None:
+        if session is None:
+            raise ValueError("an item with a conversation_id is prepared in a session")
         try:
             conversation = ConversationRepository(session).get(id=body.conversation_id, namespace=namespace)
         except NotFound:
@@ -205,14 +190,15 @@ def _prepare(
     )
 
 
-def _enqueue_training(session: Session, namespaces: set[str], settings: Settings) -> None:
+def enqueue_training(session: Session, namespaces: set[str], settings: Settings) -> None:
     """Trigger a namespace's `train` run: at once when `train_trigger_count` items are pending,
     otherwise `train_debounce_s` after the LAST item (each new item pushes a queued run back)."""
     queue = JobQueue(session, default_max_attempts=settings.job_max_attempts)
     feedback = FeedbackRepository(session)
     now = utcnow()
     for namespace in sorted(namespaces):
-        enough = feedback.count_pending(namespace=namespace) >= settings.train_trigger_count
+        trigger = settings.train_trigger_count
+        enough = feedback.count_pending(namespace=namespace, at_most=trigger) >= trigger
         run_after = now if enough else now + timedelta(seconds=settings.train_debounce_s)
         job = queue.enqueue(
             kind=TRAIN_JOB_KIND,
@@ -299,32 +285,6 @@ def requeue_stranded(session: Session, settings: Settings, *, cooldown_s: float 
     return requeued
 
 
-def accept_feedback(
-    session: Session,
-    body: FeedbackCreate,
-    *,
-    idempotency_key: str | None,
-    settings: Settings,
-    validator: FeedbackValidator,
-    principal: Principal,
-) -> AcceptedItem:
-    """Validate and store one item in the caller's transaction (replays return the stored row).
-    A namespace outside `principal`'s grant is refused (403) before anything is stored."""
-    new = _prepare(
-        session,
-        body,
-        idempotency_key=idempotency_key,
-        settings=settings,
-        validator=validator,
-        prefix="",
-        principal=principal,
-    )
-    item, created = FeedbackRepository(session).add(**_as_kwargs(new))
-    if created:
-        _enqueue_training(session, {item.namespace}, settings)
-    return AcceptedItem(item=item, created=created)
-
-
 def batch_item_key(header_key: str | None, index: int, item: FeedbackBatchItem) -> str | None:
     """An item's own `idempotency_key`, else `<Idempotency-Key header>` U+001F `<index>`, else none.
 
@@ -338,49 +298,94 @@ def batch_item_key(header_key: str | None, index: int, item: FeedbackBatchItem) 
     return None
 
 
-def accept_feedback_batch(
-    session: Session,
+def _check_batch_size(items: Sequence[FeedbackBatchItem], settings: Settings) -> None:
+    if len(items) > settings.max_batch_items:
+        raise InvalidField(
+            f"at most {settings.max_batch_items} items per batch (LORALOOP_MAX_BATCH_ITEMS)", field="items"
+        )
+
+
+@dataclass(frozen=True)
+class StoreUnit:
+    """What one request stores, for `service.feedback_writer`: items checked already (`prepared`),
+    or `prepare(session)` that checks them in the writer's transaction, together with their
+    insert (items naming a `conversation_id`, which needs the database). The writer stores the
+    items (`store`: idempotent, all or none) and then enqueues training (`enqueue_training`)."""
+
+    prepared: list[NewFeedback] | None = None
+    prepare: Callable[[Session], list[NewFeedback]] | None = None
+
+    def items(self, session: Session) -> list[NewFeedback]:
+        if self.prepared is not None:
+            return self.prepared
+        assert self.prepare is not None
+        return self.prepare(session)
+
+    @staticmethod
+    def store(session: Session, items: Sequence[NewFeedback]) -> list[AcceptedItem]:
+        """Store `items` in the caller's transaction, all or none; results in input order."""
+        stored = FeedbackRepository(session).add_many(items=items)
+        return [AcceptedItem(item=item, created=created) for item, created in stored]
+
+
+def feedback_unit(
+    body: FeedbackCreate,
+    *,
+    idempotency_key: str | None,
+    settings: Settings,
+    validator: FeedbackValidator,
+    principal: Principal,
+) -> StoreUnit:
+    """The unit of `POST /feedback`. An item without `conversation_id` is checked here, in the
+    caller's thread (it needs no database), so the writer's transaction only stores it. A
+    namespace outside `principal`'s grant is refused (403) before anything is stored."""
+
+    def prepare(session: Session | None) -> list[NewFeedback]:
+        return [
+            _prepare(
+                session,
+                body,
+                idempotency_key=idempotency_key,
+                settings=settings,
+                validator=validator,
+                prefix="",
+                principal=principal,
+            )
+        ]
+
+    if body.conversation_id is not None:
+        return StoreUnit(prepare=prepare)
+    return StoreUnit(prepared=prepare(None))
+
+
+def feedback_batch_unit(
     items: Sequence[FeedbackBatchItem],
     *,
     idempotency_key: str | None,
     settings: Settings,
     validator: FeedbackValidator,
     principal: Principal,
-) -> list[AcceptedItem]:
-    """Validate every item first (errors name `items[i].field`), then store all in one go."""
-    if len(items) > settings.max_batch_items:
-        raise InvalidField(
-            f"at most {settings.max_batch_items} items per batch (LORALOOP_MAX_BATCH_ITEMS)", field="items"
-        )
-    prepared = [
-        _prepare(
-            session,
-            item,
-            idempotency_key=batch_item_key(idempotency_key, index, item),
-            settings=settings,
-            validator=validator,
-            prefix=f"items[{index}]",
-            principal=principal,
-        )
-        for index, item in enumerate(items)
-    ]
-    stored = FeedbackRepository(session).add_many(items=prepared)
-    created_namespaces = {item.namespace for item, created in stored if created}
-    if created_namespaces:
-        _enqueue_training(session, created_namespaces, settings)
-    return [AcceptedItem(item=item, created=created) for item, created in stored]
+) -> StoreUnit:
+    """The unit of `POST /feedback:batch`; its items are checked here when none of them names a
+    `conversation_id`; every item is checked before any is stored (errors name `items[i].field`).
 
+    Item `i` is idempotent under its own `idempotency_key`, else under `batch_item_key`."""
+    _check_batch_size(items, settings)
 
-def _as_kwargs(new: NewFeedback) -> dict[str, Any]:
-    return {
-        "namespace": new.namespace,
-        "continuation": new.continuation,
-        "messages": new.messages,
-        "target_index": new.target_index,
-        "reason": new.reason,
-        "memories": new.memories,
-        "tags": new.tags,
-        "conversation_id": new.conversation_id,
-        "idempotency_key": new.idempotency_key,
-        "created_by": new.created_by,
-    }
+    def prepare_all(session: Session | None) -> list[NewFeedback]:
+        return [
+            _prepare(
+                session,
+                item,
+                idempotency_key=batch_item_key(idempotency_key, index, item),
+                settings=settings,
+                validator=validator,
+                prefix=f"items[{index}]",
+                principal=principal,
+            )
+            for index, item in enumerate(items)
+        ]
+
+    if any(item.conversation_id is not None for item in items):
+        return StoreUnit(prepare=prepare_all)
+    return StoreUnit(prepared=prepare_all(None))

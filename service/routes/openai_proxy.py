@@ -25,7 +25,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from deploy.hotswap import served_name
 from memory_store.repositories import AdapterRepository, ConversationRepository
 from service.auth import Principal
-from service.deps import AuthenticatedRoute, PrincipalDep, SessionDep, get_principal, require
+from service.deps import AuthenticatedRoute, PrincipalDep, SessionDep, principal_of, require
 from service.proxy import (
     CONVERSATION_HEADER,
     SERVED_MODEL_HEADER,
@@ -129,7 +129,7 @@ async def forward(request: Request, path: str, kind: str, body: dict[str, Any]) 
     resolution, a namespace's first v0, conversation logging, streaming."""
     proxy = _proxy(request)
     factory: sessionmaker[Session] = request.app.state.session_factory
-    principal: Principal = get_principal(request)
+    principal: Principal = principal_of(request)
 
     async def resolve(alias: str, *, fresh: bool) -> ResolvedModel:
         if not principal.allows_namespace(alias):

@@ -282,7 +282,11 @@ def test_database_errors_leave_no_feedback_text_in_logs(
         )
         raise AssertionError("the INSERT should have failed")
 
+    def failing_add_many(self: FeedbackRepository, *, items: Any) -> Any:  # the path of POST /feedback
+        return failing_add(self, continuation=items[0].continuation)
+
     monkeypatch.setattr(FeedbackRepository, "add", failing_add)
+    monkeypatch.setattr(FeedbackRepository, "add_many", failing_add_many)
     settings = Settings(_env_file=None, database_url=db_url, data_dir=tmp_path, auth_tokens=token_spec(),
                         tokenizer=tmp_path / "none")  # fmt: skip
     body = {"messages": [{"role": "user", "content": "q"}], "continuation": SECRET_CONTENT}

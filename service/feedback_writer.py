@@ -1,0 +1,203 @@
+"""Group commit for feedback ingestion: one writer thread stores the items of every request.
+
+`FeedbackWriter.submit(unit)` hands a request's `StoreUnit` to the writer thread and blocks until
+it is committed. The thread takes every unit waiting (at most `max_group`) and stores them in ONE
+transaction: the items of all units with one `FeedbackRepository.add_many` (one idempotency-key
+lookup, one insert) in a savepoint; when that fails (an idempotency conflict, a key repeated in the
+group), each unit again in its own savepoint, which settles each as a transaction of its own
+would. It then enqueues training once per namespace that got new items, commits, checks that the
+SQLite file is still the pinned one, and only then answers the units. So:
+
+* every answer follows the commit that holds its items (a 202 is durable, as with a per-request
+  transaction);
+* on SQLite no two feedback writers of this process contend for the write lock, so none sleeps in
+  the busy handler, and N requests in flight cost one transaction and one commit;
+* a unit's own error (validation, idempotency conflict) rolls back its savepoint only and is raised
+  in its own request; an error of the transaction (enqueue, commit, file check) is raised in every
+  request of the group, none of which was then stored.
+
+`DirectFeedbackWriter` is the plain alternative (`LORALOOP_FEEDBACK_GROUP_COMMIT=false`): each unit
+in its own transaction in the caller's thread, as before group commit. Knows nothing about HTTP.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+import anyio
+from sqlalchemy.orm import Session, sessionmaker
+
+from memory_store.db import check_database_file
+from memory_store.repositories import NewFeedback
+from service.config import Settings
+from service.feedback_intake import AcceptedItem, StoreUnit, enqueue_training
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class _Pending:
+    unit: StoreUnit
+    items: list[NewFeedback] = field(default_factory=list)
+    future: Future[list[AcceptedItem]] = field(default_factory=Future)
+
+
+class DirectFeedbackWriter:
+    """One transaction per unit, in the caller's thread: store, enqueue training, commit, check
+    the SQLite file, return. Concurrent units contend for SQLite's write lock (busy handler)."""
+
+    def __init__(self, session_factory: sessionmaker[Session], settings: Settings) -> None:
+        self._session_factory = session_factory
+        self._settings = settings
+
+    async def submit_async(self, unit: StoreUnit) -> list[AcceptedItem]:
+        """`submit` from the event loop (in a worker thread: it blocks on SQLite's lock)."""
+        return await anyio.to_thread.run_sync(self.submit, unit)
+
+    def submit(self, unit: StoreUnit) -> list[AcceptedItem]:
+        with self._session_factory() as session:
+            try:
+                accepted = unit.store(session, unit.items(session))
+                namespaces = {entry.item.namespace for entry in accepted if entry.created}
+                if namespaces:
+                    enqueue_training(session, namespaces, self._settings)
+                session.commit()
+                check_database_file(session.get_bind())
+            except BaseException:
+                session.rollback()
+                raise
+        return accepted
+
+    def close(self) -> None:
+        """Nothing to stop."""
+
+
+class FeedbackWriter:
+    """The process's one feedback writer (see the module docstring). The thread starts on the
+    first `submit` and runs until `close()`; a later `submit` starts it again."""
+
+    def __init__(
+        self, session_factory: sessionmaker[Session], settings: Settings, *, max_group: int = 256
+    ) -> None:
+        self._session_factory = session_factory
+        self._settings = settings
+        self._max_group = max_group
+        self._queue: queue.SimpleQueue[_Pending | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._start_lock = threading.Lock()
+
+    def submit(self, unit: StoreUnit) -> list[AcceptedItem]:
+        """Run `unit` in the next group; returns once its items are committed (or raises its error)."""
+        pending = _Pending(unit)
+        self._ensure_started()
+        self._queue.put(pending)
+        return pending.future.result()
+
+    async def submit_async(self, unit: StoreUnit) -> list[AcceptedItem]:
+        """`submit` from the event loop: awaits the commit without holding a thread."""
+        pending = _Pending(unit)
+        self._ensure_started()
+        self._queue.put(pending)
+        return await asyncio.wrap_future(pending.future)
+
+    def close(self) -> None:
+        """Stop the thread once the units already submitted are answered."""
+        with self._start_lock:
+            thread, self._thread = self._thread, None
+        if thread is not None:
+            self._queue.put(None)
+            thread.join()
+
+    def _ensure_started(self) -> None:
+        if self._thread is not None:
+            return
+        with self._start_lock:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="feedback-writer", daemon=True)
+                self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            first = self._queue.get()
+            if first is None:
+                return
+            group = [first]
+            stop = False
+            while len(group) < self._max_group:
+                try:
+                    more = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if more is None:
+                    stop = True
+                    break
+                group.append(more)
+            self._write(group)
+            if stop:
+                return
+
+    def _write(self, group: list[_Pending]) -> None:
+        # a unit whose request was cancelled while it waited is not stored (nobody is answered);
+        # the others can no longer be cancelled, so answering them below cannot fail
+        group = [pending for pending in group if pending.future.set_running_or_notify_cancel()]
+        if not group:
+            return
+        done: list[tuple[_Pending, list[AcceptedItem]]] = []  # the units that stored (or replayed)
+        try:
+            with self._session_factory() as session:
+                try:
+                    done = self._store(session, group)
+                    namespaces = {
+                        entry.item.namespace for _, accepted in done for entry in accepted if entry.created
+                    }
+                    if namespaces:
+                        enqueue_training(session, namespaces, self._settings)
+                    session.commit()
+                    check_database_file(session.get_bind())  # the commit is in the file a restart will open
+                except BaseException:
+                    session.rollback()
+                    raise
+        except BaseException as error:  # noqa: BLE001 - nothing of the group is stored: every request says so
+            if not isinstance(error, Exception):
+                error = RuntimeError(f"feedback writer interrupted: {error!r}")
+            for pending in group:
+                if not pending.future.done():
+                    pending.future.set_exception(error)
+            return
+        for pending, accepted in done:
+            pending.future.set_result(accepted)
+
+    @staticmethod
+    def _store(session: Session, group: list[_Pending]) -> list[tuple[_Pending, list[AcceptedItem]]]:
+        """Store the group's units; a unit's own error goes to its future (the others proceed)."""
+        ready: list[_Pending] = []
+        for pending in group:
+            try:
+                pending.items = pending.unit.items(session)  # reads only (a conversation's messages)
+                ready.append(pending)
+            except Exception as error:  # noqa: BLE001 - the unit's own error, for its request
+                pending.future.set_exception(error)
+        try:
+            with session.begin_nested():
+                stored = StoreUnit.store(session, [item for pending in ready for item in pending.items])
+        except Exception:  # noqa: BLE001 - settled unit by unit below
+            stored = None
+        if stored is not None:
+            done, offset = [], 0
+            for pending in ready:
+                done.append((pending, stored[offset : offset + len(pending.items)]))
+                offset += len(pending.items)
+            return done
+        done = []
+        for pending in ready:
+            try:
+                with session.begin_nested():
+                    done.append((pending, StoreUnit.store(session, pending.items)))
+            except Exception as error:  # noqa: BLE001 - the unit's own error, for its request
+                pending.future.set_exception(error)
+        return done
