@@ -101,6 +101,23 @@ class FeedbackValidator:
         with self._tokenizer_lock:
             validate_feedback(self._tokenizer, item, self.config)
 
+    def inspect(self, item: dict[str, Any]) -> list[Any] | None:
+        """`loraloop inspect`'s token rows of a stored item (training.inspect.TokenRow: piece, id,
+        trained), or None without a tokenizer or when the item does not render."""
+        if self._tokenizer is None:
+            return None
+        from training.inspect import token_table
+        from training.render import RenderError, render_example
+
+        if isinstance(item.get("messages"), list) and item.get("target_index") is None:
+            item = {**item, "target_index": default_target_index(item["messages"])}
+        with self._tokenizer_lock:
+            try:
+                example = render_example(self._tokenizer, item, self.config)
+            except (RenderError, ValueError):
+                return None
+            return None if example is None else token_table(self._tokenizer, example)
+
 
 def default_target_index(messages: Sequence[dict[str, Any]]) -> int:
     """The API's default `target_index`: the last message when it is an assistant turn (replace

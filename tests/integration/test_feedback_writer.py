@@ -13,6 +13,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from memory_store.errors import IdempotencyConflict
 from memory_store.models import FeedbackItem, Job
+from service.auth import TokenTable
 from service.config import Settings
 from service.errors import InvalidField
 from service.feedback_intake import FeedbackValidator, feedback_batch_unit, feedback_unit
@@ -52,12 +53,16 @@ def validator(settings: Settings) -> FeedbackValidator:
     return checks
 
 
+WRITER = TokenTable.parse("writer=feedback:write label:writer").authenticate("writer")
+
+
 def unit(validator: FeedbackValidator, settings: Settings, key: str | None, **overrides: Any):
     return feedback_unit(
         FeedbackCreate.model_validate(body(**overrides)),
         idempotency_key=key,
         settings=settings,
         validator=validator,
+        principal=WRITER,
     )
 
 
@@ -88,6 +93,7 @@ def test_one_group_settles_each_request_as_its_own_transaction(
                 idempotency_key="batch",
                 settings=settings,
                 validator=validator,
+                principal=WRITER,
             )
         ),
         _Pending(unit(validator, settings, "old")),  # a replay of the stored one
