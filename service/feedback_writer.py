@@ -13,8 +13,9 @@ SQLite file is still the pinned one, and only then answers the units. So:
 * on SQLite no two feedback writers of this process contend for the write lock, so none sleeps in
   the busy handler, and N requests in flight cost one transaction and one commit;
 * a unit's own error (validation, idempotency conflict) rolls back its savepoint only and is raised
-  in its own request; an error of the transaction (enqueue, commit, file check) is raised in every
-  request of the group, none of which was then stored.
+  in its own request; an error of the transaction (enqueue, commit, file check, a connection lost
+  while storing) is raised in every request of the group, none of which was then stored; a lost
+  connection or database is `DatabaseUnavailable` (503) for all of them.
 
 `DirectFeedbackWriter` is the plain alternative (`LORALOOP_FEEDBACK_GROUP_COMMIT=false`): each unit
 in its own transaction in the caller's thread, as before group commit. Knows nothing about HTTP.
@@ -30,9 +31,11 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 import anyio
+from sqlalchemy import exc as sa_exc
 from sqlalchemy.orm import Session, sessionmaker
 
 from memory_store.db import check_database_file
+from memory_store.errors import DatabaseUnavailable
 from memory_store.repositories import NewFeedback
 from service.config import Settings
 from service.feedback_intake import AcceptedItem, StoreUnit, enqueue_training
@@ -174,18 +177,22 @@ class FeedbackWriter:
 
     @staticmethod
     def _store(session: Session, group: list[_Pending]) -> list[tuple[_Pending, list[AcceptedItem]]]:
-        """Store the group's units; a unit's own error goes to its future (the others proceed)."""
+        """Store the group's units; a unit's own error goes to its future (the others proceed).
+        An error of the database itself (unreachable, connection dropped, transaction no longer
+        usable) is the transaction's: it is raised, and every request of the group gets it."""
         ready: list[_Pending] = []
         for pending in group:
             try:
                 pending.items = pending.unit.items(session)  # reads only (a conversation's messages)
                 ready.append(pending)
             except Exception as error:  # noqa: BLE001 - the unit's own error, for its request
+                _raise_if_transaction_error(session, error)
                 pending.future.set_exception(error)
         try:
             with session.begin_nested():
                 stored = StoreUnit.store(session, [item for pending in ready for item in pending.items])
-        except Exception:  # noqa: BLE001 - settled unit by unit below
+        except Exception as error:  # noqa: BLE001 - settled unit by unit below
+            _raise_if_transaction_error(session, error)
             stored = None
         if stored is not None:
             done, offset = [], 0
@@ -199,5 +206,21 @@ class FeedbackWriter:
                 with session.begin_nested():
                     done.append((pending, StoreUnit.store(session, pending.items)))
             except Exception as error:  # noqa: BLE001 - the unit's own error, for its request
+                _raise_if_transaction_error(session, error)
                 pending.future.set_exception(error)
         return done
+
+
+def _raise_if_transaction_error(session: Session, error: Exception) -> None:
+    """Raise `DatabaseUnavailable` when `error` is not one unit's but the whole transaction's: the
+    database is unavailable (unreachable, read-only, file replaced), the connection dropped, or the
+    session's transaction can no longer be used (rolled back under us after a disconnect). Every
+    request of the group then gets a 503, never another unit's 500."""
+    if isinstance(error, DatabaseUnavailable):
+        raise error
+    lost = isinstance(error, (sa_exc.PendingRollbackError, sa_exc.ResourceClosedError)) or (
+        isinstance(error, sa_exc.DBAPIError)
+        and (error.connection_invalidated or isinstance(error, (sa_exc.OperationalError, sa_exc.InterfaceError)))
+    )
+    if lost or not session.is_active:
+        raise DatabaseUnavailable(f"the transaction was lost: {type(error).__name__}") from error

@@ -11,12 +11,12 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.orm import Session, sessionmaker
 
-from memory_store.errors import IdempotencyConflict
+from memory_store.errors import DatabaseUnavailable, IdempotencyConflict
 from memory_store.models import FeedbackItem, Job
 from service.auth import TokenTable
 from service.config import Settings
 from service.errors import InvalidField
-from service.feedback_intake import FeedbackValidator, feedback_batch_unit, feedback_unit
+from service.feedback_intake import FeedbackValidator, StoreUnit, feedback_batch_unit, feedback_unit
 from service.feedback_writer import DirectFeedbackWriter, FeedbackWriter, _Pending
 from service.schemas import FeedbackBatchItem, FeedbackCreate
 
@@ -153,6 +153,36 @@ def test_a_failed_commit_fails_every_request_of_the_group(
         with pytest.raises(RuntimeError, match="disk on fire"):
             pending.future.result()
     assert stored(db_session_factory) == []
+
+
+def test_a_connection_lost_mid_group_is_a_503_for_every_request_not_a_unit_error(
+    db_session_factory: sessionmaker[Session], settings: Settings, validator: FeedbackValidator,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    # the database restarting under load: the connection goes away while the group's items are
+    # being stored; the per-unit retry must not turn the dead transaction into units' own errors
+    real_store = StoreUnit.store
+    calls = []
+
+    def lose_connection(session: Session, items: list[Any]) -> Any:
+        calls.append(len(items))
+        if len(calls) == 1:
+            session.connection().invalidate()  # what a dropped server connection leaves behind
+        return real_store(session, items)
+
+    monkeypatch.setattr(StoreUnit, "store", staticmethod(lose_connection))
+    group = [_Pending(unit(validator, settings, f"k{index}")) for index in range(3)]
+    writer = FeedbackWriter(db_session_factory, settings)
+    writer._write(group)
+    for pending in group:
+        with pytest.raises(DatabaseUnavailable):
+            pending.future.result()
+    assert calls == [3], "no unit was retried on a transaction that was gone"
+    assert stored(db_session_factory) == []
+    monkeypatch.undo()
+    assert writer.submit(unit(validator, settings, "after"))[0].created  # the writer carries on
+    writer.close()
+    assert [key for key, _ in stored(db_session_factory)] == ["after"]
 
 
 def test_a_request_cancelled_while_waiting_is_not_stored_and_the_writer_keeps_going(
