@@ -1,7 +1,8 @@
 """Hot-swap policy across vLLM replicas: every adapter version is served under its own name
 (`<namespace>-v<N>`, its own immutable folder), loaded on EVERY replica before it becomes current,
 and old versions are unloaded only after a drain period. `reconcile` brings replicas that lost
-state (a vLLM restart) back to the desired set.
+state (a vLLM restart) back to the desired set. `preview` loads a version that is not current for
+a while (asked for by its own name), and it drains like a retired one.
 
 Knows no database: the caller passes the desired state ({namespace: (version, path)}) and records
 the current version itself once `swap` returned.
@@ -25,6 +26,8 @@ from deploy.vllm_client import AdapterAlreadyLoaded, AdapterNotFound, VllmClient
 log = logging.getLogger(__name__)
 
 _SERVED_NAME = re.compile(r"^(?P<namespace>.+)-v(?P<version>\d+)$")
+# a previewed (not current) version stays loaded at least this long after it was last asked for
+PREVIEW_HOLD_S = 120.0
 
 
 def served_name(namespace: str, version: int) -> str:
@@ -130,6 +133,15 @@ class HotSwapper:
             entry = self._current.get(namespace)
         return served_name(namespace, entry.version) if entry else None
 
+    def serving(self, name: str) -> bool:
+        """Whether this swapper believes every replica has `name` loaded (current or draining)."""
+        parsed = parse_served_name(name)
+        with self._state_lock:
+            if name in self._retired:
+                return True
+            entry = self._current.get(parsed[0]) if parsed else None
+        return entry is not None and parsed is not None and entry.version == parsed[1]
+
     def retired(self) -> dict[str, float]:
         """Versions waiting for their drain period to end: served name -> retirement time."""
         with self._state_lock:
@@ -220,6 +232,45 @@ class HotSwapper:
                 self._make_current(namespace, _Version(int(version), path_str), now)
                 self._swapped_at[namespace] = now
         log.info("swapped %s to %s on %d replica(s)", namespace, name, len(self.clients))
+        return name
+
+    # --- preview ------------------------------------------------------------------------------------
+    def preview(self, namespace: str, version: int, path: str | Path, *, reload: bool = False) -> str:
+        """Serve a version that is not current for a while (an operator asking an older version or
+        a candidate): load it on every replica and let it drain like a retired version, held at
+        least PREVIEW_HOLD_S after the latest preview (over max_loras, older retired ones go first). The current
+        version's name is returned at once. `reload`: load again even when this swapper believes
+        it is loaded (a replica answered 404 for it). Raises SwapFailed when a replica refuses."""
+        name = served_name(namespace, version)
+        path_str = str(path)
+        with self._lock(self._namespace_locks, namespace):
+            with self._state_lock:
+                current = self._current.get(namespace)
+                if current is not None and current.version == int(version):
+                    return name
+                known = name in self._retired
+                # retired "since" in the future: collect() drains it PREVIEW_HOLD_S from now at the earliest
+                self._retired[name] = self._clock() + max(0.0, PREVIEW_HOLD_S - self.drain_s)
+            if known and not reload:
+                return name
+            self._evict_over_budget(incoming=0, keep=name)
+            futures = {c.base_url: self._pool.submit(self._ensure_loaded, c, name, path_str) for c in self.clients}
+            errors: dict[str, Exception] = {}
+            for client in self.clients:
+                try:
+                    futures[client.base_url].result()
+                except Exception as exc:  # noqa: BLE001 - any replica refusing fails the preview
+                    errors[client.base_url] = exc
+            if errors:
+                with self._state_lock:
+                    self._retired.pop(name, None)
+                for client in self.clients:
+                    try:
+                        self._unload(client, name)
+                    except VllmError as exc:
+                        log.warning("preview: could not unload %s from %s: %s", name, client, exc)
+                raise SwapFailed(name, errors)
+        log.info("previewing %s on %d replica(s)", name, len(self.clients))
         return name
 
     # --- draining -----------------------------------------------------------------------------------

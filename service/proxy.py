@@ -1,5 +1,6 @@
 """The inference proxy behind `/v1/*`: resolves the stable alias `<namespace>` to the served name
-of its current version (`<namespace>-v<N>`), forwards the OpenAI request to a healthy vLLM
+of its current version (`<namespace>-v<N>`), or one version's own served name to that version
+(`pinned`: the caller makes sure it is loaded), forwards the OpenAI request to a healthy vLLM
 replica (round-robin, streaming passed through chunk by chunk) and assembles the assistant's
 answer so the route can log the conversation. Knows no HTTP framework and no SQL beyond
 AdapterRepository; the alias never resolves to the bare base model (v0 stands for it).
@@ -18,7 +19,7 @@ from typing import Any
 import httpx
 from sqlalchemy.orm import Session, sessionmaker
 
-from deploy.hotswap import served_name
+from deploy.hotswap import parse_served_name, served_name
 from memory_store.errors import NotFound
 from memory_store.repositories import AdapterRepository
 from service.config import Settings
@@ -55,6 +56,10 @@ class ModelNotFound(ProxyError):
 
     status_code = 404
     error_type = "model_not_found"
+
+
+class VersionNotFound(ModelNotFound):
+    """`<namespace>-v<N>` names an existing namespace but a version it does not have."""
 
 
 class ModelNotReady(ProxyError):
@@ -120,9 +125,33 @@ def is_unknown_model(error: ProxyError) -> bool:
 
 @dataclass(frozen=True)
 class ResolvedModel:
-    alias: str
+    alias: str  # the namespace
     version: int
     served_name: str
+    pinned: bool = False  # asked by the version's own name, not through the alias
+
+
+def resolve_model(session: Session, name: str) -> ResolvedModel:
+    """`name` is an alias (a namespace: its current version) or one version's served name
+    `<namespace>-v<N>` (that version, current or not). A namespace called exactly `name` wins.
+    Raises ModelNotFound (VersionNotFound for a version the namespace lacks) / ModelNotReady."""
+    try:
+        return resolve_current(session, name)
+    except ModelNotFound:
+        parsed = parse_served_name(name)
+        if parsed is None:
+            raise
+        namespace, version = parsed
+        repository = AdapterRepository(session)
+        try:
+            repository.get_adapter(name=namespace)
+        except NotFound:
+            raise ModelNotFound(f"the model {name!r} does not exist", param="model") from None
+        if not repository.has_version(name=namespace, version=version):
+            raise VersionNotFound(
+                f"the model {name!r} does not exist: {namespace!r} has no version {version}", param="model"
+            ) from None
+        return ResolvedModel(alias=namespace, version=version, served_name=name, pinned=True)
 
 
 def resolve_current(session: Session, alias: str) -> ResolvedModel:
@@ -141,7 +170,7 @@ def resolve_current(session: Session, alias: str) -> ResolvedModel:
 
 
 class AliasResolver:
-    """Alias -> current served name, read from the registry and cached for `ttl_s` (a swap is
+    """Alias -> current served name (or a version's own name -> that version), read from the registry and cached for `ttl_s` (a swap is
     seen by every request at most ttl_s later; old versions drain for longer than that)."""
 
     def __init__(
@@ -172,7 +201,7 @@ class AliasResolver:
                 return hit
         now = self._clock()
         with self._session_factory() as session:
-            resolved = resolve_current(session, alias)
+            resolved = resolve_model(session, alias)
         with self._lock:
             self._cache[alias] = (now, resolved)
         return resolved
@@ -355,7 +384,7 @@ class InferenceProxy:
         await self._http.aclose()
 
     async def open(self, path: str, body: dict[str, Any], resolve: Callable[..., Any]) -> UpstreamResponse:
-        """Send `body` (its `model` an alias) to `path` on a replica and return the open answer.
+        """Send `body` (its `model` an alias or a version's served name) to `path` on a replica and return the open answer.
 
         `resolve(alias, fresh=bool)` is the (awaitable) alias lookup. A replica that refuses the
         connection is skipped; one that does not serve the resolved name (404) is skipped too,
@@ -375,12 +404,14 @@ class InferenceProxy:
                     raise
                 last = error
             if attempt == 0:
+                # a pinned version is loaded again by `resolve` (fresh): the same name is retried
                 fresher: ResolvedModel = await resolve(alias, fresh=True)
-                if fresher.served_name == resolved.served_name:
+                if fresher.served_name == resolved.served_name and not fresher.pinned:
                     break
                 resolved = fresher
+        which = "asked version" if resolved.pinned else "current version"
         raise ModelNotReady(
-            f"{resolved.served_name} (current version of {alias!r}) is not loaded on any vLLM replica yet: "
+            f"{resolved.served_name} ({which} of {resolved.alias!r}) is not loaded on any vLLM replica yet: "
             f"{last.message}",
             retry_after_s=1,
         )

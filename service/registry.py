@@ -335,6 +335,34 @@ class AdapterRegistry:
                     raise StaleParent(namespace, version, reason)
             return self._activate(namespace, version, mark_failed=True, reason=None)
 
+    def preview(self, namespace: str, version: int, *, reload: bool = False) -> str:
+        """Serve `version` under its own name (`<namespace>-v<N>`) for a while without making it
+        current, so an operator can ask it (an older version, a rejected candidate): any version
+        whose files are kept, verified before it is loaded (hotswap.HotSwapper.preview: it
+        drains like a retired version). Returns the served name. Conflict for a tombstone or a
+        version without files; PromotionFailed when its files are corrupt or a replica refuses."""
+        with self.session_factory() as session:
+            row = AdapterRepository(session).get_version(name=namespace, version=version)
+            if row.files_deleted_at is not None:
+                raise Conflict(files_deleted_message(row))
+            path, sha256, status = row.path, row.sha256, row.status
+        if path is None or sha256 is None:
+            raise Conflict(f"version {version} of {namespace!r} has no files (status {status!r})")
+        name = served_name(namespace, version)
+        if self.swapper is None:
+            return name
+        if reload or not self.swapper.serving(name):
+            try:
+                self.store.verify(namespace, version, sha256)
+            except (AdapterIntegrityError, AdapterStoreError) as error:
+                raise PromotionFailed(namespace, version, f"integrity check failed: {error}") from error
+        try:
+            return self.swapper.preview(namespace, version, path, reload=reload)
+        except VllmError as error:
+            raise PromotionFailed(
+                namespace, version, f"could not load it: {error}", unreachable=replicas_unreachable(error)
+            ) from error
+
     def rollback(self, namespace: str, to: int | None = None, *, reason: str = "rolled back") -> CurrentAdapter:
         """Make an earlier version current again (default: the newest retired one before the
         current) through the same verify + swap + flip path. A failure leaves current unchanged; the

@@ -28,6 +28,7 @@ from markupsafe import Markup
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from deploy.hotswap import parse_served_name
 from memory_store.errors import NotFound, StoreError
 from memory_store.models import AdapterVersion, Job, TrainingRun
 from memory_store.repositories import AdapterRepository, FeedbackRepository, TrainingRunRepository
@@ -528,6 +529,17 @@ def chat_aliases(request: Request, viewer: Viewer) -> list[str]:
         ]
 
 
+def chat_model(viewer: Viewer, model: str) -> str:
+    """`model` when the viewer may ask it: an alias (a namespace) or one version's own name
+    (`<namespace>-v<N>`, asked whatever is current); a 404 page otherwise."""
+    parsed = parse_served_name(model)
+    if parsed is not None and not viewer.principal.allows_namespace(model):
+        visible_namespace(viewer, parsed[0])
+    else:
+        visible_namespace(viewer, model)
+    return model
+
+
 @router.get("/chat", response_class=HTMLResponse)
 @handle
 def chat_page(request: Request, model: str | None = None) -> Response:
@@ -546,7 +558,7 @@ async def chat_ask(request: Request) -> Response:
 
     viewer, form = await action_viewer(request, "inference")
     model, question = form.get("model", ""), form.get("question", "").strip()
-    visible_namespace(viewer, model)
+    chat_model(viewer, model)
     aliases = await _aliases_async(request, viewer)
     answer = error = served = None
     if not question:

@@ -1,5 +1,7 @@
 """OpenAI-compatible inference routes: `POST /v1/chat/completions`, `POST /v1/completions`
-(streaming included) and `GET /v1/models`, addressed by the stable alias `<namespace>`.
+(streaming included) and `GET /v1/models`, addressed by the stable alias `<namespace>`, or by one
+version's own name `<namespace>-v<N>` (an operator asking an older version or a candidate: it is
+loaded for a while, AdapterRegistry.preview).
 
 Forwarding lives in service.proxy; this module parses the body, logs chat conversations
 (so `POST /feedback` can name one by `conversation_id`) and returns their id in
@@ -22,7 +24,8 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import StreamingResponse
 from sqlalchemy.orm import Session, sessionmaker
 
-from deploy.hotswap import served_name
+from deploy.hotswap import parse_served_name, served_name
+from memory_store.errors import Conflict
 from memory_store.repositories import AdapterRepository, ConversationRepository
 from service.auth import Principal
 from service.deps import AuthenticatedRoute, PrincipalDep, SessionDep, principal_of, require
@@ -35,6 +38,7 @@ from service.proxy import (
     ModelNotReady,
     ResolvedModel,
     StreamAssembler,
+    VersionNotFound,
     assistant_message,
     passthrough,
 )
@@ -120,6 +124,22 @@ def serve_base_version(request: Request, alias: str) -> None:
     logger.info("namespace %s served from its first request (v0, the base model)", alias)
 
 
+def serve_pinned_version(request: Request, resolved: ResolvedModel, *, reload: bool) -> None:
+    """Have vLLM serve a version asked by its own name (`<namespace>-v<N>`), current or not
+    (service.registry.AdapterRegistry.preview); a tombstone is an unknown model, a replica that
+    cannot load it a model not ready."""
+    from service.registry import PromotionFailed  # the registry pulls in torch: only when used
+
+    try:
+        adapter_registry(request).preview(resolved.alias, resolved.version, reload=reload)
+    except Conflict as error:
+        raise ModelNotFound(f"the model {resolved.served_name!r} cannot be served: {error}", param="model") from None
+    except PromotionFailed as error:
+        raise ModelNotReady(
+            f"the model {resolved.served_name!r} could not be loaded ({error.reason})", retry_after_s=5
+        ) from error
+
+
 async def _forward(request: Request, path: str, kind: str) -> Response:
     return await forward(request, path, kind, await _json_body(request, kind))
 
@@ -131,20 +151,29 @@ async def forward(request: Request, path: str, kind: str, body: dict[str, Any]) 
     factory: sessionmaker[Session] = request.app.state.session_factory
     principal: Principal = principal_of(request)
 
-    async def resolve(alias: str, *, fresh: bool) -> ResolvedModel:
-        if not principal.allows_namespace(alias):
-            raise ModelNotFound(f"the model {alias!r} does not exist", param="model")
-        hit = None if fresh else proxy.resolver.cached(alias)
-        if hit is not None:
-            return hit
-        try:
-            return await anyio.to_thread.run_sync(partial(proxy.resolver.resolve, alias, fresh=fresh))
-        except (ModelNotFound, ModelNotReady):
-            if not is_namespace(alias):
-                raise
-        # a namespace's first request: it is served from day one, by its v0 (the base model)
-        await anyio.to_thread.run_sync(serve_base_version, request, alias)
-        return await anyio.to_thread.run_sync(partial(proxy.resolver.resolve, alias, fresh=True))
+    async def resolve(name: str, *, fresh: bool) -> ResolvedModel:
+        parsed = parse_served_name(name)
+        if not principal.allows_namespace(name) and not (parsed and principal.allows_namespace(parsed[0])):
+            raise ModelNotFound(f"the model {name!r} does not exist", param="model")
+        resolved = None if fresh else proxy.resolver.cached(name)
+        if resolved is None:
+            try:
+                resolved = await anyio.to_thread.run_sync(partial(proxy.resolver.resolve, name, fresh=fresh))
+            except (ModelNotFound, ModelNotReady) as error:
+                if not principal.allows_namespace(name):  # let through for its namespace only
+                    if isinstance(error, VersionNotFound):
+                        raise
+                    raise ModelNotFound(f"the model {name!r} does not exist", param="model") from None
+                if isinstance(error, VersionNotFound) or not is_namespace(name):
+                    raise
+                # a namespace's first request: it is served from day one, by its v0 (the base model)
+                await anyio.to_thread.run_sync(serve_base_version, request, name)
+                resolved = await anyio.to_thread.run_sync(partial(proxy.resolver.resolve, name, fresh=True))
+        if not principal.allows_namespace(resolved.alias):
+            raise ModelNotFound(f"the model {name!r} does not exist", param="model")
+        if resolved.pinned:  # asked by a version's own name: load it for a while unless it is served
+            await anyio.to_thread.run_sync(partial(serve_pinned_version, request, resolved, reload=fresh))
+        return resolved
 
     upstream = await proxy.open(path, body, resolve)
     resolved = upstream.resolved

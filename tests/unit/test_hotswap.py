@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from deploy.hotswap import HotSwapper, SwapFailed, parse_served_name, served_name
+from deploy.hotswap import PREVIEW_HOLD_S, HotSwapper, SwapFailed, parse_served_name, served_name
 from deploy.vllm_client import VllmClient
 from tests.unit.fake_vllm import FakeVllm, Fault
 
@@ -189,3 +189,47 @@ def test_reconcile_switches_a_same_name_other_path_in_place(
     assert report.replicas[0].loaded == ["a-v1"]
     assert served(replicas[0]) == {"a-v1": a1}
     assert replicas[0].state.requests[-1][2]["load_inplace"] is True
+
+
+def test_preview_serves_an_old_version_for_a_while_then_drains_it(
+    swapper: HotSwapper, replicas: list[FakeVllm], clock: FakeClock, tmp_path: Path
+) -> None:
+    v1, v2 = make_version(tmp_path, "ns", 1), make_version(tmp_path, "ns", 2)
+    swapper.swap("ns", 1, v1)
+    swapper.swap("ns", 2, v2)
+    clock.now += 10
+    assert swapper.collect() == ["ns-v1"]
+    assert swapper.preview("ns", 2, v2) == "ns-v2"  # the current one: nothing to load
+    assert swapper.serving("ns-v2") and not swapper.serving("ns-v1")
+    assert swapper.preview("ns", 1, v1) == "ns-v1"
+    for r in replicas:
+        assert served(r) == {"ns-v1": v1, "ns-v2": v2}
+    assert swapper.current("ns") == "ns-v2" and swapper.serving("ns-v1")
+    loads = replicas[0].calls("/v1/load_lora_adapter")
+    clock.now += PREVIEW_HOLD_S - 1
+    assert swapper.preview("ns", 1, v1) == "ns-v1"  # asked again: held again, not reloaded
+    assert replicas[0].calls("/v1/load_lora_adapter") == loads
+    clock.now += PREVIEW_HOLD_S - 1
+    assert swapper.collect() == []
+    clock.now += 2
+    assert swapper.collect() == ["ns-v1"]
+    for r in replicas:
+        assert served(r) == {"ns-v2": v2}
+
+
+def test_preview_reload_loads_again_and_a_refusing_replica_fails_it_everywhere(
+    swapper: HotSwapper, replicas: list[FakeVllm], tmp_path: Path
+) -> None:
+    v1, v2 = make_version(tmp_path, "ns", 1), make_version(tmp_path, "ns", 2)
+    swapper.swap("ns", 2, v2)
+    swapper.preview("ns", 1, v1)
+    replicas[1].state.adapters.pop("ns-v1")  # e.g. another process's reconciler unloaded it
+    swapper.preview("ns", 1, v1, reload=True)
+    assert served(replicas[1])["ns-v1"] == v1
+    v3 = make_version(tmp_path, "ns", 3)
+    replicas[1].state.faults.extend(Fault("/v1/load_lora_adapter") for _ in range(3))
+    with pytest.raises(SwapFailed):
+        swapper.preview("ns", 3, v3)
+    for r in replicas:
+        assert "ns-v3" not in served(r)
+    assert not swapper.serving("ns-v3") and swapper.current("ns") == "ns-v2"
