@@ -9,10 +9,11 @@ built by the `background` factory it was given; on shutdown it stops them in rev
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
-from typing import Protocol
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol
 
 import anyio
 from fastapi import FastAPI
@@ -33,6 +34,9 @@ from service.proxy import InferenceProxy
 from service.readiness import ReadinessChecks, database_check
 from service.routes import api_router
 
+if TYPE_CHECKING:
+    from service.registry import AdapterRegistry
+
 logger = logging.getLogger(__name__)
 
 
@@ -49,7 +53,7 @@ class BackgroundService(Protocol):
     def stop(self) -> None: ...
 
 
-@dataclass(frozen=True)
+@dataclass
 class AppResources:
     """What the app owns and hands to its background services."""
 
@@ -58,6 +62,21 @@ class AppResources:
     session_factory: sessionmaker[Session]
     metrics: ServiceMetrics
     readiness: ReadinessChecks  # `/readyz` components; background services add theirs
+    _registry: AdapterRegistry | None = field(default=None, init=False, repr=False)
+    _registry_lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
+
+    def adapter_registry(self) -> AdapterRegistry:
+        """The process's one adapter registry and hot-swapper, built on first use (it pulls in
+        torch): the routes, the reconciler and the jobs share it, so they share one view of what
+        is loaded on each vLLM replica (swaps, drains, previews)."""
+        with self._registry_lock:
+            if self._registry is None:
+                from service.registry import AdapterRegistry, build_hot_swapper
+
+                self._registry = AdapterRegistry.from_settings(
+                    self.settings, self.session_factory, build_hot_swapper(self.settings)
+                )
+            return self._registry
 
 
 BackgroundFactory = Callable[[AppResources], Sequence[BackgroundService]]

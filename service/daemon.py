@@ -30,7 +30,7 @@ from service.config import Settings
 from service.distill_job import DISTILL_JOB_KIND
 from service.readiness import TOKENIZER_FILES, tokenizer_check, vllm_check
 from service.reconciler import Reconciler
-from service.registry import EMBEDDED_VLLM, AdapterRegistry, build_hot_swapper
+from service.registry import EMBEDDED_VLLM, AdapterRegistry
 from service.scheduler import DistillScheduler
 from service.worker import JobContext, JobHandler, JobOutcome, Worker
 
@@ -301,8 +301,8 @@ def background_services(settings: Settings) -> Callable[[AppResources], Sequence
 
     def build(resources: AppResources) -> list[BackgroundService]:
         factory = resources.session_factory
-        swapper = build_hot_swapper(settings)
-        registry = AdapterRegistry.from_settings(settings, factory, swapper)
+        registry = resources.adapter_registry()  # the routes' registry too: one view of vLLM
+        swapper = registry.swapper
         services: list[BackgroundService] = []
         if swapper is not None:
             reconciler = Reconciler(

@@ -249,17 +249,9 @@ def download_version(
 
 
 def adapter_registry(request: Request) -> AdapterRegistry:
-    """The app's registry (`app.state.adapter_registry`), built on first use from the settings."""
-    from service.registry import AdapterRegistry, build_hot_swapper  # pulls in torch: only when used
-
-    registry = getattr(request.app.state, "adapter_registry", None)
-    if registry is None:
-        settings = request.app.state.settings
-        registry = AdapterRegistry.from_settings(
-            settings, request.app.state.session_factory, build_hot_swapper(settings)
-        )
-        request.app.state.adapter_registry = registry
-    return registry
+    """The app's one registry (service.app.AppResources.adapter_registry, shared with the
+    reconciler and the jobs of `loraloop serve`)."""
+    return request.app.state.resources.adapter_registry()
 
 
 @router.post("/adapters/{name}/rollback", response_model=AdapterPublic, dependencies=[require("admin")])

@@ -93,3 +93,16 @@ def test_the_default_base_model_is_the_real_one_in_the_offline_cache(tmp_path: P
     monkeypatch.setenv("LORALOOP_CACHE_DIR", str(tmp_path / "cache"))
     settings = Settings(auth_disabled=True)
     assert settings.base_model == tmp_path / "cache" / "models" / "smollm2-135m-instruct"
+
+
+def test_the_routes_the_reconciler_and_the_jobs_share_one_registry(tmp_path: Path) -> None:
+    # one view of what each vLLM replica has loaded: a version the gateway loads for a question
+    # (preview) is known to the reconciler and the train job's swaps, and the other way round
+    settings = prepare_serving(settings_for(tmp_path, vllm_urls=["http://a:8000"]))
+    app = create_app(settings, background=background_services(settings))
+    services = {service.name: service for service in background_services(settings)(app.state.resources)}
+    registry = app.state.resources.adapter_registry()
+    assert registry is app.state.resources.adapter_registry() and registry.swapper is not None
+    assert services["reconciler"].swapper is registry.swapper  # type: ignore[attr-defined]
+    train = services["worker"].handlers["train"]  # type: ignore[attr-defined]
+    assert train.registry is registry
