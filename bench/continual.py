@@ -29,8 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 
+from service.adapters.registry import train_config
 from service.config import Settings
-from service.registry import train_config
 from training.generate import answer_has_keys
 from training.learning_eval import Fact, GeneralQuestion, LearningHarness, load_fact_set
 from training.pretrained import model_dir

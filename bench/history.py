@@ -164,10 +164,10 @@ class Store:
         from fastapi.testclient import TestClient
 
         from memory_store.db import make_engine, make_session_factory, upgrade_database
+        from service.adapters.registry import AdapterRegistry
         from service.app import create_app
         from service.config import Settings
-        from service.registry import AdapterRegistry
-        from training.tokenizers import tokenizer_dir
+        from training.tokenizer_files import tokenizer_dir
 
         self.label = label
         url = f"sqlite:///{root / label / 'loraloop.db'}"
@@ -203,7 +203,7 @@ class Store:
 
     def prepare(self) -> None:
         from memory_store.repositories import FeedbackRepository
-        from service.train_job import MAX_PROBE_CONVERSATIONS, recent_conversations
+        from service.jobs.train import MAX_PROBE_CONVERSATIONS, recent_conversations
 
         started = time.perf_counter()
         parent = self.registry.ensure_base_version(NS)

@@ -2,7 +2,7 @@
 
 Two servers per backend, measured in the same run and interleaved (same machine load): `group`,
 the shipped write path (one writer thread commits the items of every request in flight in one
-transaction: service.feedback_writer), and `per_request`, a plain one-transaction-per-request
+transaction: service.ingest.writer), and `per_request`, a plain one-transaction-per-request
 handler (LORALOOP_FEEDBACK_GROUP_COMMIT=false, the path before group commit). A separate load process
 keeps N requests in flight for a fixed duration and reports items/s, requests/s, request latency
 (p50/p99) and the server's CPU time per request (robust to a shared machine; `loadavg_1m` says how

@@ -22,12 +22,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
+import torch
 
-from service.config import Settings  # noqa: E402
-from service.registry import train_config  # noqa: E402
-from training.learning_eval import LearningHarness, load_fact_set  # noqa: E402
-from training.pretrained import model_dir  # noqa: E402
+from service.adapters.registry import train_config
+from service.config import Settings
+from training.learning_eval import LearningHarness, load_fact_set
+from training.pretrained import model_dir
 
 DEV_SET = Path(__file__).parent / "data" / "learning_dev.json"
 

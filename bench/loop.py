@@ -27,8 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from service.app import create_app
 from service.config import Settings
-from service.daemon import ThreadedServer, background_services, prepare_serving
 from service.demo import DEMO_CONTINUATION, DEMO_QUESTION, log_to_file
+from service.wiring import ThreadedServer, background_services, prepare_serving
 
 POLL_S = 0.1
 

@@ -24,7 +24,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from training.render import IGNORE_INDEX, RenderConfig, render_example
-from training.tokenizers import load_tokenizer
+from training.tokenizer_files import load_tokenizer
 
 WORDS = ["the", "a", "deploy", "server", "config", "error", "retry", "please", "check", "log", "file", "path", "user", "token", "cache", "model", "adapter", "version", "trip", "Paris", "Tokyo", "東京", "日本語", "café", "naïve", "🙂", "✅", "42", "3.14", '{"k":', "1}", "->", "because", "therefore", "however", "quickly", "install", "update", "restart"]
 

@@ -1,10 +1,10 @@
 """SQL conditions shared by the repositories and the job queue; knows no table.
 
-`namespace_matches` turns a token's namespace grant (service.auth: exact names, or patterns where
+`namespace_matches` turns a token's namespace grant (service.api.auth: exact names, or patterns where
 `*` matches any run of characters) into one WHERE condition, so list endpoints page through the
 namespaces a token may see in the database instead of filtering pages after the fact. Patterns
 become anchored regular expressions (`regexp_match`: `~` on PostgreSQL, SQLAlchemy's REGEXP
-function on SQLite), which compare case-sensitively on both, as service.auth does; SQLite's LIKE
+function on SQLite), which compare case-sensitively on both, as service.api.auth does; SQLite's LIKE
 would not.
 """
 

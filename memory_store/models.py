@@ -40,7 +40,7 @@ ADAPTER_VERSION_STATUSES = ("candidate", "current", "rejected", "retired", "fail
 DEPLOYMENT_STATES = ("loading", "loaded", "unloading", "unloaded", "failed")
 
 NAMESPACE_LENGTH = 128
-AUDIT_LABEL_LENGTH = 64  # service.auth token labels
+AUDIT_LABEL_LENGTH = 64  # service.api.auth token labels
 
 
 def utcnow() -> datetime:
@@ -110,7 +110,7 @@ class Conversation(Base):
     model: Mapped[str | None] = mapped_column(String(256))
     source: Mapped[str | None] = mapped_column(String(256))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
-    # label of the token entry that wrote it (service.auth); never the secret
+    # label of the token entry that wrote it (service.api.auth); never the secret
     created_by: Mapped[str | None] = mapped_column(String(AUDIT_LABEL_LENGTH))
 
     __table_args__ = (
@@ -138,7 +138,7 @@ class FeedbackItem(Base):
     status: Mapped[str] = mapped_column(String(16), default="pending")
     trained_in_version: Mapped[int | None] = mapped_column(Integer)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
-    # label of the token entry that wrote it (service.auth); never the secret
+    # label of the token entry that wrote it (service.api.auth); never the secret
     created_by: Mapped[str | None] = mapped_column(String(AUDIT_LABEL_LENGTH))
 
     __table_args__ = (
@@ -165,7 +165,7 @@ class Memory(Base):
     baked_in_version: Mapped[int | None] = mapped_column(Integer)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
-    # label of the token entry that wrote it (service.auth); never the secret
+    # label of the token entry that wrote it (service.api.auth); never the secret
     created_by: Mapped[str | None] = mapped_column(String(AUDIT_LABEL_LENGTH))
     retired_by: Mapped[str | None] = mapped_column(String(AUDIT_LABEL_LENGTH))
 
@@ -196,7 +196,7 @@ class Job(Base):
     error: Mapped[str | None] = mapped_column(Text)
     dedupe_key: Mapped[str | None] = mapped_column(String(256))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
-    # label of the token entry that wrote it (service.auth); never the secret
+    # label of the token entry that wrote it (service.api.auth); never the secret
     created_by: Mapped[str | None] = mapped_column(String(AUDIT_LABEL_LENGTH))
     started_at: Mapped[datetime | None] = mapped_column()
     finished_at: Mapped[datetime | None] = mapped_column()

@@ -22,20 +22,21 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from memory_store.db import make_engine, make_session_factory, upgrade_database
-from service.auth import TokenSource
-from service.body_limit import BodySizeLimitMiddleware
+from service.api.auth import TokenSource
+from service.api.body_limit import BodySizeLimitMiddleware
+from service.api.errors import install_error_handlers
+from service.api.metrics import MetricsMiddleware, ServiceMetrics
+from service.api.readiness import ReadinessChecks, database_check
+from service.api.routes import api_router
 from service.config import Settings
 from service.dashboard import router as dashboard_router
-from service.errors import install_error_handlers
-from service.feedback_intake import FeedbackValidator
-from service.feedback_writer import DirectFeedbackWriter, FeedbackWriter
-from service.metrics import MetricsMiddleware, ServiceMetrics
-from service.proxy import InferenceProxy
-from service.readiness import ReadinessChecks, database_check
-from service.routes import api_router
+from service.inference.proxy import InferenceProxy
+from service.inference.routes import router as inference_router
+from service.ingest.intake import FeedbackValidator
+from service.ingest.writer import DirectFeedbackWriter, FeedbackWriter
 
 if TYPE_CHECKING:
-    from service.registry import AdapterRegistry
+    from service.adapters.registry import AdapterRegistry
 
 logger = logging.getLogger(__name__)
 
@@ -71,7 +72,7 @@ class AppResources:
         is loaded on each vLLM replica (swaps, drains, previews)."""
         with self._registry_lock:
             if self._registry is None:
-                from service.registry import AdapterRegistry, build_hot_swapper
+                from service.adapters.registry import AdapterRegistry, build_hot_swapper
 
                 self._registry = AdapterRegistry.from_settings(
                     self.settings, self.session_factory, build_hot_swapper(self.settings)
@@ -152,6 +153,7 @@ def create_app(
 
     install_error_handlers(app)
     app.include_router(api_router)
+    app.include_router(inference_router)
     app.include_router(dashboard_router)
     # Middleware added last runs first: metrics see every answer, the 413 included.
     if settings.cors_origins:

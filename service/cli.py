@@ -21,7 +21,7 @@ from rich.markup import escape as rich_escape
 from rich.table import Table
 
 from service.config import Settings
-from service.logging import configure_logging
+from service.log_setup import configure_logging
 
 app = typer.Typer(
     name="loraloop",
@@ -99,7 +99,7 @@ def serve(
 
     from deploy.embedded import EmbeddedVllmError
     from service.app import create_app
-    from service.daemon import BaseModelUnavailable, background_services, claim_embedded_port, prepare_serving
+    from service.wiring import BaseModelUnavailable, background_services, claim_embedded_port, prepare_serving
 
     try:
         settings = prepare_serving(_settings(serving=True))
@@ -156,7 +156,7 @@ def db_prune(
     """Apply the retention settings once (LORALOOP_RETENTION_*): delete old conversation logs that no
     feedback points at, and the weights of old retired adapter versions (rows kept as tombstones).
     Feedback items are never deleted."""
-    from service.retention import prune
+    from service.jobs.retention import prune
 
     settings = _settings()
     report = prune(settings, _session_factory(settings), dry_run=dry_run).as_dict()
@@ -188,7 +188,7 @@ def db_prune(
 
 
 def _feedback_dict(item: Any) -> dict[str, Any]:
-    from service.schemas import FeedbackPublic
+    from service.api.schemas import FeedbackPublic
 
     return FeedbackPublic.model_validate(item).model_dump(mode="json")
 
@@ -255,7 +255,7 @@ def feedback_show(
 
 def _adapters(settings: Settings, name: str | None) -> list[dict[str, Any]]:
     from memory_store.repositories import AdapterRepository
-    from service.routes.adapters import adapter_public
+    from service.api.routes.adapters import adapter_public
 
     with _session_factory(settings)() as session:
         repository = AdapterRepository(session)
@@ -328,7 +328,7 @@ def adapters_show(
 
 def _version_detail(settings: Settings, name: str, version: int) -> dict[str, Any]:
     from memory_store.repositories import AdapterRepository
-    from service.routes.adapters import version_detail
+    from service.api.routes.adapters import version_detail
 
     with _session_factory(settings)() as session:
         row = AdapterRepository(session).get_version(name=name, version=version)
@@ -407,7 +407,7 @@ def adapters_rollback(
 ) -> None:
     """Make an earlier version current: its files are verified and loaded on every vLLM replica
     first; on any failure the current version stays."""
-    from service.registry import AdapterRegistry, PromotionFailed, build_hot_swapper
+    from service.adapters.registry import AdapterRegistry, PromotionFailed, build_hot_swapper
 
     settings = _settings()
     swapper = build_hot_swapper(settings)
@@ -478,10 +478,10 @@ def inspect(
     ] = False,
 ) -> None:
     """Show the training example of a feedback item: every token and whether it is trained."""
-    from service.feedback_intake import default_target_index, render_config
-    from training.inspect import inspect_item, render_table
+    from service.ingest.intake import default_target_index, render_config
+    from training.example_view import inspect_item, render_table
     from training.render import RenderError, render_example
-    from training.tokenizers import load_tokenizer
+    from training.tokenizer_files import load_tokenizer
 
     settings = _settings()
     item = _load_item(settings, feedback_id, file)
@@ -517,8 +517,8 @@ def train(
     """Queue a training run of NAMESPACE now (a running `serve` or `worker` executes it)."""
     from memory_store.models import utcnow
     from memory_store.queue import JobQueue
-    from service.feedback_intake import TRAIN_JOB_KIND, train_dedupe_key
-    from service.schemas import check_namespace
+    from service.api.schemas import check_namespace
+    from service.ingest.intake import TRAIN_JOB_KIND, train_dedupe_key
 
     try:
         check_namespace(namespace)
@@ -623,9 +623,9 @@ def worker(
     import signal
 
     from memory_store.db import upgrade_database
-    from service.daemon import job_handlers
-    from service.registry import AdapterRegistry, build_hot_swapper
-    from service.worker import Worker
+    from service.adapters.registry import AdapterRegistry, build_hot_swapper
+    from service.jobs.worker import Worker
+    from service.wiring import job_handlers
 
     settings = _settings()
     upgrade_database(settings.database_url)
@@ -660,14 +660,14 @@ def distill(
     """Queue memory distillation (a running `serve` or `worker` executes it): with --now for
     NAMESPACE (or every namespace with active memories), otherwise the runs the schedule has due."""
     from memory_store.queue import JobQueue
-    from service.distill_job import (
+    from service.api.schemas import check_namespace
+    from service.jobs.distill import (
         distill_dedupe_key,
         distill_namespaces,
         enqueue_distill,
         scheduler_callables,
     )
-    from service.scheduler import DistillScheduler
-    from service.schemas import check_namespace
+    from service.jobs.scheduler import DistillScheduler
 
     if namespace is not None:
         try:
@@ -706,7 +706,7 @@ def distill(
 def main() -> None:
     """Console-script entry point: errors become one line on stderr, never a traceback."""
     from memory_store.errors import DatabaseUnavailable, NotFound, StoreError
-    from service.auth import TokenConfigError
+    from service.api.auth import TokenConfigError
 
     try:
         app()

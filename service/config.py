@@ -39,7 +39,7 @@ class Settings(BaseSettings):
     db_pool_size: int = Field(5, ge=1)
     db_connect_timeout_s: float = Field(5.0, gt=0)
     # POST /feedback(:batch): one writer thread commits the items of all requests in flight in one
-    # transaction (service.feedback_writer); false: one transaction per request
+    # transaction (service.ingest.writer); false: one transaction per request
     feedback_group_commit: bool = True
 
     # --- HTTP service ------------------------------------------------------------------------------
@@ -51,7 +51,7 @@ class Settings(BaseSettings):
     cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
     auth_disabled: bool = False
     # comma-separated `TOKEN=scope scope [ns:PATTERN] [label:NAME]` entries; TOKEN may be
-    # `sha256:<hex>` (stored hashed). service.auth documents the format.
+    # `sha256:<hex>` (stored hashed). service.api.auth documents the format.
     auth_tokens: str = ""
     # more entries, one per line, digests only; re-read when it changes (rotation without restart)
     auth_tokens_file: Path | None = None

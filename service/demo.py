@@ -21,7 +21,7 @@ import httpx
 from rich.console import Console
 
 from service.config import Settings
-from service.logging import TEXT_FORMAT
+from service.log_setup import TEXT_FORMAT
 
 DEMO_QUESTION = "What is the name of the loraloop project's mascot?"
 DEMO_CONTINUATION = "The loraloop project's mascot is a red panda named Pico."
@@ -160,7 +160,7 @@ def run_demo(console: Console, *, keep_serving: bool = True) -> dict[str, float]
     from transformers.utils import logging as transformers_logging
 
     from service.app import create_app
-    from service.daemon import ThreadedServer, background_services, prepare_serving
+    from service.wiring import ThreadedServer, background_services, prepare_serving
 
     transformers_logging.disable_progress_bar()
     settings = demo_settings()

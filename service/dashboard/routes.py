@@ -32,11 +32,11 @@ from deploy.hotswap import parse_served_name
 from memory_store.errors import NotFound, StoreError
 from memory_store.models import AdapterVersion, Job, TrainingRun
 from memory_store.repositories import AdapterRepository, FeedbackRepository, TrainingRunRepository
-from service.auth import ANONYMOUS_ADMIN, Principal, TokenSource
+from service.api.auth import ANONYMOUS_ADMIN, Principal, TokenSource
+from service.api.schemas import check_namespace
 from service.dashboard.diff import highlight_pair
 from service.dashboard.plots import line_chart
 from service.dashboard.session import COOKIE_NAME, SessionSigner
-from service.schemas import check_namespace
 
 logger = logging.getLogger(__name__)
 
@@ -392,7 +392,7 @@ def report_rows(report: dict[str, Any] | None) -> list[dict[str, Any]]:
 @router.get("/ns/{name}/v/{version}", response_class=HTMLResponse)
 @handle
 def version_page(request: Request, name: str, version: int) -> Response:
-    from service.routes.adapters import version_detail
+    from service.api.routes.adapters import version_detail
 
     viewer = viewer_of(request, "adapters:read")
     visible_namespace(viewer, name)
@@ -469,8 +469,8 @@ def jobs_page(request: Request) -> Response:
 async def rollback_action(request: Request, name: str) -> Response:
     import anyio
 
-    from service.registry import PromotionFailed
-    from service.routes.adapters import adapter_registry
+    from service.adapters.registry import PromotionFailed
+    from service.api.routes.adapters import adapter_registry
 
     viewer, form = await action_viewer(request, "admin")
     visible_namespace(viewer, name)
@@ -493,8 +493,8 @@ async def rollback_action(request: Request, name: str) -> Response:
 @router.post("/ns/{name}/train")
 @handle
 async def train_action(request: Request, name: str) -> Response:
-    from service.routes.jobs import enqueue_training
-    from service.schemas import TrainJobCreate
+    from service.api.routes.jobs import enqueue_training
+    from service.api.schemas import TrainJobCreate
 
     viewer, _ = await action_viewer(request, "admin")
     visible_namespace(viewer, name)
@@ -506,7 +506,7 @@ async def train_action(request: Request, name: str) -> Response:
 @router.post("/ns/{name}/distill")
 @handle
 async def distill_action(request: Request, name: str) -> Response:
-    from service.distill_job import enqueue_distill
+    from service.jobs.distill import enqueue_distill
 
     viewer, _ = await action_viewer(request, "admin")
     visible_namespace(viewer, name)
@@ -551,10 +551,10 @@ def chat_page(request: Request, model: str | None = None) -> Response:
 @router.post("/chat", response_class=HTMLResponse)
 @handle
 async def chat_ask(request: Request) -> Response:
-    """Ask the alias through the OpenAI gateway (service.routes.openai_proxy.forward), as an agent would."""
-    from service.errors import ApiError
-    from service.proxy import SERVED_MODEL_HEADER, ProxyError
-    from service.routes.openai_proxy import forward
+    """Ask the alias through the OpenAI gateway (service.inference.routes.forward), as an agent would."""
+    from service.api.errors import ApiError
+    from service.inference.proxy import SERVED_MODEL_HEADER, ProxyError
+    from service.inference.routes import forward
 
     viewer, form = await action_viewer(request, "inference")
     model, question = form.get("model", ""), form.get("question", "").strip()

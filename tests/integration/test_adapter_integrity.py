@@ -1,4 +1,4 @@
-"""Adapter integrity at the registry (service/registry.py): a version whose files were tampered with,
+"""Adapter integrity at the registry (service/adapters/registry.py): a version whose files were tampered with,
 truncated, extended or stripped of their metadata is refused BEFORE any vLLM replica is asked to
 load it (promote and rollback alike), it is marked failed, and the current version keeps serving.
 The replica is tests/unit/fake_vllm.py's HTTP server, which records every request it gets.
@@ -18,8 +18,8 @@ from deploy.hotswap import HotSwapper
 from deploy.vllm_client import VllmClient
 from memory_store.db import make_engine, make_session_factory, upgrade_database
 from memory_store.repositories import AdapterRepository
+from service.adapters.registry import AdapterRegistry, PromotionFailed
 from service.config import Settings
-from service.registry import AdapterRegistry, PromotionFailed
 from tests.unit.fake_vllm import FakeVllm
 from training.adapter_store import (
     ADAPTER_CONFIG_FILE,
@@ -53,7 +53,7 @@ def registry(tmp_path: Path, tiny_model_dir: Path, fake_vllm: FakeVllm) -> Itera
 
 
 def publish(registry: AdapterRegistry, tmp_path: Path, seed: int, parent: int | None) -> int:
-    from service.registry import train_config
+    from service.adapters.registry import train_config
 
     source = tmp_path / f"src-{seed}"
     config = train_config(registry.settings).lora_config(registry.settings.base_model)

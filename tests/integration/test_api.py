@@ -45,7 +45,7 @@ def item(**overrides: Any) -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def qwen2_tokenizer() -> Path:
-    from training.tokenizers import tokenizer_dir
+    from training.tokenizer_files import tokenizer_dir
 
     return tokenizer_dir("qwen2")
 

@@ -20,11 +20,11 @@ from fastapi import FastAPI
 from fastapi.routing import APIRoute, iter_route_contexts
 from fastapi.testclient import TestClient
 
-import service.auth
+import service.api.auth
+from service.api.auth import TokenTable
+from service.api.deps import authorize, public
 from service.app import create_app
-from service.auth import TokenTable
 from service.config import SCOPES, Settings
-from service.deps import authorize, public
 
 pytestmark = pytest.mark.integration
 
@@ -63,7 +63,7 @@ def token_spec() -> str:
 
 @pytest.fixture(scope="module")
 def app(tmp_path_factory: pytest.TempPathFactory) -> FastAPI:
-    from training.tokenizers import tokenizer_dir
+    from training.tokenizer_files import tokenizer_dir
 
     data = tmp_path_factory.mktemp("auth")
     settings = Settings(
@@ -184,7 +184,7 @@ def test_every_token_entry_is_compared_in_constant_time(monkeypatch: pytest.Monk
         calls.append((a, b))
         return real(a, b)
 
-    monkeypatch.setattr(service.auth.hmac, "compare_digest", counting)
+    monkeypatch.setattr(service.api.auth.hmac, "compare_digest", counting)
     table = TokenTable.parse(token_spec())
     for presented in (token_for("feedback:write"), token_for("inference"), "nope"):
         calls.clear()

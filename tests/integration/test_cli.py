@@ -120,7 +120,7 @@ def test_train_refuses_unsafe_namespace(store: str) -> None:
 
 def test_inspect_prints_exactly_ids_and_labels(store: str, tmp_path: Path) -> None:
     from training.render import IGNORE_INDEX, RenderConfig, render_example
-    from training.tokenizers import load_tokenizer, tokenizer_dir
+    from training.tokenizer_files import load_tokenizer, tokenizer_dir
 
     folder = tokenizer_dir("qwen2")
     item = {

@@ -23,8 +23,8 @@ from fastapi.testclient import TestClient
 from memory_store.models import Job
 from memory_store.queue import JobQueue
 from memory_store.repositories import AdapterRepository, FeedbackRepository, TrainingRunRepository
+from service.api.auth import RELOAD_CHECK_S
 from service.app import create_app
-from service.auth import RELOAD_CHECK_S
 from service.config import Settings
 from service.dashboard.session import COOKIE_NAME
 from tests.unit.fake_vllm import FakeVllm
@@ -57,7 +57,7 @@ def fake_vllm() -> Iterator[FakeVllm]:
 
 
 def make_settings(db_url: str, tmp_path: Path, vllm: FakeVllm) -> Settings:
-    from training.tokenizers import tokenizer_dir
+    from training.tokenizer_files import tokenizer_dir
 
     return Settings(
         _env_file=None,
@@ -520,10 +520,10 @@ def test_browser_phone_layout(browser: Any, live_url: str) -> None:
 
 
 def test_a_long_run_keeps_at_most_max_recorded_losses(db_session_factory: Any) -> None:
-    """service.train_job thins the per-step losses it keeps with the run; the last one stays."""
+    """service.jobs.train thins the per-step losses it keeps with the run; the last one stays."""
     from types import SimpleNamespace
 
-    from service.train_job import MAX_RECORDED_LOSSES, TrainJobHandler
+    from service.jobs.train import MAX_RECORDED_LOSSES, TrainJobHandler
 
     with db_session_factory.begin() as session:
         run_id = TrainingRunRepository(session).start(namespace="geo", kind="train").id

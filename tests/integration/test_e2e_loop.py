@@ -21,8 +21,8 @@ from deploy.vllm_client import VllmClient
 from memory_store.repositories import DeploymentRepository
 from service.app import create_app
 from service.config import Settings
-from service.daemon import ThreadedServer, background_services
-from service.worker import Worker
+from service.jobs.worker import Worker
+from service.wiring import ThreadedServer, background_services
 from tests.integration.conftest import VLLM_MAX_LORAS, VllmServer
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]

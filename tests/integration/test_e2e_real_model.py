@@ -17,7 +17,7 @@ import pytest
 
 from service.app import create_app
 from service.config import Settings
-from service.daemon import ThreadedServer, background_services, prepare_serving
+from service.wiring import ThreadedServer, background_services, prepare_serving
 from training.behaviour import first_sentence
 from training.generate import answer_has_keys
 

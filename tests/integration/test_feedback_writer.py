@@ -1,4 +1,4 @@
-"""Group commit (service.feedback_writer): a group of requests stored in one transaction settles
+"""Group commit (service.ingest.writer): a group of requests stored in one transaction settles
 each request as its own transaction would, and answers only after the commit."""
 
 from __future__ import annotations
@@ -13,12 +13,12 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from memory_store.errors import DatabaseUnavailable, IdempotencyConflict
 from memory_store.models import FeedbackItem, Job
-from service.auth import TokenTable
+from service.api.auth import TokenTable
+from service.api.errors import InvalidField
+from service.api.schemas import FeedbackBatchItem, FeedbackCreate
 from service.config import Settings
-from service.errors import InvalidField
-from service.feedback_intake import FeedbackValidator, StoreUnit, feedback_batch_unit, feedback_unit
-from service.feedback_writer import DirectFeedbackWriter, FeedbackWriter, _Pending
-from service.schemas import FeedbackBatchItem, FeedbackCreate
+from service.ingest.intake import FeedbackValidator, StoreUnit, feedback_batch_unit, feedback_unit
+from service.ingest.writer import DirectFeedbackWriter, FeedbackWriter, _Pending
 
 pytestmark = pytest.mark.integration
 

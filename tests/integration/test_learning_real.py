@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from service.adapters.registry import train_config
 from service.config import Settings
-from service.registry import train_config
 from training.learning_eval import LearningHarness, load_fact_set
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration, pytest.mark.timeout(1800)]

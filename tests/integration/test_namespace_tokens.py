@@ -159,7 +159,7 @@ ADMIN_ONLY = {("POST", "/adapters/{name}/rollback")}
 
 @pytest.fixture
 def app(db_url: str, tmp_path: Path) -> FastAPI:
-    from training.tokenizers import tokenizer_dir
+    from training.tokenizer_files import tokenizer_dir
 
     settings = Settings(
         _env_file=None,
@@ -353,8 +353,8 @@ def test_tokens_rotate_without_a_restart(tmp_path: Path) -> None:
 
 
 def test_sql_listing_matches_patterns_as_the_token_does(db_session_factory: Any) -> None:
-    """Case-sensitive, `_` and `.` literal, `*` any run: the database agrees with service.auth."""
-    from service.auth import TokenTable
+    """Case-sensitive, `_` and `.` literal, `*` any run: the database agrees with service.api.auth."""
+    from service.api.auth import TokenTable
 
     names = ["a_b", "axb", "a_b-eu", "A_b", "team.a", "teamxa", "eu-prod", "eu-prod2"]
     with db_session_factory.begin() as session:

@@ -13,8 +13,14 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from memory_store.db import make_engine, make_session_factory
 from memory_store.repositories import AdapterRepository
+from service.adapters.registry import (
+    AdapterRegistry,
+    PromotionFailed,
+    StaleParent,
+    build_hot_swapper,
+    train_config,
+)
 from service.config import Settings
-from service.registry import AdapterRegistry, PromotionFailed, StaleParent, build_hot_swapper, train_config
 from tests.unit.fake_vllm import FakeVllm, Fault
 from training.adapter_store import ADAPTER_WEIGHTS_FILE, build_zero_adapter
 

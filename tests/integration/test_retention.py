@@ -29,7 +29,7 @@ from memory_store.repositories import (
 from service.app import create_app
 from service.cli import app as cli_app
 from service.config import Settings
-from service.retention import RetentionLoop, RetentionPolicy, prune
+from service.jobs.retention import RetentionLoop, RetentionPolicy, prune
 from training.adapter_store import AdapterStore
 
 pytestmark = pytest.mark.integration
@@ -48,7 +48,7 @@ def bearer(token: str) -> dict[str, str]:
 
 @pytest.fixture
 def settings(migrated_db_url: str, tmp_path: Path) -> Settings:
-    from training.tokenizers import tokenizer_dir
+    from training.tokenizer_files import tokenizer_dir
 
     return Settings(
         _env_file=None,

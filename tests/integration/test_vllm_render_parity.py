@@ -11,7 +11,7 @@ import pytest
 from deploy.vllm_client import VllmClient
 from tests.integration.conftest import VllmServer
 from training.render import IGNORE_INDEX, RenderConfig, render_example, resolve_target_index
-from training.tokenizers import load_tokenizer
+from training.tokenizer_files import load_tokenizer
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 

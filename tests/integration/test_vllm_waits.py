@@ -20,13 +20,13 @@ from memory_store.db import make_engine, make_session_factory
 from memory_store.models import TrainingRun, utcnow
 from memory_store.queue import JobQueue
 from memory_store.repositories import AdapterRepository, FeedbackRepository
+from service.adapters.registry import AdapterRegistry, build_hot_swapper
 from service.app import create_app
 from service.config import Settings
-from service.daemon import background_services
-from service.feedback_intake import requeue_stranded, wake_waiting
-from service.registry import AdapterRegistry, build_hot_swapper
-from service.train_job import TrainJobHandler
-from service.worker import Worker
+from service.ingest.intake import requeue_stranded, wake_waiting
+from service.jobs.train import TrainJobHandler
+from service.jobs.worker import Worker
+from service.wiring import background_services
 from tests.integration.test_uvicorn_crash import free_port
 from tests.integration.test_worker_pipeline import FEEDBACK, TINY_TRAINING, make_settings
 from tests.unit.fake_vllm import FakeVllm

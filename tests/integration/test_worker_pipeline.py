@@ -21,12 +21,12 @@ from memory_store.db import make_engine, make_session_factory
 from memory_store.models import FeedbackItem, TrainingRun
 from memory_store.queue import JobQueue
 from memory_store.repositories import AdapterRepository
+from service.adapters.registry import AdapterRegistry
+from service.api.metrics import ServiceMetrics
 from service.app import create_app
 from service.config import Settings
-from service.metrics import ServiceMetrics
-from service.registry import AdapterRegistry
-from service.train_job import TrainJobHandler
-from service.worker import JobCancelled, JobContext, JobFailed, JobOutcome, Worker
+from service.jobs.train import TrainJobHandler
+from service.jobs.worker import JobCancelled, JobContext, JobFailed, JobOutcome, Worker
 from training.adapter_store import AdapterStore
 from training.probes import general_probes
 
@@ -340,7 +340,7 @@ def test_gate_rejects_a_run_trained_on_corrupted_labels(pipeline, monkeypatch: p
     import dataclasses
     import random
 
-    from service import train_job
+    from service.jobs import train as train_job
     from training.trainer import LoraTrainer
 
     class CorruptingTrainer(LoraTrainer):
@@ -412,7 +412,7 @@ def test_distill_now_bakes_the_memories(pipeline, monkeypatch: pytest.MonkeyPatc
     from typer.testing import CliRunner
 
     from service.cli import app
-    from service.daemon import job_handlers
+    from service.wiring import job_handlers
 
     client, settings, worker = pipeline(
         distill_epochs=12, distill_learning_rate=3e-3, distill_max_new_tokens=12,
@@ -460,7 +460,7 @@ def test_bake_replays_baked_memories_but_never_a_retired_one(
 
     from memory_store.repositories import MemoryRepository
     from service.cli import app
-    from service.daemon import job_handlers
+    from service.wiring import job_handlers
 
     client, settings, worker = pipeline(gate_min_answer_agreement=0.0, gate_min_gap_closure=0.0,
                                         gate_max_drift_kl=1e6, gate_max_general_lost=100, distill_answer_tokens=8)

@@ -1,4 +1,4 @@
-"""service.adapter_archive: the streamed tar is a valid, deterministic archive; paths stay inside."""
+"""service.adapters.archive: the streamed tar is a valid, deterministic archive; paths stay inside."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from service.adapter_archive import TarStream, UnsafeAdapterPath, resolve_version_dir
+from service.adapters.archive import TarStream, UnsafeAdapterPath, resolve_version_dir
 
 
 def make_version(root: Path, name: str = "geo", version: int = 1) -> Path:

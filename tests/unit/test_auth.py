@@ -1,4 +1,4 @@
-"""Token parsing, hashing and scope checks of service.auth."""
+"""Token parsing, hashing and scope checks of service.api.auth."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from memory_store.filters import pattern_regex
-from service.auth import ADMIN_SCOPE, TokenConfigError, TokenSource, TokenTable, bearer_token
+from service.api.auth import ADMIN_SCOPE, TokenConfigError, TokenSource, TokenTable, bearer_token
 
 
 def test_plain_and_hashed_tokens_authenticate_with_their_scopes() -> None:

@@ -7,7 +7,7 @@ import math
 import pytest
 
 from service.config import Settings
-from service.distill_job import bake_config, distill_gate
+from service.jobs.distill import bake_config, distill_gate
 from training.bake import (
     BAKE_HELDOUT_TEMPLATES,
     BakeConfig,

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
+from service.adapters.registry import vllm_base_urls
 from service.app import create_app
 from service.config import Settings
-from service.daemon import BaseModelUnavailable, background_services, embedded_vllm_config, prepare_serving
-from service.registry import vllm_base_urls
+from service.wiring import BaseModelUnavailable, background_services, embedded_vllm_config, prepare_serving
 
 
 def settings_for(tmp_path: Path, **overrides: object) -> Settings:

@@ -1,4 +1,4 @@
-"""training.inspect: the token table, its coloured rendering and the --json form."""
+"""training.example_view: the token table, its coloured rendering and the --json form."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import json
 import pytest
 from rich.console import Console
 
-from training.inspect import inspect_item, render_table, token_table
+from training.example_view import inspect_item, render_table, token_table
 from training.render import IGNORE_INDEX, RenderError, render_example
 
 ITEM = {"messages": [{"role": "user", "content": "Capital of France?"}], "continuation": "Paris."}

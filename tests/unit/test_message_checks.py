@@ -1,4 +1,4 @@
-"""service.message_checks and the strict schema fields: structural refusals name the field."""
+"""service.ingest.message_checks and the strict schema fields: structural refusals name the field."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ from datetime import UTC, datetime, timedelta, timezone
 import pytest
 from pydantic import ValidationError
 
-from service.errors import InvalidField
-from service.message_checks import check_context, check_conversation, check_tool_messages
-from service.schemas import FeedbackCreate, check_idempotency_key, check_utc_range
+from service.api.errors import InvalidField
+from service.api.schemas import FeedbackCreate, check_idempotency_key, check_utc_range
+from service.ingest.message_checks import check_context, check_conversation, check_tool_messages
 
 USER = {"role": "user", "content": "weather?"}
 SYSTEM = {"role": "system", "content": "be brief"}

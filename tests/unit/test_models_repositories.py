@@ -446,7 +446,7 @@ def _bulk_feedback(session, rows: list[dict[str, object]]) -> None:
 
 
 def test_recent_conversations_are_ordered_and_limited_in_sql(db_session_factory):
-    from service.train_job import recent_conversations
+    from service.jobs.train import recent_conversations
 
     with db_session_factory.begin() as session:
         repo = ConversationRepository(session)

@@ -15,7 +15,7 @@ from fastapi.testclient import TestClient
 from memory_store.repositories import AdapterRepository, ConversationRepository
 from service.app import create_app
 from service.config import Settings
-from service.proxy import (
+from service.inference.proxy import (
     CONVERSATION_HEADER,
     SERVED_MODEL_HEADER,
     AliasResolver,

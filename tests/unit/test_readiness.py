@@ -1,9 +1,9 @@
-"""service.readiness: components combine into one answer; a failing or raising check turns it red."""
+"""service.api.readiness: components combine into one answer; a failing or raising check turns it red."""
 
 from __future__ import annotations
 
-from service.readiness import ReadinessChecks
-from service.schemas import ComponentHealth
+from service.api.readiness import ReadinessChecks
+from service.api.schemas import ComponentHealth
 
 
 def test_ready_only_when_every_component_is_ok() -> None:
@@ -39,7 +39,7 @@ def test_adding_a_component_again_replaces_its_check() -> None:
 
 
 def test_tokenizer_component_needs_the_files(tmp_path) -> None:
-    from service.readiness import tokenizer_check
+    from service.api.readiness import tokenizer_check
 
     check = tokenizer_check(tmp_path)
     assert check().status == "unavailable" and str(tmp_path) in (check().detail or "")
@@ -49,7 +49,7 @@ def test_tokenizer_component_needs_the_files(tmp_path) -> None:
 
 def test_vllm_component_follows_the_last_reconcile_round() -> None:
     from deploy.hotswap import ReconcileReport, ReplicaReport
-    from service.readiness import vllm_check
+    from service.api.readiness import vllm_check
 
     now = [100.0]
     last: list = [None]

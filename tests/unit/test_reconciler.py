@@ -1,4 +1,4 @@
-"""service.reconciler and the co-located GPU sleep window against the fake vLLM: a replica that
+"""service.adapters.reconciler and the co-located GPU sleep window against the fake vLLM: a replica that
 lost its adapters gets the current version back, retired versions are unloaded after the drain,
 Deployment rows follow, an unreachable vLLM or registry never stops the loop."""
 
@@ -16,9 +16,9 @@ from deploy.hotswap import HotSwapper
 from deploy.vllm_client import VllmClient
 from memory_store.db import make_engine, make_session_factory, upgrade_database
 from memory_store.repositories import AdapterRepository, DeploymentRepository
-from service.daemon import VllmSleepWindow
-from service.reconciler import Reconciler
-from service.worker import JobContext, JobOutcome
+from service.adapters.reconciler import Reconciler
+from service.jobs.worker import JobContext, JobOutcome
+from service.wiring import VllmSleepWindow
 from tests.unit.fake_vllm import FakeVllm
 
 

@@ -9,7 +9,7 @@ from zoneinfo import ZoneInfo
 import pytest
 
 from service.config import Settings
-from service.scheduler import (
+from service.jobs.scheduler import (
     CronSchedule,
     DistillScheduler,
     DueRun,

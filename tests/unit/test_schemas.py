@@ -7,8 +7,8 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from service.errors import field_path
-from service.schemas import (
+from service.api.errors import field_path
+from service.api.schemas import (
     ConversationCreate,
     FeedbackBatchCreate,
     FeedbackCreate,

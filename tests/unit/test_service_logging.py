@@ -1,4 +1,4 @@
-"""service.logging: one handler however often it is configured, JSON lines when asked."""
+"""service.log_setup: one handler however often it is configured, JSON lines when asked."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import logging
 
 import pytest
 
-from service.logging import JsonFormatter, configure_logging
+from service.log_setup import JsonFormatter, configure_logging
 
 
 def test_configure_logging_is_idempotent_and_sets_the_level() -> None:

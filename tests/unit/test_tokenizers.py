@@ -1,4 +1,4 @@
-"""training.tokenizers (offline families: fetch, verify, convert, cache) and training.tiny_model."""
+"""training.tokenizer_files (offline families: fetch, verify, convert, cache) and training.tiny_model."""
 
 from __future__ import annotations
 
@@ -14,9 +14,9 @@ from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 import training.offline_cache as offline_cache_module
-import training.tokenizers as tokenizers_module
+import training.tokenizer_files as tokenizers_module
 from training.tiny_model import UnknownArchitecture, build_tiny_model, ensure_tiny_model
-from training.tokenizers import FAMILIES, TokenizerFetchError, load_tokenizer, tokenizer_dir
+from training.tokenizer_files import FAMILIES, TokenizerFetchError, load_tokenizer, tokenizer_dir
 
 REQUIRED_FAMILIES = {"qwen2", "qwen35", "phi3", "llama3", "llama2", "gpt2", "qwen3-reasoning", "mistral"}
 

@@ -1,8 +1,8 @@
-"""service.train_job.conversations_not_taught: a conversation the feedback corrects is no drift probe."""
+"""service.jobs.train.conversations_not_taught: a conversation the feedback corrects is no drift probe."""
 
 from __future__ import annotations
 
-from service.train_job import conversations_not_taught
+from service.jobs.train import conversations_not_taught
 
 QUESTION = [{"role": "user", "content": "Where is the DR site?"}]
 

@@ -11,7 +11,7 @@ import json
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.errors import BodyTooLarge, error_body
+from service.api.errors import BodyTooLarge, error_body
 
 
 async def send_too_large(send: Send, limit: int) -> None:

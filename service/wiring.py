@@ -1,9 +1,10 @@
-"""What `loraloop serve` runs beside the API: the embedded vLLM (when LORALOOP_VLLM_URLS=embedded),
+"""The composition root of `loraloop serve`: what it runs beside the API: the embedded vLLM (when LORALOOP_VLLM_URLS=embedded),
 the reconciler, the job worker and the distillation scheduler loop, built from Settings as the
 app's background services (started in that order, stopped in reverse by the app's lifespan).
 
 Also owns the co-located GPU policy (`VllmSleepWindow`). Knows how the pieces connect, not what
-they do: training is service.train_job's, swapping deploy.hotswap's, the registry service.registry's.
+they do: training is service.jobs.train's, swapping deploy.hotswap's, the registry
+service.adapters.registry's (one per process: service.app.AppResources.adapter_registry).
 """
 
 from __future__ import annotations
@@ -25,14 +26,14 @@ from deploy.embedded import (
     free_port,
 )
 from deploy.vllm_client import VllmClient, VllmError
+from service.adapters.reconciler import Reconciler
+from service.adapters.registry import EMBEDDED_VLLM, AdapterRegistry
+from service.api.readiness import TOKENIZER_FILES, tokenizer_check, vllm_check
 from service.app import AppResources, BackgroundService
 from service.config import Settings
-from service.distill_job import DISTILL_JOB_KIND
-from service.readiness import TOKENIZER_FILES, tokenizer_check, vllm_check
-from service.reconciler import Reconciler
-from service.registry import EMBEDDED_VLLM, AdapterRegistry
-from service.scheduler import DistillScheduler
-from service.worker import JobContext, JobHandler, JobOutcome, Worker
+from service.jobs.distill import DISTILL_JOB_KIND
+from service.jobs.scheduler import DistillScheduler
+from service.jobs.worker import JobContext, JobHandler, JobOutcome, Worker
 
 logger = logging.getLogger(__name__)
 
@@ -63,7 +64,7 @@ def ensure_base_model(settings: Settings) -> Path:
     """The base model folder: fetched when it is the default one and missing; otherwise it must
     exist and hold a model config, or start-up fails with one clear line. A tokenizer is required
     when this process trains (the worker is enabled); an ingest-only process without one accepts
-    feedback with the tokenizer-free checks (service.feedback_intake warns)."""
+    feedback with the tokenizer-free checks (service.ingest.intake warns)."""
     from service.config import default_base_model
 
     path = Path(settings.base_model)
@@ -274,9 +275,9 @@ class VllmSleepWindow:
 
 
 def requeue_stranded_training(settings: Settings, factory: sessionmaker[Session]) -> list[str]:
-    """Every replica answers: jobs waiting for vLLM are due now (feedback_intake.wake_waiting) and
-    train jobs that died with feedback still pending are re-queued (feedback_intake.requeue_stranded)."""
-    from service.feedback_intake import requeue_stranded, wake_waiting
+    """Every replica answers: jobs waiting for vLLM are due now (service.ingest.intake.wake_waiting)
+    and train jobs that died with feedback still pending are re-queued (requeue_stranded)."""
+    from service.ingest.intake import requeue_stranded, wake_waiting
 
     with factory.begin() as session:
         wake_waiting(session)
@@ -286,8 +287,8 @@ def requeue_stranded_training(settings: Settings, factory: sessionmaker[Session]
 def job_handlers(
     settings: Settings, session_factory: sessionmaker[Session], registry: AdapterRegistry
 ) -> dict[str, JobHandler]:
-    from service.distill_job import DistillJobHandler
-    from service.train_job import TrainJobHandler
+    from service.jobs.distill import DistillJobHandler
+    from service.jobs.train import TrainJobHandler
 
     online = TrainJobHandler(settings, session_factory, registry)  # its resident base is shared
     return {
@@ -330,12 +331,12 @@ def background_services(settings: Settings) -> Callable[[AppResources], Sequence
             handlers = {kind: window.wrap(handler) for kind, handler in handlers.items()}
             services.append(Worker(settings, factory, handlers, metrics=resources.metrics))
         if settings.distill_enabled:
-            from service.distill_job import scheduler_callables
+            from service.jobs.distill import scheduler_callables
 
             scheduler = DistillScheduler.from_settings(settings, **scheduler_callables(settings, factory))
             services.append(DistillSchedulerLoop(scheduler))
         if settings.retention_enabled:
-            from service.retention import RetentionLoop
+            from service.jobs.retention import RetentionLoop
 
             services.append(RetentionLoop(settings, factory))
         return services

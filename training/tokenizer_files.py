@@ -217,7 +217,7 @@ def _from_mistral_common(model_name: str) -> PreTrainedTokenizerBase:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m training.tokenizers",
+    parser = argparse.ArgumentParser(prog="python -m training.tokenizer_files",
                                      description="Fetch and convert loraloop's offline tokenizers.")
     commands = parser.add_subparsers(dest="command", required=True)
     fetch = commands.add_parser("fetch", help="fetch and convert every family (or one) into the cache")

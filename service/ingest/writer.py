@@ -38,7 +38,7 @@ from memory_store.db import check_database_file
 from memory_store.errors import DatabaseUnavailable
 from memory_store.repositories import NewFeedback
 from service.config import Settings
-from service.feedback_intake import AcceptedItem, StoreUnit, enqueue_training
+from service.ingest.intake import AcceptedItem, StoreUnit, enqueue_training
 
 logger = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@
 (target_index, continuation length in tokens) on the item the worker will later render.
 `feedback_unit` / `feedback_batch_unit` check a request's items (refusing a namespace outside the
 token's grant, resolving `conversation_id`, checking the configurable limits; the items carry the
-token's audit label) into a `StoreUnit`, which `service.feedback_writer` stores in
+token's audit label) into a `StoreUnit`, which `service.ingest.writer` stores in
 its transaction before `enqueue_training` queues one debounced `train` job per namespace; once vLLM
 answers again, `wake_waiting` makes the jobs waiting for it due and `requeue_stranded` gives a
 namespace whose last train job died (its cause since gone) a new one. Nothing heavy runs
@@ -28,11 +28,11 @@ from memory_store.errors import NotFound
 from memory_store.models import FeedbackItem, utcnow
 from memory_store.queue import JobQueue
 from memory_store.repositories import ConversationRepository, FeedbackRepository, NewFeedback
-from service.auth import Principal, ensure_may_write
+from service.api.auth import Principal, ensure_may_write
+from service.api.errors import InvalidField
+from service.api.schemas import DERIVED_KEY_SEPARATOR, FeedbackBatchItem, FeedbackCreate, Message
 from service.config import Settings
-from service.errors import InvalidField
-from service.message_checks import check_context, check_tool_messages
-from service.schemas import DERIVED_KEY_SEPARATOR, FeedbackBatchItem, FeedbackCreate, Message
+from service.ingest.message_checks import check_context, check_tool_messages
 from training.render import RenderConfig, RenderError, resolve_target_index, validate_feedback
 
 logger = logging.getLogger(__name__)
@@ -54,7 +54,7 @@ def render_config(settings: Settings) -> RenderConfig:
 def _shared_tokenizer(path: str) -> tuple[Any, threading.Lock]:
     """One tokenizer per folder per process (apps in one process share it), with its lock:
     fast tokenizers are not safe to call from several threads at once."""
-    from training.tokenizers import load_tokenizer
+    from training.tokenizer_files import load_tokenizer
 
     return load_tokenizer(path), threading.Lock()
 
@@ -102,11 +102,11 @@ class FeedbackValidator:
             validate_feedback(self._tokenizer, item, self.config)
 
     def inspect(self, item: dict[str, Any]) -> list[Any] | None:
-        """`loraloop inspect`'s token rows of a stored item (training.inspect.TokenRow: piece, id,
+        """`loraloop inspect`'s token rows of a stored item (training.example_view.TokenRow: piece, id,
         trained), or None without a tokenizer or when the item does not render."""
         if self._tokenizer is None:
             return None
-        from training.inspect import token_table
+        from training.example_view import token_table
         from training.render import RenderError, render_example
 
         if isinstance(item.get("messages"), list) and item.get("target_index") is None:
@@ -324,7 +324,7 @@ def _check_batch_size(items: Sequence[FeedbackBatchItem], settings: Settings) ->
 
 @dataclass(frozen=True)
 class StoreUnit:
-    """What one request stores, for `service.feedback_writer`: items checked already (`prepared`),
+    """What one request stores, for `service.ingest.writer`: items checked already (`prepared`),
     or `prepare(session)` that checks them in the writer's transaction, together with their
     insert (items naming a `conversation_id`, which needs the database). The writer stores the
     items (`store`: idempotent, all or none) and then enqueues training (`enqueue_training`)."""

@@ -5,7 +5,7 @@ means the data is durable) and rolls back on any error; GET/HEAD requests get a 
 (on SQLite it does not take the write lock). `require(scope)` is the one way a route
 declares the scope it needs; `AuthenticatedRoute` checks it before the body is read, and
 `PrincipalDep` hands the authenticated token to the route, which applies its namespace grant
-with service.auth's `ensure_may_write` (403) and `ensure_may_see` (404). Knows nothing
+with service.api.auth's `ensure_may_write` (403) and `ensure_may_see` (404). Knows nothing
 about individual routes or tables.
 """
 
@@ -22,10 +22,10 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer, SecurityS
 from sqlalchemy.orm import Session, sessionmaker
 
 from memory_store.db import check_database_file
-from service.auth import ANONYMOUS_ADMIN, Principal, TokenSource, bearer_token
+from service.api.auth import ANONYMOUS_ADMIN, Principal, TokenSource, bearer_token
+from service.api.errors import Forbidden, Unauthenticated
+from service.api.metrics import ServiceMetrics
 from service.config import Settings
-from service.errors import Forbidden, Unauthenticated
-from service.metrics import ServiceMetrics
 
 
 # The cheap dependencies are `async def`: FastAPI runs a sync dependency in the threadpool, one

@@ -30,8 +30,8 @@ from pathlib import Path
 
 from memory_store.errors import NotFound
 from memory_store.filters import pattern_regex
+from service.api.errors import Forbidden
 from service.config import SCOPES
-from service.errors import Forbidden
 
 ADMIN_SCOPE = "admin"
 NAMESPACE_WORD = "ns:"

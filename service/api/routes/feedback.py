@@ -9,11 +9,9 @@ from fastapi import APIRouter, Header, Path, Query, Request, Response, status
 from fastapi.concurrency import run_in_threadpool
 
 from memory_store.repositories import FeedbackRepository
-from service.auth import ensure_may_see
-from service.deps import AuthenticatedRoute, MetricsDep, PrincipalDep, SessionDep, SettingsDep, require
-from service.feedback_intake import FeedbackValidator, feedback_batch_unit, feedback_unit, pending_state
-from service.feedback_writer import DirectFeedbackWriter, FeedbackWriter
-from service.schemas import (
+from service.api.auth import ensure_may_see
+from service.api.deps import AuthenticatedRoute, MetricsDep, PrincipalDep, SessionDep, SettingsDep, require
+from service.api.schemas import (
     MAX_ID,
     MAX_PAGE,
     FeedbackAccepted,
@@ -26,6 +24,8 @@ from service.schemas import (
     Namespace,
     UtcDatetime,
 )
+from service.ingest.intake import FeedbackValidator, feedback_batch_unit, feedback_unit, pending_state
+from service.ingest.writer import DirectFeedbackWriter, FeedbackWriter
 
 router = APIRouter(tags=["feedback"], route_class=AuthenticatedRoute)
 
@@ -100,7 +100,7 @@ async def create_feedback_batch(
     """Store many items in one transaction: all of them, or none (errors name `items[i].field`).
 
     Item `i` is idempotent under its own `idempotency_key`, else under a key derived from the
-    header and `i` that no client key can equal (`service.feedback_intake.batch_item_key`).
+    header and `i` that no client key can equal (`service.ingest.intake.batch_item_key`).
     """
     check = partial(
         feedback_batch_unit,

@@ -395,7 +395,7 @@ class ErrorDetail(BaseModel):
 
 
 class ErrorResponse(BaseModel):
-    """The body of every 4xx/5xx answer of the loraloop API (service.errors builds it)."""
+    """The body of every 4xx/5xx answer of the loraloop API (service.api.errors builds it)."""
 
     error: ErrorDetail
 

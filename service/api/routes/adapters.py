@@ -15,11 +15,11 @@ from fastapi.responses import StreamingResponse
 
 from memory_store.models import Adapter, AdapterVersion
 from memory_store.repositories import AdapterRepository, files_deleted_message
-from service.adapter_archive import TarStream, UnsafeAdapterPath, resolve_version_dir
-from service.auth import Principal, ensure_may_see, ensure_may_write
-from service.deps import AuthenticatedRoute, PrincipalDep, SessionDep, SettingsDep, require
-from service.errors import AdapterFilesUnavailable, InvalidField, ResourceNotFound
-from service.schemas import (
+from service.adapters.archive import TarStream, UnsafeAdapterPath, resolve_version_dir
+from service.api.auth import Principal, ensure_may_see, ensure_may_write
+from service.api.deps import AuthenticatedRoute, PrincipalDep, SessionDep, SettingsDep, require
+from service.api.errors import AdapterFilesUnavailable, InvalidField, ResourceNotFound
+from service.api.schemas import (
     MAX_ID,
     MAX_PAGE,
     NAMESPACE_PATTERN,
@@ -33,8 +33,8 @@ from service.schemas import (
 )
 
 if TYPE_CHECKING:
+    from service.adapters.registry import AdapterRegistry
     from service.config import Settings
-    from service.registry import AdapterRegistry
 
 router = APIRouter(tags=["adapters"], route_class=AuthenticatedRoute)
 
@@ -265,7 +265,7 @@ def rollback_adapter(
     """Make an earlier version current (default: the newest retired one before the current).
     Its files are verified and loaded on every vLLM replica before the pointer flips; on failure
     (409) the current version stays."""
-    from service.registry import PromotionFailed
+    from service.adapters.registry import PromotionFailed
 
     try:
         adapter_registry(request).rollback(

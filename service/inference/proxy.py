@@ -370,7 +370,7 @@ class InferenceProxy:
     ) -> InferenceProxy:
         """The proxy over the replicas of Settings.vllm_urls (none configured: every request
         answers 503 at once)."""
-        from service.registry import vllm_base_urls  # the registry pulls in torch; only here
+        from service.adapters.registry import vllm_base_urls  # the registry pulls in torch; only here
 
         return cls(
             AliasResolver(session_factory, settings.alias_cache_ttl_s),

@@ -7,12 +7,12 @@ from typing import Annotated
 from fastapi import APIRouter, Path, status
 
 from memory_store.repositories import ConversationRepository
-from service.auth import ensure_may_see, ensure_may_write
-from service.deps import AuthenticatedRoute, PrincipalDep, SessionDep, SettingsDep, require
-from service.errors import InvalidField
-from service.feedback_intake import message_dicts
-from service.message_checks import check_conversation
-from service.schemas import MAX_ID, ConversationCreate, ConversationPublic
+from service.api.auth import ensure_may_see, ensure_may_write
+from service.api.deps import AuthenticatedRoute, PrincipalDep, SessionDep, SettingsDep, require
+from service.api.errors import InvalidField
+from service.api.schemas import MAX_ID, ConversationCreate, ConversationPublic
+from service.ingest.intake import message_dicts
+from service.ingest.message_checks import check_conversation
 
 router = APIRouter(tags=["conversations"], route_class=AuthenticatedRoute)
 

@@ -9,9 +9,9 @@ from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from memory_store.queue import JobQueue
-from service.deps import PUBLIC, MetricsDep
-from service.readiness import ReadinessChecks
-from service.schemas import EmbeddedVllmState, Health, Readiness
+from service.api.deps import PUBLIC, MetricsDep
+from service.api.readiness import ReadinessChecks
+from service.api.schemas import EmbeddedVllmState, Health, Readiness
 
 router = APIRouter(tags=["health"], dependencies=[PUBLIC])
 logger = logging.getLogger(__name__)

@@ -8,10 +8,10 @@ from fastapi import APIRouter, Path, Query, status
 
 from memory_store.models import utcnow
 from memory_store.queue import JobQueue
-from service.auth import ensure_may_see, ensure_may_write
-from service.deps import AuthenticatedRoute, PrincipalDep, SessionDep, SettingsDep, require
-from service.feedback_intake import TRAIN_JOB_KIND, train_dedupe_key
-from service.schemas import MAX_ID, MAX_PAGE, JobPage, JobPublic, Namespace, TrainJobCreate
+from service.api.auth import ensure_may_see, ensure_may_write
+from service.api.deps import AuthenticatedRoute, PrincipalDep, SessionDep, SettingsDep, require
+from service.api.schemas import MAX_ID, MAX_PAGE, JobPage, JobPublic, Namespace, TrainJobCreate
+from service.ingest.intake import TRAIN_JOB_KIND, train_dedupe_key
 
 router = APIRouter(tags=["jobs"], route_class=AuthenticatedRoute)
 

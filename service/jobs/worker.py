@@ -24,8 +24,8 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from memory_store.models import Job
 from memory_store.queue import JobQueue
+from service.api.metrics import ServiceMetrics
 from service.config import Settings
-from service.metrics import ServiceMetrics
 
 __all__ = [
     "JobCancelled",

@@ -3,7 +3,7 @@
 version's own name `<namespace>-v<N>` (an operator asking an older version or a candidate: it is
 loaded for a while, AdapterRegistry.preview).
 
-Forwarding lives in service.proxy; this module parses the body, logs chat conversations
+Forwarding lives in service.inference.proxy; this module parses the body, logs chat conversations
 (so `POST /feedback` can name one by `conversation_id`) and returns their id in
 `X-Loraloop-Conversation-Id`. A namespace's first request creates and loads its v0 (the base
 model), so an agent can use its alias before any feedback was trained. A token bound to some
@@ -27,9 +27,11 @@ from sqlalchemy.orm import Session, sessionmaker
 from deploy.hotswap import parse_served_name, served_name
 from memory_store.errors import Conflict
 from memory_store.repositories import AdapterRepository, ConversationRepository
-from service.auth import Principal
-from service.deps import AuthenticatedRoute, PrincipalDep, SessionDep, principal_of, require
-from service.proxy import (
+from service.api.auth import Principal
+from service.api.deps import AuthenticatedRoute, PrincipalDep, SessionDep, principal_of, require
+from service.api.routes.adapters import adapter_registry
+from service.api.schemas import check_namespace
+from service.inference.proxy import (
     CONVERSATION_HEADER,
     SERVED_MODEL_HEADER,
     InferenceProxy,
@@ -42,8 +44,6 @@ from service.proxy import (
     assistant_message,
     passthrough,
 )
-from service.routes.adapters import adapter_registry
-from service.schemas import check_namespace
 
 logger = logging.getLogger(__name__)
 
@@ -112,7 +112,7 @@ def is_namespace(alias: str) -> bool:
 def serve_base_version(request: Request, alias: str) -> None:
     """Create and load the namespace's v0 (identical to the base model); ModelNotReady when no
     vLLM replica can load it yet."""
-    from service.registry import PromotionFailed  # the registry pulls in torch: only when used
+    from service.adapters.registry import PromotionFailed  # the registry pulls in torch: only when used
 
     try:
         adapter_registry(request).ensure_base_version(alias)
@@ -126,9 +126,9 @@ def serve_base_version(request: Request, alias: str) -> None:
 
 def serve_pinned_version(request: Request, resolved: ResolvedModel, *, reload: bool) -> None:
     """Have vLLM serve a version asked by its own name (`<namespace>-v<N>`), current or not
-    (service.registry.AdapterRegistry.preview); a tombstone is an unknown model, a replica that
+    (service.adapters.registry.AdapterRegistry.preview); a tombstone is an unknown model, a replica that
     cannot load it a model not ready."""
-    from service.registry import PromotionFailed  # the registry pulls in torch: only when used
+    from service.adapters.registry import PromotionFailed  # the registry pulls in torch: only when used
 
     try:
         adapter_registry(request).preview(resolved.alias, resolved.version, reload=reload)

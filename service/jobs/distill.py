@@ -34,9 +34,7 @@ from memory_store.repositories import (
     MemoryRepository,
     TrainingRunRepository,
 )
-from service.config import Settings
-from service.feedback_intake import render_config
-from service.registry import (
+from service.adapters.registry import (
     AdapterRegistry,
     CurrentAdapter,
     PromotionFailed,
@@ -45,7 +43,9 @@ from service.registry import (
     train_config,
     vllm_base_urls,
 )
-from service.train_job import (
+from service.config import Settings
+from service.ingest.intake import render_config
+from service.jobs.train import (
     TrainJobHandler,
     drift_probes,
     feedback_item_dict,
@@ -55,7 +55,7 @@ from service.train_job import (
     scratch_dir,
     worker_tokenizer,
 )
-from service.worker import JobCancelled, JobContext, JobFailed, JobOutcome
+from service.jobs.worker import JobCancelled, JobContext, JobFailed, JobOutcome
 from training.bake import BakeConfig, MemoryBaker
 from training.distill import (
     DEFAULT_PROBE_TEMPLATES,

@@ -19,7 +19,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from memory_store.errors import Conflict, DatabaseUnavailable, IdempotencyConflict, NotFound
-from service.proxy import ProxyError
+from service.inference.proxy import ProxyError
 from training.render import RenderError
 
 logger = logging.getLogger(__name__)

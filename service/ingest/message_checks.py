@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from service.errors import InvalidField
+from service.api.errors import InvalidField
 
 
 def check_tool_messages(messages: Sequence[dict[str, Any]], *, field: str) -> None:

@@ -7,9 +7,17 @@ from typing import Annotated
 from fastapi import APIRouter, Path, Query, status
 
 from memory_store.repositories import MemoryRepository
-from service.auth import ensure_may_see, ensure_may_write
-from service.deps import AuthenticatedRoute, PrincipalDep, SessionDep, SettingsDep, require
-from service.schemas import MAX_ID, MAX_PAGE, MemoryCreate, MemoryPage, MemoryPublic, MemoryState, Namespace
+from service.api.auth import ensure_may_see, ensure_may_write
+from service.api.deps import AuthenticatedRoute, PrincipalDep, SessionDep, SettingsDep, require
+from service.api.schemas import (
+    MAX_ID,
+    MAX_PAGE,
+    MemoryCreate,
+    MemoryPage,
+    MemoryPublic,
+    MemoryState,
+    Namespace,
+)
 
 router = APIRouter(tags=["memories"], route_class=AuthenticatedRoute)
 

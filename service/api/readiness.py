@@ -19,7 +19,7 @@ from typing import Any
 from sqlalchemy.engine import Engine
 
 from memory_store.db import probe_writable
-from service.schemas import ComponentHealth, Readiness
+from service.api.schemas import ComponentHealth, Readiness
 
 logger = logging.getLogger(__name__)
 

@@ -28,10 +28,16 @@ from memory_store.errors import Conflict
 from memory_store.models import FeedbackItem, utcnow
 from memory_store.queue import JobQueue
 from memory_store.repositories import ConversationRepository, FeedbackRepository, TrainingRunRepository
+from service.adapters.registry import (
+    AdapterRegistry,
+    CurrentAdapter,
+    PromotionFailed,
+    StaleParent,
+    train_config,
+)
 from service.config import Settings
-from service.feedback_intake import TRAIN_JOB_KIND, render_config, train_dedupe_key
-from service.registry import AdapterRegistry, CurrentAdapter, PromotionFailed, StaleParent, train_config
-from service.worker import JobCancelled, JobContext, JobFailed, JobOutcome, JobWaiting
+from service.ingest.intake import TRAIN_JOB_KIND, render_config, train_dedupe_key
+from service.jobs.worker import JobCancelled, JobContext, JobFailed, JobOutcome, JobWaiting
 from training.adapter_store import AdapterStoreError
 from training.anchor_cache import anchor_answers
 from training.augment import question_variants
@@ -65,7 +71,7 @@ STALE_SCRATCH_S = 6 * 3600.0
 
 @lru_cache(maxsize=4)
 def _worker_tokenizer(path: str) -> Any:
-    from training.tokenizers import load_tokenizer
+    from training.tokenizer_files import load_tokenizer
 
     return load_tokenizer(path)
 

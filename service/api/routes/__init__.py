@@ -1,11 +1,12 @@
-"""All HTTP routes, one module per resource, combined into `api_router`."""
+"""The REST API's routes, one module per resource, combined into `api_router` (the OpenAI
+gateway's are service.inference.routes, the dashboard's service.dashboard)."""
 
 from typing import Any
 
 from fastapi import APIRouter
 
-from service.routes import adapters, conversations, feedback, health, jobs, memories, openai_proxy
-from service.schemas import ErrorResponse
+from service.api.routes import adapters, conversations, feedback, health, jobs, memories
+from service.api.schemas import ErrorResponse
 
 # The answers every authenticated loraloop route can give besides its success (OpenAPI document).
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
@@ -25,7 +26,6 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
 api_router = APIRouter()
 for _module in (feedback, conversations, memories, adapters, jobs):
     api_router.include_router(_module.router, responses=ERROR_RESPONSES)
-for _module in (health, openai_proxy):
-    api_router.include_router(_module.router)
+api_router.include_router(health.router)
 
 __all__ = ["api_router"]
