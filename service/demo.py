@@ -187,6 +187,8 @@ def run_demo(console: Console, *, keep_serving: bool = True) -> dict[str, float]
             f"vLLM serves the alias [bold]{settings.default_namespace!r}[/] after {timings['startup_s']:.1f} s"
         )
 
+        general_before, base_version, _ = client.ask(DEMO_GENERAL)
+        console.print(f"\n[bold]Q:[/] {DEMO_GENERAL}\n[bold]A[/] ({base_version}): {general_before!r}")
         answer, version, conversation_id = client.ask(DEMO_QUESTION)
         console.print(f"\n[bold]Q:[/] {DEMO_QUESTION}\n[bold]A[/] ({version}): {answer!r}")
 
@@ -225,6 +227,13 @@ def run_demo(console: Console, *, keep_serving: bool = True) -> dict[str, float]
         for question in (DEMO_REPHRASED, DEMO_GENERAL):
             answer, version, _ = client.ask(question)
             console.print(f"[bold]Q:[/] {question}\n[bold]A[/] ({version}): {answer!r}")
+        if answer.strip() == general_before.strip():
+            console.print(f"[green]kept[/]: {version} answers the general question as {base_version} did")
+        else:
+            console.print(
+                f"[red]changed[/]: {base_version} answered the general question {general_before!r}; "
+                f"compare the versions in the dashboard's chat ({settings.default_namespace}-v0 against the alias)"
+            )
         console.print(
             f"behaviour report: loraloop adapters show {settings.default_namespace} --version {result['version']}"
         )
