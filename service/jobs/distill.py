@@ -381,7 +381,7 @@ class DistillJobHandler:
             raise JobFailed(str(error)) from error
         with self.session_factory.begin() as session:
             baked = MemoryRepository(session).mark_baked(ids=memory_ids, version=version)
-        self._finish_run(run_id, "succeeded", version=version, metrics=metrics)
+        self._finish_run(run_id, "succeeded", version=version, metrics={**metrics, "gate": decision.reason})
         log.info("distill %s: v%d is current, %d memories baked (%s)", namespace, version, baked, decision.reason)
         return JobOutcome({**outcome, "outcome": "promoted", "baked": baked, "seconds": time.perf_counter() - started})
 

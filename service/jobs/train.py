@@ -363,7 +363,8 @@ class TrainJobHandler:
         timings["promote_seconds"] = time.perf_counter() - clock
         with self.session_factory.begin() as session:
             FeedbackRepository(session).mark_trained(ids=[int(i) for i in pending["feedback_ids"]], version=version)
-        self._finish_run(run_id, "succeeded", version=version, metrics={**metrics, **timings})
+        # the gate's decision stays with the run (the dashboard's "gate" column, next to the metrics)
+        self._finish_run(run_id, "succeeded", version=version, metrics={**metrics, **timings, "gate": result["gate"]})
         log.info("train %s: v%d is current (%s)", namespace, version, result.get("gate"))
         return self._outcome(namespace, to_id, {**result, "outcome": "promoted", "timings": timings, "started": started})
 
@@ -379,7 +380,7 @@ class TrainJobHandler:
                 FeedbackRepository(session).mark_trained(ids=[int(i) for i in pending["feedback_ids"]],
                                                          version=version)  # fmt: skip
             self._finish_run(int(pending["training_run_id"]), "succeeded", version=version,
-                             metrics=dict(pending["metrics"]))  # fmt: skip
+                             metrics={**pending["metrics"], "gate": pending["result"]["gate"]})  # fmt: skip
             return self._outcome(namespace, int(pending["to_id"]), {**pending["result"], "outcome": "promoted",
                                                                     "timings": dict(pending["timings"]),
                                                                     "started": started})  # fmt: skip

@@ -304,6 +304,7 @@ def test_feedback_trains_a_new_current_version(pipeline) -> None:
         run = session.get(TrainingRun, result["training_run_id"])
         assert (run.status, run.version, run.parent_version) == ("succeeded", 1, 0)
         losses = run.metrics["loss_per_step"]  # the dashboard plots them
+        assert run.metrics["gate"] == result["gate"] and result["gate"].startswith("passed")  # its gate column
         assert len(losses) == int(metrics["steps"]) and losses[-1] == pytest.approx(metrics["final_loss"])
         follow_up = JobQueue(session).active_job(dedupe_key="train:default")
         assert follow_up is not None and follow_up.payload["trigger"] == "follow-up"
