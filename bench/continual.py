@@ -7,10 +7,12 @@ random earlier items), the KL anchor to the base's own answers and stop-once-lea
 Settings defaults. After every version it asks every fact taught so far, the general questions the
 base answers right (bench/data/learning_dev.json) and measures drift from the base; the last
 version is also asked every rephrasing. The baseline, in the same run, is the same sequence
-without replay. Prints the curve as a table, then one JSON line: value = facts recalled by the
-last version / N, baseline = the same without replay.
+without replay (`no-replay`) or with the KL anchor pulling towards each update's parent instead
+of the base model (`parent-anchor`, the recipe before round 2's long-horizon work). Prints the
+curve as a table, then one JSON line: value = facts recalled by the last version / N, baseline =
+the same for the baseline sequence; `general_ratio` compares the general answers kept.
 
-    .venv/bin/python bench/continual.py [--updates 20] [--baseline no-replay|none]
+    .venv/bin/python bench/continual.py [--updates 20] [--baseline no-replay|parent-anchor|none]
 """
 
 from __future__ import annotations
@@ -36,6 +38,8 @@ from training.learning_eval import Fact, GeneralQuestion, LearningHarness, load_
 from training.pretrained import model_dir
 
 DEV_SET = Path(__file__).parent / "data" / "learning_dev.json"
+BASELINE_NAMES = {"no-replay": "same_updates_without_replay", "parent-anchor": "same_updates_anchored_to_parent",
+                  "none": "none"}  # fmt: skip
 
 
 def replay_for(taught: list[Fact], *, ratio: float, max_items: int, seed: int) -> list[Fact]:
@@ -47,6 +51,8 @@ def replay_for(taught: list[Fact], *, ratio: float, max_items: int, seed: int) -
 def run_sequence(harness: LearningHarness, facts: list[Fact], general: list[GeneralQuestion], settings: Settings,
                  *, replay: bool, scratch: Path, label: str) -> list[dict]:  # fmt: skip
     recipe = dataclasses.replace(train_config(settings), device="cpu")
+    if label == "parent-anchor":
+        recipe = dataclasses.replace(recipe, anchor_reference="parent")
     parent: Path | None = None
     curve = []
     for index, fact in enumerate(facts):
@@ -74,7 +80,7 @@ def run_sequence(harness: LearningHarness, facts: list[Fact], general: list[Gene
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--updates", type=int, default=20, help="sequential one-fact updates (at most 20)")
-    parser.add_argument("--baseline", choices=("no-replay", "none"), default="no-replay")
+    parser.add_argument("--baseline", choices=("no-replay", "parent-anchor", "none"), default="no-replay")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -88,9 +94,10 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as scratch:
         curves = {"loraloop": run_sequence(harness, facts, general, settings, replay=True, scratch=Path(scratch),
                                            label="loraloop")}  # fmt: skip
-        if args.baseline == "no-replay":
-            curves["no-replay"] = run_sequence(harness, facts, general, settings, replay=False,
-                                               scratch=Path(scratch), label="no-replay")  # fmt: skip
+        if args.baseline != "none":
+            curves[args.baseline] = run_sequence(harness, facts, general, settings,
+                                                 replay=args.baseline != "no-replay", scratch=Path(scratch),
+                                                 label=args.baseline)  # fmt: skip
     print("| recipe | version | facts recalled | first fact | general kept | drift_kl | replayed | steps | train s |")
     print("|---|---|---|---|---|---|---|---|---|")
     for curve in curves.values():
@@ -99,17 +106,21 @@ def main() -> int:
                   f"{'yes' if row['first_fact'] else 'no'} | {row['general_kept']}/{row['general_total']} | "
                   f"{row['drift_kl']} | {row['replayed']} | {row['steps']} | {row['train_s']} |")
     last = curves["loraloop"][-1]
-    baseline = curves.get("no-replay", [None])[-1]
+    baseline = curves[args.baseline][-1] if args.baseline != "none" else None
     value = last["facts_recalled"] / len(facts)
     baseline_value = None if baseline is None else baseline["facts_recalled"] / len(facts)
     print(json.dumps({
         "metric": "continual_facts_recalled_share", "value": round(value, 4),
-        "baseline": "same_updates_without_replay" if baseline else "none",
+        "baseline": BASELINE_NAMES[args.baseline],
         "baseline_value": None if baseline_value is None else round(baseline_value, 4),
         "ratio": round(value / baseline_value, 4) if baseline_value else None,
         "updates": len(facts), "general_kept": f"{last['general_kept']}/{last['general_total']}",
         "drift_kl": last["drift_kl"], "gate_max_drift_kl": settings.gate_max_drift_kl,
         "rephrased": last.get("rephrased"),
+        "general_ratio": round(last["general_kept"] / baseline["general_kept"], 4)
+        if baseline and baseline["general_kept"] else None,
+        "baseline_general_kept": f"{baseline['general_kept']}/{baseline['general_total']}" if baseline else None,
+        "baseline_drift_kl": baseline["drift_kl"] if baseline else None,
     }))
     return 0
 

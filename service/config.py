@@ -83,7 +83,7 @@ class Settings(BaseSettings):
     )
     # The online recipe, chosen on SmolLM2-135M-Instruct with bench/learning.py (README "Learning"):
     # train until greedy decoding reproduces every new target (+ learnt_extra_steps), at most
-    # train_epochs passes (or max_steps), with a KL term to the parent on built-in anchor prompts.
+    # train_epochs passes (or max_steps), with a KL term to the base model on built-in anchor prompts.
     learning_rate: float = Field(1e-3, gt=0)
     train_epochs: int = Field(40, ge=1)
     max_steps: int = Field(0, ge=0)  # 0 = derived from epochs
@@ -91,6 +91,7 @@ class Settings(BaseSettings):
     learnt_extra_steps: int = Field(2, ge=0)
     anchor_weight: float = Field(4.0, ge=0)  # 0 = no KL anchor
     anchor_topk: int = Field(64, ge=1)
+    anchor_reference: Literal["base", "parent"] = "base"  # whose answers the anchor KL keeps (README)
     anchors_per_step: int = Field(16, ge=1)
     augment_questions: bool = True  # also train each question in a few fixed frames (training/augment.py)
     augment_max_items: int = Field(8, ge=0)  # ... in runs of at most this many new items (step cost)

@@ -14,6 +14,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -110,9 +111,14 @@ class TrainConfig:
     logits_chunk: int = field(default=DEFAULT_LOGITS_CHUNK, metadata={"help": "LM-head chunk (positions)"})
     anchor_weight: float = field(
         default=0.0,
-        metadata={"help": "weight of KL(parent || model) on the anchor examples' positions; 0 = off"},
+        metadata={"help": "weight of KL(reference || model) on the anchor examples' positions; 0 = off"},
     )
-    anchor_topk: int = field(default=64, metadata={"help": "parent tokens kept per anchor position"})
+    anchor_topk: int = field(default=64, metadata={"help": "reference tokens kept per anchor position"})
+    anchor_reference: Literal["base", "parent"] = field(
+        default="base",
+        metadata={"help": "whose distribution the anchor KL pulls towards: the parent (the warm-start "
+                          "adapter) or the base model (adapter off), which does not drift over updates"},
+    )
     anchors_per_step: int = field(default=8, metadata={"help": "anchor examples in each optimizer step"})
     stop_when_learnt: bool = field(
         default=False,
@@ -135,6 +141,8 @@ class TrainConfig:
                 raise ValueError(f"TrainConfig.{name} must be an int >= 1, got {value!r}")
         if not (math.isfinite(self.anchor_weight) and self.anchor_weight >= 0):
             raise ValueError(f"TrainConfig.anchor_weight must be finite and >= 0, got {self.anchor_weight!r}")
+        if self.anchor_reference not in ("base", "parent"):
+            raise ValueError(f"TrainConfig.anchor_reference must be 'base' or 'parent', got {self.anchor_reference!r}")
         for name in ("anchor_topk", "anchors_per_step"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -229,8 +237,9 @@ class LoraTrainer:
     """Recipe: setup (model, adapter, batches, anchors, optimizer) -> train loop -> save, in `train()`.
 
     The loss of a step is the mean NLL of its supervised tokens plus, when `anchor_weight > 0`,
-    `anchor_weight` x the mean KL(parent || model) on a rotating slice of the anchor examples, the
-    parent's distribution taken (top-k) before the first step. With `stop_when_learnt` the run
+    `anchor_weight` x the mean KL(reference || model) on a rotating slice of the anchor examples, the
+    reference's distribution (the base model's, or the parent's: `anchor_reference`) taken (top-k)
+    before the first step. With `stop_when_learnt` the run
     ends `learnt_extra_steps` after every must-learn example is reproduced by greedy decoding
     (checked on the training forward itself), capped by max_steps / epochs."""
 
@@ -334,7 +343,8 @@ class LoraTrainer:
     def _setup_anchors(
         self, model: PeftModel, anchors: Sequence[Example], device: torch.device
     ) -> list[tuple[TokenBatch, TopK]]:
-        """Anchor batches with the parent's (the model before any step) top-k at each position."""
+        """Anchor batches with the reference's top-k at each position: the parent (the model before
+        any step) or, with `anchor_reference="base"`, the base model with the adapter switched off."""
         config = self.config
         anchors = [example for example in anchors if example.num_target_tokens > 0]
         if config.anchor_weight <= 0 or not anchors:
@@ -344,7 +354,8 @@ class LoraTrainer:
         was_training = model.training
         model.eval()
         try:
-            with torch.inference_mode():
+            reference_model = model.disable_adapter() if config.anchor_reference == "base" else nullcontext()
+            with torch.inference_mode(), reference_model:
                 references = [topk_of(supervised_logits(model, batch), config.anchor_topk) for batch in batches]
         finally:
             model.train(was_training)

@@ -93,6 +93,7 @@ def train_config(settings: Settings) -> TrainConfig:
         learnt_extra_steps=settings.learnt_extra_steps,
         anchor_weight=settings.anchor_weight,
         anchor_topk=settings.anchor_topk,
+        anchor_reference=settings.anchor_reference,
         anchors_per_step=settings.anchors_per_step,
     )
 

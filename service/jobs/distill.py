@@ -49,13 +49,15 @@ from service.jobs.train import (
     TrainJobHandler,
     drift_probes,
     feedback_item_dict,
+    finish_run,
     recent_conversations,
     record_run_losses,
     render_feedback,
     scratch_dir,
+    training_run_outcome,
     worker_tokenizer,
 )
-from service.jobs.worker import JobCancelled, JobContext, JobFailed, JobOutcome
+from service.jobs.worker import JobContext, JobFailed, JobOutcome
 from training.bake import BakeConfig, MemoryBaker
 from training.distill import (
     DEFAULT_PROBE_TEMPLATES,
@@ -70,7 +72,6 @@ from training.distill import (
 )
 from training.evaluate import GateDecision
 from training.probes import anchor_examples, general_probes, prompt_anchor_pairs
-from training.trainer import TrainingBudgetExceeded, TrainingCancelled, TrainingDiverged
 
 __all__ = [
     "DISTILL_JOB_KIND",
@@ -244,25 +245,15 @@ class DistillJobHandler:
                                          dir=scratch_dir(self.settings)) as scratch:  # fmt: skip
             out_dir = Path(scratch) / "adapter"
             try:
-                result = MemoryDistiller(self.config, lora=train_config(self.settings)).run(
-                    base_model=self.settings.base_model, tokenizer=tokenizer, plan=plan,
-                    parent_adapter=parent.path, out_dir=out_dir, feedback_examples=feedback_examples,
-                    drift_probes=probes, should_stop=context.should_stop,
-                    on_progress=lambda p: context.report_progress({"phase": "distill", **p}),
-                )  # fmt: skip
+                with self._training_outcome(run_id):
+                    result = MemoryDistiller(self.config, lora=train_config(self.settings)).run(
+                        base_model=self.settings.base_model, tokenizer=tokenizer, plan=plan,
+                        parent_adapter=parent.path, out_dir=out_dir, feedback_examples=feedback_examples,
+                        drift_probes=probes, should_stop=context.should_stop,
+                        on_progress=lambda p: context.report_progress({"phase": "distill", **p}),
+                    )  # fmt: skip
             except NothingToDistill as error:
-                self._finish_run(run_id, "cancelled", error=str(error))
-                return JobOutcome({"namespace": namespace, "outcome": "nothing_to_distill", "version": None,
-                                   "reason": str(error)})  # fmt: skip
-            except (TrainingDiverged, DistillAlignmentError) as error:
-                self._finish_run(run_id, "failed", error=f"{type(error).__name__}: {error}")
-                raise JobFailed(f"{type(error).__name__}: {error}", retryable=False) from error
-            except TrainingCancelled as error:
-                self._finish_run(run_id, "cancelled", error=str(error))
-                raise JobCancelled(str(error)) from error
-            except Exception as error:
-                self._finish_run(run_id, "failed", error=f"{type(error).__name__}: {error}")
-                raise
+                return self._nothing_distilled(namespace, run_id, error)
             record_run_losses(self.session_factory, run_id, result.loss_history)
             metrics = {key: float(value) for key, value in result.metrics.items()}
             metrics["memories"] = float(len(memory_ids))
@@ -317,7 +308,7 @@ class DistillJobHandler:
                                          dir=scratch_dir(self.settings)) as scratch:
             out_dir = Path(scratch) / "adapter"
             try:
-                with self.online.resident.lend() as holder:
+                with self._training_outcome(run_id), self.online.resident.lend() as holder:
                     anchors = anchor_examples(tokenizer, prompt_anchor_pairs(
                         self.online._base_anchor_answers(holder.model, tokenizer)), render)
                     result = MemoryBaker(bake_config(self.settings), train_config(self.settings)).run(
@@ -331,18 +322,7 @@ class DistillJobHandler:
                     )
                     holder.model = result.model
             except NothingToDistill as error:
-                self._finish_run(run_id, "cancelled", error=str(error))
-                return JobOutcome({"namespace": namespace, "outcome": "nothing_to_distill", "version": None,
-                                   "reason": str(error)})
-            except (TrainingDiverged, TrainingBudgetExceeded, DistillAlignmentError) as error:
-                self._finish_run(run_id, "failed", error=f"{type(error).__name__}: {error}")
-                raise JobFailed(f"{type(error).__name__}: {error}", retryable=False) from error
-            except TrainingCancelled as error:
-                self._finish_run(run_id, "cancelled", error=str(error))
-                raise JobCancelled(str(error)) from error
-            except Exception as error:
-                self._finish_run(run_id, "failed", error=f"{type(error).__name__}: {error}")
-                raise
+                return self._nothing_distilled(namespace, run_id, error)
             record_run_losses(self.session_factory, run_id, result.loss_history)
             metrics = {key: float(value) for key, value in result.metrics.items()}
             metrics["memories"] = float(len(memory_ids))
@@ -417,10 +397,18 @@ class DistillJobHandler:
 
     def _finish_run(self, run_id: int, status: str, *, version: int | None = None, error: str | None = None,
                     metrics: Mapping[str, Any] | None = None) -> None:  # fmt: skip
-        with self.session_factory.begin() as session:
-            TrainingRunRepository(session).finish(
-                id=run_id, status=status, version=version, error=error, metrics=dict(metrics) if metrics else None
-            )
+        finish_run(self.session_factory, run_id, status, version=version, error=error, metrics=metrics)
+
+    def _training_outcome(self, run_id: int):
+        """The shared ending of a failed training step (service.jobs.train.training_run_outcome);
+        `NothingToDistill` is left to the caller, which closes the run as cancelled."""
+        return training_run_outcome(self.session_factory, run_id, fatal=(DistillAlignmentError,),
+                                    passthrough=(NothingToDistill,))  # fmt: skip
+
+    def _nothing_distilled(self, namespace: str, run_id: int, error: NothingToDistill) -> JobOutcome:
+        self._finish_run(run_id, "cancelled", error=str(error))
+        return JobOutcome({"namespace": namespace, "outcome": "nothing_to_distill", "version": None,
+                           "reason": str(error)})  # fmt: skip
 
 
 # --- scheduling glue -----------------------------------------------------------------------------

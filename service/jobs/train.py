@@ -15,7 +15,8 @@ import math
 import shutil
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from functools import lru_cache
@@ -212,6 +213,39 @@ def scratch_dir(settings: Settings) -> Path:
     return root
 
 
+def finish_run(session_factory: sessionmaker[Session], run_id: int, status: str, *, version: int | None = None,
+               error: str | None = None, metrics: Mapping[str, Any] | None = None) -> None:  # fmt: skip
+    """Close a training run's row (succeeded / failed / cancelled), in its own transaction."""
+    with session_factory.begin() as session:
+        TrainingRunRepository(session).finish(
+            id=run_id, status=status, version=version, error=error, metrics=dict(metrics) if metrics else None
+        )
+
+
+@contextmanager
+def training_run_outcome(session_factory: sessionmaker[Session], run_id: int, *,
+                         fatal: tuple[type[BaseException], ...] = (), passthrough: tuple[type[BaseException], ...] = (),
+                         failed_metrics: Mapping[str, Any] | None = None) -> Iterator[None]:  # fmt: skip
+    """How a train or distill job's training step ends when it raises, in one place: divergence, an
+    exhausted time budget and the `fatal` errors close the run as failed and fail the job for good
+    (a retry would fail the same way); a cancellation closes it as cancelled; anything else closes it
+    as failed and propagates (the worker retries). `passthrough` errors propagate untouched: the
+    caller closes the run for them."""
+    try:
+        yield
+    except passthrough:
+        raise
+    except (TrainingDiverged, TrainingBudgetExceeded, *fatal) as error:
+        finish_run(session_factory, run_id, "failed", error=f"{type(error).__name__}: {error}", metrics=failed_metrics)
+        raise JobFailed(f"{type(error).__name__}: {error}", retryable=False) from error
+    except (TrainingCancelled, JobCancelled) as error:
+        finish_run(session_factory, run_id, "cancelled", error=str(error))
+        raise JobCancelled(str(error)) from error
+    except Exception as error:
+        finish_run(session_factory, run_id, "failed", error=f"{type(error).__name__}: {error}")
+        raise
+
+
 def record_run_losses(session_factory: sessionmaker[Session], run_id: int, losses: Sequence[float]) -> None:
     """Keep a training run's loss per optimiser step in its metrics (`loss_per_step`, plotted by
     the dashboard); evenly thinned to at most MAX_RECORDED_LOSSES points, the last one kept."""
@@ -293,7 +327,7 @@ class TrainJobHandler:
 
         with tempfile.TemporaryDirectory(prefix=f"train-{namespace}-job{context.job_id}-", dir=scratch_dir(self.settings)) as scratch:
             candidate_dir = Path(scratch) / "adapter"
-            try:
+            with training_run_outcome(self.session_factory, run_id, failed_metrics=counts):
                 trained_ids = set(new.example_ids)
                 taught = [item for item in (taught_item(i, body) for i, body in new_items if i in trained_ids)
                           if item is not None]
@@ -301,15 +335,6 @@ class TrainJobHandler:
                     context, namespace, parent, new.examples, variants, replay.examples, probes, candidate_dir,
                     timings, taught[: self.settings.report_max_items], tokenizer, run_id=run_id,
                 )
-            except (TrainingDiverged, TrainingBudgetExceeded) as error:
-                self._finish_run(run_id, "failed", error=f"{type(error).__name__}: {error}", metrics=counts)
-                raise JobFailed(f"{type(error).__name__}: {error}", retryable=False) from error
-            except (TrainingCancelled, JobCancelled) as error:
-                self._finish_run(run_id, "cancelled", error=str(error))
-                raise JobCancelled(str(error)) from error
-            except Exception as error:
-                self._finish_run(run_id, "failed", error=f"{type(error).__name__}: {error}")
-                raise
             metrics.update({key: float(value) for key, value in counts.items()})
             metrics["probe_source_conversations"] = 1.0 if probe_source == "conversations" else 0.0
             decision = evaluate_gate(metrics, self.gate)
@@ -498,10 +523,7 @@ class TrainJobHandler:
 
     def _finish_run(self, run_id: int, status: str, *, version: int | None = None, error: str | None = None,
                     metrics: Mapping[str, Any] | None = None) -> None:  # fmt: skip
-        with self.session_factory.begin() as session:
-            TrainingRunRepository(session).finish(
-                id=run_id, status=status, version=version, error=error, metrics=dict(metrics) if metrics else None
-            )
+        finish_run(self.session_factory, run_id, status, version=version, error=error, metrics=metrics)
 
     def _nothing_to_train(self, namespace: str, skipped: Mapping[int, str]) -> JobOutcome:
         return JobOutcome({

@@ -437,3 +437,40 @@ def test_gradient_checkpointing_gives_the_same_updates(tiny_model_dir: Path, exa
     assert checkpointed.loss_history == pytest.approx(plain.loss_history, rel=1e-6)
     a, b = weights_of(plain.adapter_dir), weights_of(checkpointed.adapter_dir)
     assert all(torch.allclose(a[k], b[k], atol=1e-7) for k in a)
+
+
+@pytest.mark.parametrize("reference", ["parent", "base"])
+def test_the_anchor_pulls_towards_the_chosen_reference(
+    tiny_model_dir: Path, example, other_example, learned, tmp_path: Path, reference: str
+) -> None:
+    """Warm-started from a parent that learnt `example`, anchored on `example`: step 1's anchor KL is
+    zero against the parent itself (the model is still the parent) and positive against the base
+    (adapter off), which never learnt it; so over many updates the base reference cannot drift."""
+    progress: list[dict] = []
+    config = TrainConfig(max_steps=1, anchor_weight=1.0, anchor_reference=reference, **{**FAST, "lr": 1e-6})
+    LoraTrainer(config).train(
+        base_model=tiny_model_dir,
+        examples=[other_example],
+        parent_adapter=learned[0].adapter_dir,
+        out_dir=tmp_path / "child",
+        on_progress=progress.append,
+        anchors=[example],
+    )
+    from training.token_nll import batches_from_groups, supervised_logits
+    from training.topk_kl import topk_kl, topk_of
+
+    parent = load_with_adapter(tiny_model_dir, learned[0].adapter_dir)
+    batch = batches_from_groups([[example]], pad_token_id=0)[0]
+    with torch.inference_mode():
+        parent_logits = supervised_logits(parent, batch)
+        with parent.disable_adapter():
+            base_logits = supervised_logits(parent, batch)
+        base_vs_parent = float(topk_kl(parent_logits, topk_of(base_logits, config.anchor_topk)))
+    assert base_vs_parent > 0
+    expected = 0.0 if reference == "parent" else base_vs_parent
+    assert progress[0]["anchor_kl"] == pytest.approx(expected, rel=1e-3, abs=1e-7)
+
+
+def test_anchor_reference_must_be_base_or_parent() -> None:
+    with pytest.raises(ValueError, match="TrainConfig.anchor_reference"):
+        TrainConfig(anchor_reference="teacher")  # type: ignore[arg-type]
