@@ -59,6 +59,10 @@ class Settings(BaseSettings):
     # process, so a restart logs operators out) and expire after `dashboard_session_ttl_s`
     dashboard_session_secret: str = Field("", repr=False)
     dashboard_session_ttl_s: int = Field(8 * 3600, ge=60, le=30 * 86400)
+    # a client (by address) that fails `dashboard_login_max_failures` logins within
+    # `dashboard_login_window_s` seconds is refused (429) until its oldest failure leaves the window
+    dashboard_login_max_failures: int = Field(10, ge=1)
+    dashboard_login_window_s: int = Field(300, ge=1)
     default_namespace: str = "default"
 
     # --- model / rendering -----------------------------------------------------------------------

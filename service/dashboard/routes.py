@@ -16,6 +16,7 @@ import hashlib
 import inspect
 import json
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,7 +37,7 @@ from service.api.auth import ANONYMOUS_ADMIN, Principal, TokenSource
 from service.api.schemas import check_namespace
 from service.dashboard.diff import highlight_pair
 from service.dashboard.plots import line_chart
-from service.dashboard.session import COOKIE_NAME, SessionSigner
+from service.dashboard.session import COOKIE_NAME, LoginThrottle, SessionSigner
 
 logger = logging.getLogger(__name__)
 
@@ -80,6 +81,17 @@ def signer(request: Request) -> SessionSigner:
         configured = settings.dashboard_session_secret
         secret = hashlib.sha256(configured.encode("utf-8")).digest() if configured else None
         found = state.dashboard_signer = SessionSigner(secret, ttl_s=settings.dashboard_session_ttl_s)
+    return found
+
+
+def login_throttle(request: Request) -> LoginThrottle:
+    state = request.app.state
+    found = getattr(state, "dashboard_login_throttle", None)
+    if found is None:
+        settings = state.settings
+        found = state.dashboard_login_throttle = LoginThrottle(
+            max_failures=settings.dashboard_login_max_failures, window_s=settings.dashboard_login_window_s
+        )
     return found
 
 
@@ -188,11 +200,21 @@ async def login(request: Request) -> Response:
     form = await form_of(request)
     token = form.get("token", "").strip()
     target = safe_next(form.get("next"))
+    throttle, client = login_throttle(request), request.client.host if request.client else "unknown"
+    wait_s = throttle.retry_after(client)
+    if wait_s > 0:
+        logger.warning("dashboard login throttled", extra={"client": client})
+        response = render("login.html", 429, next=target, viewer=None,
+                          error=f"too many failed logins from this address; try again in {math.ceil(wait_s)} s")
+        response.headers["Retry-After"] = str(math.ceil(wait_s))
+        return response
     table: TokenSource = request.app.state.token_table
     principal = table.authenticate(token) if token else None
     if principal is None:
+        throttle.failed(client)
         logger.info("dashboard login refused")  # never the token
         return render("login.html", 401, next=target, error="that token is not valid", viewer=None)
+    throttle.succeeded(client)
     sessions = signer(request)
     cookie = sessions.issue(hashlib.sha256(token.encode("utf-8")).digest())
     response = RedirectResponse(target, status_code=303)

@@ -1,10 +1,12 @@
-"""The dashboard's session cookie and CSRF tokens: signing, expiry, tampering.
+"""The dashboard's session cookie and CSRF tokens (signing, expiry, tampering), and the throttle
+on failed logins.
 
 A cookie is `<sha256 hex of the bearer token>.<expiry unix seconds>.<HMAC-SHA256 hex>`, signed with
 a secret generated per process (a restart logs every operator out). The token itself is never in
 the cookie; the digest is checked against the token table on every request, so a removed token
-stops working at once. The CSRF token of a form is an HMAC of the cookie value. Knows nothing about
-HTTP, routes or the token table.
+stops working at once. The CSRF token of a form is an HMAC of the cookie value. `LoginThrottle`
+counts failed logins per client in a sliding window and refuses a client that failed too often
+until its oldest failure leaves the window. Knows nothing about HTTP, routes or the token table.
 """
 
 from __future__ import annotations
@@ -12,7 +14,9 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
+import threading
 import time
+from collections import OrderedDict, deque
 
 COOKIE_NAME = "loraloop_session"
 DEFAULT_TTL_S = 8 * 3600
@@ -57,3 +61,52 @@ class SessionSigner:
 
     def check_csrf(self, cookie_value: str, presented: str | None) -> bool:
         return bool(presented) and hmac.compare_digest(self.csrf_token(cookie_value), presented or "")
+
+
+class LoginThrottle:
+    """At most `max_failures` failed logins per client in any `window_s` seconds; a success clears
+    the client's count. Bounded memory: the `max_clients` most recently seen clients are tracked."""
+
+    def __init__(self, *, max_failures: int, window_s: float, max_clients: int = 10_000) -> None:
+        if max_failures < 1 or window_s <= 0 or max_clients < 1:
+            raise ValueError("LoginThrottle needs max_failures >= 1, window_s > 0 and max_clients >= 1")
+        self.max_failures = max_failures
+        self.window_s = window_s
+        self.max_clients = max_clients
+        self._failures: OrderedDict[str, deque[float]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def _recent(self, client: str, now: float) -> deque[float]:
+        failures = self._failures.get(client)
+        if failures is None:
+            return deque()
+        while failures and failures[0] <= now - self.window_s:
+            failures.popleft()
+        if not failures:
+            del self._failures[client]
+        return failures
+
+    def retry_after(self, client: str, *, now: float | None = None) -> float:
+        """Seconds until `client` may try again: 0 while it has failures left in the window."""
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            failures = self._recent(client, now)
+            if len(failures) < self.max_failures:
+                return 0.0
+            return max(0.0, failures[-self.max_failures] + self.window_s - now)
+
+    def failed(self, client: str, *, now: float | None = None) -> None:
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            failures = self._recent(client, now)
+            self._failures[client] = failures
+            self._failures.move_to_end(client)
+            failures.append(now)
+            while len(failures) > self.max_failures:
+                failures.popleft()
+            while len(self._failures) > self.max_clients:
+                self._failures.popitem(last=False)
+
+    def succeeded(self, client: str) -> None:
+        with self._lock:
+            self._failures.pop(client, None)

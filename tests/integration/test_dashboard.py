@@ -586,3 +586,21 @@ def test_a_configured_secret_is_shared_by_processes_and_the_ttl_applies(
     with TestClient(create_app(other, start_background=False), follow_redirects=False) as third:
         third.cookies.set(COOKIE_NAME, cookie)
         assert third.get("/ui/").status_code == 303  # its own per-process secret
+
+
+def test_too_many_failed_logins_are_throttled_even_for_the_right_token(tmp_path: Path, fake_vllm: FakeVllm) -> None:
+    settings = make_settings(f"sqlite:///{tmp_path / 'db.sqlite'}", tmp_path, fake_vllm).model_copy(
+        update={"dashboard_login_max_failures": 3, "dashboard_login_window_s": 300}
+    )
+    with TestClient(create_app(settings, start_background=False), follow_redirects=False) as client:
+        login(client, ADMIN)  # a success before does not let a guesser go on
+        client.cookies.clear()
+        for _ in range(3):
+            assert client.post("/ui/login", data={"token": "guess"}).status_code == 401
+        throttled = client.post("/ui/login", data={"token": ADMIN})
+        assert throttled.status_code == 429
+        assert "too many failed logins" in throttled.text
+        assert 0 < int(throttled.headers["Retry-After"]) <= 300
+        assert COOKIE_NAME not in throttled.headers.get("set-cookie", "")
+        # the bearer API is not the login form: the same token still works there
+        assert client.get("/adapters", headers={"Authorization": f"Bearer {ADMIN}"}).status_code == 200

@@ -1,14 +1,16 @@
-"""The dashboard's pure parts: the session cookie (signing, expiry, tampering, CSRF), the SVG plot
-builder and the answer diff highlighter."""
+"""The dashboard's pure parts: the session cookie (signing, expiry, tampering, CSRF), the failed-login
+throttle, the SVG plot builder and the answer diff highlighter."""
 
 from __future__ import annotations
 
 import hashlib
 import re
 
+import pytest
+
 from service.dashboard.diff import highlight_pair
 from service.dashboard.plots import line_chart
-from service.dashboard.session import SessionSigner
+from service.dashboard.session import LoginThrottle, SessionSigner
 
 DIGEST = hashlib.sha256(b"a-token").digest()
 
@@ -75,3 +77,30 @@ def test_highlight_marks_only_the_changed_words_and_escapes() -> None:
         re.sub(r"</?mark[^>]*>", "", hostile)
         == "&lt;script&gt;alert(1)&lt;/script&gt;&quot;&gt;&lt;img onerror=x&gt;"
     )
+
+
+def test_login_throttle_refuses_a_client_after_too_many_failures_in_the_window() -> None:
+    throttle = LoginThrottle(max_failures=3, window_s=60)
+    for second in (0, 10, 20):
+        assert throttle.retry_after("10.0.0.1", now=second) == 0
+        throttle.failed("10.0.0.1", now=second)
+    assert throttle.retry_after("10.0.0.1", now=30) == 30  # until the failure at 0 leaves the window
+    assert throttle.retry_after("10.0.0.2", now=30) == 0  # another client is not affected
+    assert throttle.retry_after("10.0.0.1", now=60) == 0  # the sliding window moved on
+    throttle.failed("10.0.0.1", now=61)
+    assert throttle.retry_after("10.0.0.1", now=62) == pytest.approx(8)  # failures at 10, 20, 61
+
+
+def test_a_successful_login_clears_the_count_and_memory_is_bounded() -> None:
+    throttle = LoginThrottle(max_failures=2, window_s=60, max_clients=2)
+    throttle.failed("a", now=0)
+    throttle.succeeded("a")
+    throttle.failed("a", now=1)
+    assert throttle.retry_after("a", now=2) == 0  # one failure since the success
+    for client in ("b", "c"):
+        throttle.failed(client, now=3)
+        throttle.failed(client, now=3)
+    assert throttle.retry_after("c", now=4) > 0
+    assert throttle.retry_after("a", now=4) == 0  # evicted: the oldest of more than max_clients
+    with pytest.raises(ValueError):
+        LoginThrottle(max_failures=0, window_s=60)
