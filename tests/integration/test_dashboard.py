@@ -604,3 +604,16 @@ def test_too_many_failed_logins_are_throttled_even_for_the_right_token(tmp_path:
         assert COOKIE_NAME not in throttled.headers.get("set-cookie", "")
         # the bearer API is not the login form: the same token still works there
         assert client.get("/adapters", headers={"Authorization": f"Bearer {ADMIN}"}).status_code == 200
+
+
+def test_a_finished_job_shows_its_outcome_not_its_last_phase(client: TestClient) -> None:
+    factory = client.app.state.session_factory  # type: ignore[attr-defined]
+    with factory.begin() as session:
+        session.add(Job(kind="train", namespace="geo", status="succeeded",
+                        progress={"phase": "report", "step": 8, "total_steps": 8, "loss": 0.25},
+                        result={"namespace": "geo", "outcome": "promoted", "version": 7}))  # fmt: skip
+        session.add(Job(kind="train", namespace="geo", status="running", progress={"phase": "train", "step": 2}))
+    login(client, ADMIN)
+    rows = re.findall(r'<td data-label="phase">([^<]*)</td>', client.get("/ui/jobs").text)
+    assert "promoted v7" in rows and "train" in rows
+    assert "report" not in rows
