@@ -26,9 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 
-from service.adapters.registry import train_config
+from service.component_configs import bake_config, train_config
 from service.config import Settings
-from service.jobs.distill import bake_config
 from training.learning_eval import LearningHarness, load_fact_set, load_memory_set
 from training.pretrained import model_dir
 

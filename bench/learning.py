@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 
-from service.adapters.registry import train_config
+from service.component_configs import train_config
 from service.config import Settings
 from training.learning_eval import LearningHarness, load_fact_set
 from training.pretrained import model_dir

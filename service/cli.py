@@ -478,7 +478,8 @@ def inspect(
     ] = False,
 ) -> None:
     """Show the training example of a feedback item: every token and whether it is trained."""
-    from service.ingest.intake import default_target_index, render_config
+    from service.component_configs import render_config
+    from service.ingest.intake import default_target_index
     from training.example_view import inspect_item, render_table
     from training.render import RenderError, render_example
     from training.tokenizer_files import load_tokenizer
@@ -624,14 +625,13 @@ def worker(
 
     from memory_store.db import upgrade_database
     from service.adapters.registry import AdapterRegistry, build_hot_swapper
-    from service.jobs.worker import Worker
-    from service.wiring import job_handlers
+    from service.wiring import build_worker
 
     settings = _settings()
     upgrade_database(settings.database_url)
     factory = _session_factory(settings)
     registry = AdapterRegistry.from_settings(settings, factory, build_hot_swapper(settings))
-    job_worker = Worker(settings, factory, job_handlers(settings, factory, registry), worker_id=worker_id)
+    job_worker = build_worker(settings, factory, registry, worker_id=worker_id)
 
     def stop(signum: int, _frame: object) -> None:
         err_console.print(f"{signal.Signals(signum).name}: stopping after giving back the current job")

@@ -20,9 +20,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from deploy.embedded import (
     EmbeddedVllm,
-    EmbeddedVllmConfig,
     EmbeddedVllmError,
-    embedded_config_from_args,
     free_port,
 )
 from deploy.vllm_client import VllmClient, VllmError
@@ -30,6 +28,7 @@ from service.adapters.reconciler import Reconciler
 from service.adapters.registry import EMBEDDED_VLLM, AdapterRegistry
 from service.api.readiness import TOKENIZER_FILES, tokenizer_check, vllm_check
 from service.app import AppResources, BackgroundService
+from service.component_configs import embedded_vllm_config
 from service.config import Settings
 from service.jobs.distill import DISTILL_JOB_KIND
 from service.jobs.scheduler import DistillScheduler
@@ -95,34 +94,6 @@ def claim_embedded_port(settings: Settings) -> None:
     the embedded vLLM. Call after prepare_serving (the port is concrete then)."""
     if uses_embedded_vllm(settings):
         EmbeddedVllm(embedded_vllm_config(settings)).claim_port()
-
-
-def inference_device(settings: Settings) -> str:
-    if settings.device != "auto":
-        return settings.device
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def embedded_vllm_config(settings: Settings) -> EmbeddedVllmConfig:
-    """The co-located server's flags: LoRA on, rank/slots from Settings, float32 and a small KV
-    cache on CPU, a bounded memory share (and sleep mode when asked) on a GPU."""
-    device = inference_device(settings)
-    return embedded_config_from_args(
-        model=Path(settings.base_model),
-        data_dir=Path(settings.data_dir),
-        port=settings.vllm_port,
-        python=settings.vllm_python,
-        device="cuda" if device == "cuda" else "cpu",
-        max_lora_rank=settings.vllm_max_lora_rank,
-        max_loras=settings.vllm_max_loras,
-        kv_cache_bytes=settings.vllm_kv_cache_bytes,
-        gpu_memory_utilization=settings.vllm_gpu_memory_utilization,
-        enable_sleep_mode=settings.vllm_sleep_for_training and device == "cuda",
-        extra_args=settings.vllm_extra_args,
-        max_model_len=settings.max_seq_len,
-    )
 
 
 # --- background services -----------------------------------------------------------------------
@@ -297,6 +268,16 @@ def job_handlers(
     }
 
 
+def build_worker(settings: Settings, session_factory: sessionmaker[Session], registry: AdapterRegistry, *,
+                 metrics: Any | None = None, worker_id: str | None = None) -> Worker:  # fmt: skip
+    """The job worker of `serve` and of `loraloop worker`, built one way: the train and distill
+    handlers, each inside the vLLM sleep window of the registry's replicas."""
+    swapper = registry.swapper
+    window = VllmSleepWindow(swapper.clients if swapper else [], enabled=settings.vllm_sleep_for_training)
+    handlers = {kind: window.wrap(handler) for kind, handler in job_handlers(settings, session_factory, registry).items()}
+    return Worker(settings, session_factory, handlers, metrics=metrics, worker_id=worker_id)
+
+
 def background_services(settings: Settings) -> Callable[[AppResources], Sequence[BackgroundService]]:
     """The `background` factory for create_app: what `loraloop serve` runs in-process."""
 
@@ -324,12 +305,7 @@ def background_services(settings: Settings) -> Callable[[AppResources], Sequence
             services.append(reconciler)
         if settings.worker_enabled:
             resources.readiness.add("tokenizer", tokenizer_check(Path(settings.tokenizer_path)))
-            handlers = job_handlers(settings, factory, registry)
-            window = VllmSleepWindow(
-                swapper.clients if swapper else [], enabled=settings.vllm_sleep_for_training
-            )
-            handlers = {kind: window.wrap(handler) for kind, handler in handlers.items()}
-            services.append(Worker(settings, factory, handlers, metrics=resources.metrics))
+            services.append(build_worker(settings, factory, registry, metrics=resources.metrics))
         if settings.distill_enabled:
             from service.jobs.distill import scheduler_callables
 

@@ -27,9 +27,9 @@ from deploy.vllm_client import VllmClient, VllmError, VllmUnavailable
 from memory_store.errors import Conflict, NotFound
 from memory_store.models import Adapter, AdapterVersion
 from memory_store.repositories import SERVABLE_STATUSES, AdapterRepository, files_deleted_message
+from service.component_configs import train_config
 from service.config import Settings
 from training.adapter_store import AdapterIntegrityError, AdapterStore, AdapterStoreError
-from training.trainer import TrainConfig
 
 __all__ = [
     "AdapterRegistry",
@@ -39,7 +39,6 @@ __all__ = [
     "build_hot_swapper",
     "replicas_unreachable",
     "served_name",
-    "train_config",
     "vllm_base_urls",
 ]
 
@@ -71,31 +70,6 @@ class CurrentAdapter:
     namespace: str
     version: int
     path: Path
-
-
-def train_config(settings: Settings) -> TrainConfig:
-    """The LoRA training knobs of Settings as training.trainer's config (also the v0 adapter's shape)."""
-    return TrainConfig(
-        rank=settings.lora_rank,
-        alpha=settings.lora_alpha,
-        dropout=settings.lora_dropout,
-        target_modules=tuple(settings.lora_target_modules),
-        lr=settings.learning_rate,
-        epochs=settings.train_epochs,
-        max_steps=settings.max_steps,
-        batch_tokens=settings.batch_tokens,
-        grad_accum_steps=settings.grad_accum_steps,
-        gradient_checkpointing=settings.gradient_checkpointing,
-        seed=settings.train_seed,
-        time_budget_s=settings.train_time_budget_s,
-        device=settings.device,
-        stop_when_learnt=settings.stop_when_learnt,
-        learnt_extra_steps=settings.learnt_extra_steps,
-        anchor_weight=settings.anchor_weight,
-        anchor_topk=settings.anchor_topk,
-        anchor_reference=settings.anchor_reference,
-        anchors_per_step=settings.anchors_per_step,
-    )
 
 
 def vllm_base_urls(settings: Settings) -> list[str]:

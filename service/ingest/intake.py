@@ -31,9 +31,10 @@ from memory_store.repositories import ConversationRepository, FeedbackRepository
 from service.api.auth import Principal, ensure_may_write
 from service.api.errors import InvalidField
 from service.api.schemas import DERIVED_KEY_SEPARATOR, FeedbackBatchItem, FeedbackCreate, Message
+from service.component_configs import render_config
 from service.config import Settings
 from service.ingest.message_checks import check_context, check_tool_messages
-from training.render import RenderConfig, RenderError, resolve_target_index, validate_feedback
+from training.render import RenderError, resolve_target_index, validate_feedback
 
 logger = logging.getLogger(__name__)
 
@@ -42,12 +43,6 @@ TRAIN_JOB_KIND = "train"
 
 def train_dedupe_key(namespace: str) -> str:
     return f"train:{namespace}"
-
-
-def render_config(settings: Settings) -> RenderConfig:
-    return RenderConfig(
-        max_seq_len=settings.max_seq_len, max_continuation_tokens=settings.max_continuation_tokens
-    )
 
 
 @lru_cache(maxsize=4)

@@ -40,11 +40,10 @@ from service.adapters.registry import (
     PromotionFailed,
     StaleParent,
     served_name,
-    train_config,
     vllm_base_urls,
 )
+from service.component_configs import bake_config, distill_config, train_config
 from service.config import Settings
-from service.ingest.intake import render_config
 from service.jobs.train import (
     TrainJobHandler,
     drift_probes,
@@ -58,11 +57,9 @@ from service.jobs.train import (
     worker_tokenizer,
 )
 from service.jobs.worker import JobContext, JobFailed, JobOutcome
-from training.bake import BakeConfig, MemoryBaker
+from training.bake import MemoryBaker
 from training.distill import (
-    DEFAULT_PROBE_TEMPLATES,
     DistillAlignmentError,
-    DistillConfig,
     DistillPlan,
     MemoryDistiller,
     MemoryNote,
@@ -76,8 +73,6 @@ from training.probes import anchor_examples, general_probes, prompt_anchor_pairs
 __all__ = [
     "DISTILL_JOB_KIND",
     "DistillJobHandler",
-    "bake_config",
-    "distill_config",
     "distill_dedupe_key",
     "distill_gate",
     "distill_namespaces",
@@ -96,37 +91,6 @@ MAX_MIX_FEEDBACK = 64  # the most recent trained feedback items mixed in (distil
 
 def distill_dedupe_key(namespace: str) -> str:
     return f"{DISTILL_JOB_KIND}:{namespace}"
-
-
-def distill_config(settings: Settings) -> DistillConfig:
-    """Settings' `distill_*` knobs as training.distill's config. The probe template of the settings
-    comes first, followed by the built-in phrasings (several questions per memory)."""
-    templates = (settings.distill_probe_template,) + tuple(
-        t for t in DEFAULT_PROBE_TEMPLATES if t != settings.distill_probe_template
-    )
-    return DistillConfig(
-        epochs=settings.distill_epochs,
-        learning_rate=settings.distill_learning_rate,
-        topk=settings.distill_topk,
-        student_retained_turns=settings.student_retained_turns,
-        feedback_mix=settings.distill_feedback_mix,
-        seed=settings.train_seed,
-        time_budget_s=settings.train_time_budget_s,
-        device=settings.device,
-        probe_templates=templates,
-        max_new_tokens=settings.distill_max_new_tokens,
-        no_repeat_ngram_size=settings.distill_no_repeat_ngram_size,
-        lora_rank=settings.lora_rank,
-        lora_alpha=settings.lora_alpha,
-        lora_dropout=settings.lora_dropout,
-        lora_target_modules=tuple(settings.lora_target_modules),
-        render=render_config(settings),
-    )
-
-
-def bake_config(settings: Settings) -> BakeConfig:
-    """Settings' knobs of a bake (`distill_method = bake`)."""
-    return BakeConfig(max_new_tokens=settings.distill_answer_tokens, render=render_config(settings))
 
 
 def distill_gate(metrics: Mapping[str, float], settings: Settings) -> GateDecision:

@@ -34,16 +34,16 @@ from service.adapters.registry import (
     CurrentAdapter,
     PromotionFailed,
     StaleParent,
-    train_config,
 )
+from service.component_configs import gate_config, render_config, train_config
 from service.config import Settings
-from service.ingest.intake import TRAIN_JOB_KIND, render_config, train_dedupe_key
+from service.ingest.intake import TRAIN_JOB_KIND, train_dedupe_key
 from service.jobs.worker import JobCancelled, JobContext, JobFailed, JobOutcome, JobWaiting
 from training.adapter_store import AdapterStoreError
 from training.anchor_cache import anchor_answers
 from training.augment import question_variants
 from training.behaviour import TaughtItem, behaviour_report
-from training.evaluate import AdapterView, GateConfig, builtin_probe_examples, evaluate_gate, score_views
+from training.evaluate import AdapterView, builtin_probe_examples, evaluate_gate, score_views
 from training.model_loading import ResidentBaseModel
 from training.probes import anchor_examples, general_probes, prompt_anchor_pairs
 from training.render import Example, RenderConfig, RenderError, render_example, resolve_target_index
@@ -268,8 +268,7 @@ class TrainJobHandler:
         self.session_factory = session_factory
         self.registry = registry
         self.render_config = render_config(settings)
-        self.gate = GateConfig(min_nll_drop=settings.gate_min_nll_drop, max_drift_kl=settings.gate_max_drift_kl,
-                               max_general_lost=settings.gate_max_general_lost)
+        self.gate = gate_config(settings)
         # the base model stays loaded between jobs; each job puts its adapters on and takes them off
         self.resident = ResidentBaseModel(settings.base_model, device=settings.device)
         self._anchor_answers: list[str] | None = None

@@ -53,7 +53,7 @@ def registry(tmp_path: Path, tiny_model_dir: Path, fake_vllm: FakeVllm) -> Itera
 
 
 def publish(registry: AdapterRegistry, tmp_path: Path, seed: int, parent: int | None) -> int:
-    from service.adapters.registry import train_config
+    from service.component_configs import train_config
 
     source = tmp_path / f"src-{seed}"
     config = train_config(registry.settings).lora_config(registry.settings.base_model)

@@ -15,9 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from service.adapters.registry import train_config
+from service.component_configs import bake_config, train_config
 from service.config import Settings
-from service.jobs.distill import bake_config
 from training.learning_eval import BakeScore, LearningHarness, load_fact_set, load_memory_set
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration, pytest.mark.timeout(1800)]

@@ -27,7 +27,8 @@ import sqlalchemy as sa
 
 from memory_store.db import make_engine, make_session_factory, upgrade_database
 from memory_store.repositories import AdapterRepository
-from service.adapters.registry import AdapterRegistry, train_config
+from service.adapters.registry import AdapterRegistry
+from service.component_configs import train_config
 from service.config import Settings
 from tests.integration.test_uvicorn_crash import ServerProcess, free_port
 from tests.unit.fake_vllm import FakeVllm

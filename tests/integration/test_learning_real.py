@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from service.adapters.registry import train_config
+from service.component_configs import train_config
 from service.config import Settings
 from training.learning_eval import LearningHarness, load_fact_set
 

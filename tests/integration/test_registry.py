@@ -18,8 +18,8 @@ from service.adapters.registry import (
     PromotionFailed,
     StaleParent,
     build_hot_swapper,
-    train_config,
 )
+from service.component_configs import train_config
 from service.config import Settings
 from tests.unit.fake_vllm import FakeVllm, Fault
 from training.adapter_store import ADAPTER_WEIGHTS_FILE, build_zero_adapter

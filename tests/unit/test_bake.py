@@ -6,8 +6,9 @@ import math
 
 import pytest
 
+from service.component_configs import bake_config
 from service.config import Settings
-from service.jobs.distill import bake_config, distill_gate
+from service.jobs.distill import distill_gate
 from training.bake import (
     BAKE_HELDOUT_TEMPLATES,
     BakeConfig,

@@ -9,8 +9,9 @@ import pytest
 
 from service.adapters.registry import vllm_base_urls
 from service.app import create_app
+from service.component_configs import embedded_vllm_config
 from service.config import Settings
-from service.wiring import BaseModelUnavailable, background_services, embedded_vllm_config, prepare_serving
+from service.wiring import BaseModelUnavailable, background_services, prepare_serving
 
 
 def settings_for(tmp_path: Path, **overrides: object) -> Settings:
@@ -106,3 +107,20 @@ def test_the_routes_the_reconciler_and_the_jobs_share_one_registry(tmp_path: Pat
     assert services["reconciler"].swapper is registry.swapper  # type: ignore[attr-defined]
     train = services["worker"].handlers["train"]  # type: ignore[attr-defined]
     assert train.registry is registry
+
+
+@pytest.mark.parametrize("sleep_for_training", [False, True])
+def test_serve_and_loraloop_worker_build_their_worker_one_way(tmp_path: Path, sleep_for_training: bool) -> None:
+    from service.adapters.registry import AdapterRegistry, build_hot_swapper
+    from service.jobs.train import TrainJobHandler
+    from service.wiring import build_worker
+
+    settings = prepare_serving(settings_for(tmp_path, vllm_urls=["http://a:8000"],
+                                            vllm_sleep_for_training=sleep_for_training))  # fmt: skip
+    app = create_app(settings)
+    factory = app.state.resources.session_factory
+    registry = AdapterRegistry.from_settings(settings, factory, build_hot_swapper(settings))
+    worker = build_worker(settings, factory, registry, worker_id="w-1")
+    assert worker.worker_id == "w-1" and set(worker.handlers) == {"train", "distill"}
+    # with sleep-for-training every handler runs inside the sleep window of the registry's replicas
+    assert isinstance(worker.handlers["train"], TrainJobHandler) is not sleep_for_training
