@@ -516,10 +516,8 @@ def train(
     poll: Annotated[float, typer.Option(help="Seconds between status checks.", min=0.05)] = 1.0,
 ) -> None:
     """Queue a training run of NAMESPACE now (a running `serve` or `worker` executes it)."""
-    from memory_store.models import utcnow
-    from memory_store.queue import JobQueue
     from service.api.schemas import check_namespace
-    from service.ingest.intake import TRAIN_JOB_KIND, train_dedupe_key
+    from service.ingest.intake import queue_train_job
 
     try:
         check_namespace(namespace)
@@ -528,15 +526,8 @@ def train(
     settings = _settings()
     factory = _session_factory(settings)
     with factory.begin() as session:
-        job = JobQueue(session, default_max_attempts=settings.job_max_attempts).enqueue(
-            kind=TRAIN_JOB_KIND,
-            namespace=namespace,
-            payload={"namespace": namespace, "trigger": "cli"},
-            dedupe_key=train_dedupe_key(namespace),
-        )
-        if job.status == "queued":
-            job.run_after = utcnow()  # a job feedback queued with the debounce delay runs now
-        job_id = job.id
+        # a job feedback queued with the debounce delay runs now
+        job_id = queue_train_job(session, settings, namespace, trigger="cli", reschedule=True).id
     typer.echo(f"job {job_id} queued (train {namespace})")
     if wait and not _wait_for_jobs(factory, [job_id], timeout=timeout, poll=poll):
         raise typer.Exit(1)

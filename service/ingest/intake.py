@@ -15,17 +15,18 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy.orm import Session
+from sqlalchemy.orm.attributes import set_committed_value
 
 from memory_store.errors import NotFound
-from memory_store.models import FeedbackItem, utcnow
+from memory_store.models import FeedbackItem, Job, utcnow
 from memory_store.queue import JobQueue
 from memory_store.repositories import ConversationRepository, FeedbackRepository, NewFeedback
 from service.api.auth import Principal, ensure_may_write
@@ -202,25 +203,40 @@ def _prepare(
     )
 
 
+def queue_train_job(session: Session, settings: Settings, namespace: str, *, trigger: str,
+                    run_after: datetime | None = None, reschedule: bool = False, created_by: str | None = None,
+                    payload: Mapping[str, Any] | None = None) -> Job:  # fmt: skip
+    """The one place a `train` job is queued (feedback, the API, the CLI, a run's follow-up, the
+    re-queue of a dead one). One active job per namespace: when a job of the namespace is queued or
+    running already, that job is answered and absorbs the request. `run_after` None = now; with
+    `reschedule`, an absorbing job that is still queued is moved to `run_after` (the debounce
+    pushes it back, `loraloop train` and `POST /jobs/train` make it due now)."""
+    queue = JobQueue(session, default_max_attempts=settings.job_max_attempts)
+    due = utcnow() if run_after is None else run_after
+    job = queue.enqueue(
+        kind=TRAIN_JOB_KIND,
+        namespace=namespace,
+        payload={"namespace": namespace, "trigger": trigger, **(payload or {})},
+        dedupe_key=train_dedupe_key(namespace),
+        run_after=due,
+        created_by=created_by,
+    )
+    if reschedule and job.status == "queued" and job.run_after != due and queue.reschedule(job_id=job.id, run_after=due):
+        set_committed_value(job, "run_after", due)  # what the caller answers, without a second UPDATE
+    return job
+
+
 def enqueue_training(session: Session, namespaces: set[str], settings: Settings) -> None:
     """Trigger a namespace's `train` run: at once when `train_trigger_count` items are pending,
     otherwise `train_debounce_s` after the LAST item (each new item pushes a queued run back)."""
-    queue = JobQueue(session, default_max_attempts=settings.job_max_attempts)
     feedback = FeedbackRepository(session)
     now = utcnow()
     for namespace in sorted(namespaces):
         trigger = settings.train_trigger_count
         enough = feedback.count_pending(namespace=namespace, at_most=trigger) >= trigger
         run_after = now if enough else now + timedelta(seconds=settings.train_debounce_s)
-        job = queue.enqueue(
-            kind=TRAIN_JOB_KIND,
-            namespace=namespace,
-            payload={"namespace": namespace, "trigger": "count" if enough else "debounce"},
-            dedupe_key=train_dedupe_key(namespace),
-            run_after=run_after,
-        )
-        if job.status == "queued" and job.run_after != run_after:
-            queue.reschedule(job_id=job.id, run_after=run_after)
+        queue_train_job(session, settings, namespace, trigger="count" if enough else "debounce", run_after=run_after,
+                        reschedule=True)  # fmt: skip
 
 
 def pending_state(session: Session, item: FeedbackItem) -> tuple[str | None, int | None]:
@@ -283,14 +299,8 @@ def requeue_stranded(session: Session, settings: Settings, *, cooldown_s: float 
         requeues = int((newest.payload or {}).get("requeues", 0))
         if requeues >= MAX_REQUEUES or not feedback.pending_since(namespace=namespace, limit=1):
             continue
-        queue.enqueue(
-            kind=TRAIN_JOB_KIND,
-            namespace=namespace,
-            payload={"namespace": namespace, "trigger": "requeue", "requeues": requeues + 1,
-                     "requeued_from_job": newest.id},
-            dedupe_key=train_dedupe_key(namespace),
-            run_after=now,
-        )  # fmt: skip
+        queue_train_job(session, settings, namespace, trigger="requeue", run_after=now,
+                        payload={"requeues": requeues + 1, "requeued_from_job": newest.id})  # fmt: skip
         logger.warning("train job %d of %s was dead with pending feedback: re-queued (%d/%d)",
                        newest.id, namespace, requeues + 1, MAX_REQUEUES)  # fmt: skip
         requeued.append(namespace)

@@ -27,7 +27,6 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from memory_store.errors import Conflict
 from memory_store.models import FeedbackItem, utcnow
-from memory_store.queue import JobQueue
 from memory_store.repositories import ConversationRepository, FeedbackRepository, TrainingRunRepository
 from service.adapters.registry import (
     AdapterRegistry,
@@ -37,7 +36,7 @@ from service.adapters.registry import (
 )
 from service.component_configs import gate_config, render_config, train_config
 from service.config import Settings
-from service.ingest.intake import TRAIN_JOB_KIND, train_dedupe_key
+from service.ingest.intake import queue_train_job
 from service.jobs.worker import JobCancelled, JobContext, JobFailed, JobOutcome, JobWaiting
 from training.adapter_store import AdapterStoreError
 from training.anchor_cache import anchor_answers
@@ -541,12 +540,7 @@ class TrainJobHandler:
             newer = FeedbackRepository(session).pending_since(namespace=namespace, after_id=consumed_to_id, limit=1)
             if not newer and result["outcome"] != "stale":
                 return
-            JobQueue(session, default_max_attempts=settings.job_max_attempts).enqueue(
-                kind=TRAIN_JOB_KIND,
-                namespace=namespace,
-                payload={"namespace": namespace, "trigger": "follow-up"},
-                dedupe_key=train_dedupe_key(namespace),
-                run_after=utcnow() + timedelta(seconds=settings.train_debounce_s),
-            )
+            queue_train_job(session, settings, namespace, trigger="follow-up",
+                            run_after=utcnow() + timedelta(seconds=settings.train_debounce_s))  # fmt: skip
 
         return JobOutcome(result, on_complete=enqueue_follow_up)

@@ -6,12 +6,11 @@ from typing import Annotated, Literal
 
 from fastapi import APIRouter, Path, Query, status
 
-from memory_store.models import utcnow
 from memory_store.queue import JobQueue
 from service.api.auth import ensure_may_see, ensure_may_write
 from service.api.deps import AuthenticatedRoute, PrincipalDep, SessionDep, SettingsDep, require
 from service.api.schemas import MAX_ID, MAX_PAGE, JobPage, JobPublic, Namespace, TrainJobCreate
-from service.ingest.intake import TRAIN_JOB_KIND, train_dedupe_key
+from service.ingest.intake import queue_train_job
 
 router = APIRouter(tags=["jobs"], route_class=AuthenticatedRoute)
 
@@ -30,16 +29,8 @@ def enqueue_training(
     """Queue a training run of a namespace now; answers the queued (or already active) job."""
     namespace = body.namespace or settings.default_namespace
     ensure_may_write(principal, namespace)
-    job = JobQueue(session, default_max_attempts=settings.job_max_attempts).enqueue(
-        kind=TRAIN_JOB_KIND,
-        namespace=namespace,
-        payload={"namespace": namespace, "trigger": "api"},
-        dedupe_key=train_dedupe_key(namespace),
-        created_by=principal.label,
-    )
-    if job.status == "queued":
-        # the active job may be one that feedback queued with the debounce delay: run it now
-        job.run_after = utcnow()
+    # the active job may be one that feedback queued with the debounce delay: it runs now
+    job = queue_train_job(session, settings, namespace, trigger="api", reschedule=True, created_by=principal.label)
     return JobPublic.model_validate(job)
 
 
