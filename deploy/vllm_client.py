@@ -1,5 +1,7 @@
 """HTTP client for one vLLM OpenAI-compatible server: runtime LoRA load/unload, model listing,
-health, chat-template tokenization and sleep mode, with our exceptions instead of HTTP details.
+health, chat-template tokenization, a (non-streamed) chat completion and sleep mode, with our
+exceptions instead of HTTP details. The OpenAI gateway's streaming pass-through is the one other
+caller of vLLM's HTTP API (service.inference.proxy, async, bytes forwarded as they come).
 
 Owns retries with exponential backoff and the error mapping. Knows nothing of the registry, the
 database or which version is current: deploy.hotswap decides what to load, the service calls it.
@@ -160,6 +162,27 @@ def _tokenize_call(
     return _Call("POST", "/tokenize", lambda r: [int(t) for t in r.json()["tokens"]], body)
 
 
+def _chat_content(response: httpx.Response) -> str:
+    try:
+        content = response.json()["choices"][0]["message"].get("content")
+    except (ValueError, KeyError, IndexError, TypeError, AttributeError) as exc:
+        reason = f"vLLM's chat answer could not be read ({type(exc).__name__})"
+        raise VllmError(reason, status=response.status_code) from exc
+    return content or ""
+
+
+def _chat_call(
+    model: str, messages: Sequence[Mapping[str, Any]], max_tokens: int, temperature: float
+) -> _Call[str]:
+    body = {
+        "model": model,
+        "messages": [dict(m) for m in messages],
+        "max_tokens": max_tokens,
+        "temperature": temperature,
+    }
+    return _Call("POST", "/v1/chat/completions", _chat_content, body)
+
+
 def _sleep_call(level: int) -> _Call[None]:
     return _Call("POST", "/sleep", _none, params=(("level", str(level)),))
 
@@ -292,6 +315,13 @@ class VllmClient:
         """Token ids vLLM builds for chat `messages` (its chat template, generation prompt on) or a
         raw `prompt` (special tokens added unless add_special_tokens=False)."""
         return self._run(_tokenize_call(messages, prompt, model, add_generation_prompt, add_special_tokens))
+
+    def chat(
+        self, model: str, messages: Sequence[Mapping[str, Any]], *, max_tokens: int, temperature: float = 0.0
+    ) -> str:
+        """The assistant's answer (text) of one chat completion by `model` (a served name);
+        greedy by default. Raises VllmError when the answer cannot be read."""
+        return self._run(_chat_call(model, messages, max_tokens, temperature))
 
     def sleep(self, level: int = 1) -> None:
         """Free accelerator memory (needs --enable-sleep-mode and VLLM_SERVER_DEV_MODE=1)."""

@@ -1,7 +1,8 @@
-"""The evaluation gate: does a candidate adapter learn the feedback without drifting from its parent?
+"""The evaluation gate: does a candidate adapter learn what it was taught without drifting from its parent?
 
 Owns the metrics (mean NLL of supervised tokens, mean per-token KL(parent || candidate) on probe
-positions), the built-in generic probe conversations and the gate decision. Models are scored as given:
+positions), the built-in generic probe conversations and the one gate decision (`evaluate_gate`) of
+online updates and distillations alike. Models are scored as given:
 a plain model, or one adapter of a multi-adapter `PeftModel` (`AdapterView`), so parent and candidate can
 share one copy of the base weights. It knows nothing of the database, the registry or how runs are started.
 """
@@ -93,6 +94,9 @@ class GateConfig:
     max_drift_kl: float = 0.5  # mean per-token KL(parent || candidate) on the probes, in nats
     # general probe questions the parent answered right and the candidate does not (behaviour report)
     max_general_lost: int = 0
+    # distillation: held-out KL gap to the teacher closed, and (a bake) answers carrying its key content
+    min_gap_closure: float = 0.3
+    min_answer_agreement: float = 0.6
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.min_nll_drop) and self.min_nll_drop < 1):
@@ -101,6 +105,10 @@ class GateConfig:
             raise ValueError(f"GateConfig.max_drift_kl must be finite and >= 0, got {self.max_drift_kl!r}")
         if not isinstance(self.max_general_lost, int) or self.max_general_lost < 0:
             raise ValueError(f"GateConfig.max_general_lost must be an int >= 0, got {self.max_general_lost!r}")
+        for name in ("min_gap_closure", "min_answer_agreement"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and 0 <= value <= 1):
+                raise ValueError(f"GateConfig.{name} must be in [0, 1], got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -285,39 +293,59 @@ def relative_nll_drop(nll_before: float, nll_after: float) -> float:
 
 
 def evaluate_gate(metrics: Mapping[str, float], config: GateConfig) -> GateDecision:
-    """Pass iff the feedback NLL dropped by at least `min_nll_drop` (relative), `drift_kl` is at
-    most `max_drift_kl` and, when the metrics carry the behaviour report's `general_lost`, at most
-    `max_general_lost` general answers were lost. The reason names the numbers either way."""
-    missing = [key for key in ("nll_before", "nll_after", "drift_kl") if key not in metrics]
-    if missing:
-        raise ValueError(f"evaluate_gate: metrics lack {missing}")
-    nll_before, nll_after, kl = (float(metrics[k]) for k in ("nll_before", "nll_after", "drift_kl"))
-    not_finite = [
-        k
-        for k, v in (("nll_before", nll_before), ("nll_after", nll_after), ("drift_kl", kl))
-        if not math.isfinite(v)
-    ]
-    if not_finite:
-        return GateDecision(False, f"non-finite metrics: {', '.join(not_finite)}")
-    drop = relative_nll_drop(nll_before, nll_after)
-    nll_text = (
-        f"nll {nll_before:.4f} -> {nll_after:.4f} (drop {drop:.1%}, required {config.min_nll_drop:.1%})"
-    )
-    kl_text = f"drift_kl {kl:.4f} (max {config.max_drift_kl:g})"
+    """The one gate of every candidate version, online update or distillation. What the candidate
+    had to learn is judged by the metric it carries: a distillation's held-out `gap_closure` (>=
+    `min_gap_closure`; a bake's also its `answer_agreement` with the teacher, >=
+    `min_answer_agreement`), else an online update's feedback NLL drop (>= `min_nll_drop`,
+    relative). Every candidate: `drift_kl` at most `max_drift_kl` and, when the behaviour report
+    was scored (`general_lost`), at most `max_general_lost` general answers lost. A metric the
+    decision needs that is missing or not finite fails it. The reason names the numbers either way."""
+    distilled = "gap_closure" in metrics
+    if not distilled and not {"nll_before", "nll_after"} & set(metrics):
+        raise ValueError("evaluate_gate: metrics carry neither nll_before/nll_after nor gap_closure")
+    needed = ["gap_closure"] if distilled else ["nll_before", "nll_after"]
+    needed.append("drift_kl")
+    if "answer_agreement" in metrics:
+        needed += ["answer_agreement", "general_lost"]
+    elif "general_lost" in metrics:
+        needed.append("general_lost")
+    values = {key: float(metrics.get(key, math.nan)) for key in needed}
+    unusable = [key for key, value in values.items() if not math.isfinite(value)]
+    if unusable:
+        return GateDecision(False, "non-finite metrics: " + ", ".join(
+            f"{key} {'missing' if key not in metrics else values[key]}" for key in unusable))
     failures = []
-    if nll_before <= 1e-9 and drop == 0.0:
-        pass  # the parent already predicts the feedback perfectly and the candidate kept it
-    elif drop < config.min_nll_drop:
-        failures.append(f"feedback NLL did not drop enough: {nll_text}")
+    if distilled:
+        learnt_text = f"gap_closure {values['gap_closure']:.1%} (required {config.min_gap_closure:.1%})"
+        if values["gap_closure"] < config.min_gap_closure:
+            failures.append(f"memories not baked in enough: {learnt_text}")
+    else:
+        nll_before, nll_after = values["nll_before"], values["nll_after"]
+        drop = relative_nll_drop(nll_before, nll_after)
+        learnt_text = (
+            f"nll {nll_before:.4f} -> {nll_after:.4f} (drop {drop:.1%}, required {config.min_nll_drop:.1%})"
+        )
+        if nll_before <= 1e-9 and drop == 0.0:
+            pass  # the parent already predicts the feedback perfectly and the candidate kept it
+        elif drop < config.min_nll_drop:
+            failures.append(f"feedback NLL did not drop enough: {learnt_text}")
+    kl = values["drift_kl"]
+    kl_text = f"drift_kl {kl:.4f} (max {config.max_drift_kl:g})"
     if kl > config.max_drift_kl:
         failures.append(f"drift too large: {kl_text}")
     answers_text = ""
-    if "general_lost" in metrics:
-        lost = int(metrics["general_lost"])
-        answers_text = f"; general answers lost {lost} (max {config.max_general_lost})"
+    if "answer_agreement" in values:
+        agreement = values["answer_agreement"]
+        answers_text += f"; answer_agreement {agreement:.1%}"
+        if agreement < config.min_answer_agreement:
+            failures.append(f"memories not answered: answer_agreement {agreement:.1%} "
+                            f"(required {config.min_answer_agreement:.1%})")
+    if "general_lost" in values:
+        lost = int(values["general_lost"])
+        answers_text += f"; general answers lost {lost} (max {config.max_general_lost})"
         if lost > config.max_general_lost:
             failures.append(f"general answers lost: {lost} of {int(metrics.get('general_parent_right', 0))} "
                             f"the parent got right (max {config.max_general_lost})")
     if failures:
         return GateDecision(False, "; ".join(failures))
-    return GateDecision(True, f"passed: {nll_text}; {kl_text}{answers_text}")
+    return GateDecision(True, f"passed: {learnt_text}; {kl_text}{answers_text}")

@@ -1,7 +1,8 @@
 """The one mapping from exceptions to HTTP answers.
 
 Every error leaves the API as `{"error": {"type", "message", "field"?}}` (422s from request
-validation also carry `errors: [{field, reason}]`). Layers below raise their own exceptions
+validation also carry `errors: [{field, reason}]`); the gateway's own errors (service.inference.proxy,
+subclasses of the one base `service.errors.ApiError`) carry OpenAI's shape instead. Layers below raise their own exceptions
 (memory_store.errors, training.render.RenderError) and never build HTTP responses themselves.
 """
 
@@ -19,22 +20,10 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from memory_store.errors import Conflict, DatabaseUnavailable, IdempotencyConflict, NotFound
-from service.inference.proxy import ProxyError
+from service.errors import ApiError, error_body
 from training.render import RenderError
 
 logger = logging.getLogger(__name__)
-
-
-class ApiError(Exception):
-    """An error the service raises itself, with its HTTP status and machine-readable type."""
-
-    status_code = 400
-    error_type = "bad_request"
-
-    def __init__(self, message: str, *, field: str | None = None) -> None:
-        super().__init__(message)
-        self.message = message
-        self.field = field
 
 
 class InvalidField(ApiError):
@@ -47,6 +36,9 @@ class InvalidField(ApiError):
 class Unauthenticated(ApiError):
     status_code = 401
     error_type = "unauthenticated"
+
+    def headers(self) -> dict[str, str]:
+        return {**super().headers(), "WWW-Authenticate": "Bearer"}
 
 
 class Forbidden(ApiError):
@@ -74,13 +66,8 @@ class BodyTooLarge(ApiError):
         super().__init__(f"request body exceeds the limit of {limit} bytes", field="body")
         self.limit = limit
 
-
-def error_body(error_type: str, message: str, field: str | None = None, **extra: Any) -> dict[str, Any]:
-    error: dict[str, Any] = {"type": error_type, "message": message}
-    if field is not None:
-        error["field"] = field
-    error.update(extra)
-    return {"error": error}
+    def body(self) -> dict[str, Any]:
+        return error_body(self.error_type, self.message, self.field, limit_bytes=self.limit)
 
 
 def field_path(loc: Sequence[str | int]) -> str:
@@ -113,9 +100,8 @@ def _json(status: int, body: dict[str, Any], headers: dict[str, str] | None = No
 
 
 async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
-    headers = {"WWW-Authenticate": "Bearer"} if isinstance(exc, Unauthenticated) else None
-    extra = {"limit_bytes": exc.limit} if isinstance(exc, BodyTooLarge) else {}
-    return _json(exc.status_code, error_body(exc.error_type, exc.message, exc.field, **extra), headers)
+    # The exception carries its own answer: loraloop's shape, or OpenAI's for the gateway's errors.
+    return _json(exc.status_code, exc.body(), exc.headers() or None)
 
 
 def _validation_field(error: Any) -> str:
@@ -207,12 +193,6 @@ async def _http_exception(request: Request, exc: StarletteHTTPException) -> JSON
     )
 
 
-async def _proxy_error(request: Request, exc: ProxyError) -> JSONResponse:
-    # /v1/* speaks OpenAI's error shape: {"error": {"message", "type", "param", "code"}}.
-    headers = {"Retry-After": str(exc.retry_after_s)} if exc.retry_after_s is not None else None
-    return _json(exc.status_code, exc.body(), headers)
-
-
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     logger.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
     return _json(500, error_body("internal_error", "internal server error"))
@@ -229,5 +209,4 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(PoolTimeout, _database_unavailable)
     app.add_exception_handler(DBAPIError, _dbapi_error)  # type: ignore[arg-type]
     app.add_exception_handler(StarletteHTTPException, _http_exception)  # type: ignore[arg-type]
-    app.add_exception_handler(ProxyError, _proxy_error)  # type: ignore[arg-type]
     app.add_exception_handler(Exception, _unexpected)

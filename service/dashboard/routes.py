@@ -575,7 +575,7 @@ def chat_page(request: Request, model: str | None = None) -> Response:
 async def chat_ask(request: Request) -> Response:
     """Ask the alias through the OpenAI gateway (service.inference.routes.forward), as an agent would."""
     from service.api.errors import ApiError
-    from service.inference.proxy import SERVED_MODEL_HEADER, ProxyError
+    from service.inference.proxy import SERVED_MODEL_HEADER
     from service.inference.routes import forward
 
     viewer, form = await action_viewer(request, "inference")
@@ -598,7 +598,7 @@ async def chat_ask(request: Request) -> Response:
             else:
                 answer = payload["choices"][0]["message"]["content"]
                 served = response.headers.get(SERVED_MODEL_HEADER)
-        except (ApiError, ProxyError) as failure:
+        except ApiError as failure:  # the gateway's own errors (ProxyError) included
             error = str(failure)
         except (ValueError, KeyError, IndexError, TypeError):
             error = "the gateway's answer could not be read"

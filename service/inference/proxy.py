@@ -23,6 +23,7 @@ from deploy.hotswap import parse_served_name, served_name
 from memory_store.errors import NotFound
 from memory_store.repositories import AdapterRepository
 from service.config import Settings
+from service.errors import ApiError, openai_error_body
 
 logger = logging.getLogger(__name__)
 
@@ -30,17 +31,19 @@ SERVED_MODEL_HEADER = "X-Loraloop-Served-Model"
 CONVERSATION_HEADER = "X-Loraloop-Conversation-Id"
 
 
-class ProxyError(Exception):
-    """An inference request that cannot be answered; carries the OpenAI-style error fields."""
+class ProxyError(ApiError):
+    """An inference request that cannot be answered; answers in OpenAI's error shape (`param` = the
+    field at fault)."""
 
     status_code = 500
     error_type = "internal_error"
 
     def __init__(self, message: str, *, param: str | None = None, retry_after_s: int | None = None) -> None:
-        super().__init__(message)
-        self.message = message
-        self.param = param
-        self.retry_after_s = retry_after_s
+        super().__init__(message, field=param, retry_after_s=retry_after_s)
+
+    @property
+    def param(self) -> str | None:
+        return self.field
 
     def body(self) -> dict[str, Any]:
         return openai_error_body(self.message, self.error_type, self.status_code, self.param)
@@ -86,11 +89,6 @@ class UpstreamError(ProxyError):
         self.status_code = status_code
         if error_type:
             self.error_type = error_type
-
-
-def openai_error_body(message: str, error_type: str, code: int, param: str | None = None) -> dict[str, Any]:
-    """The error shape OpenAI clients parse: `{"error": {"message", "type", "param", "code"}}`."""
-    return {"error": {"message": message, "type": error_type, "param": param, "code": code}}
 
 
 def upstream_error(status: int, body: bytes) -> ProxyError:

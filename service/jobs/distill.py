@@ -14,7 +14,6 @@ Knows the database and the training code; nothing about HTTP.
 from __future__ import annotations
 
 import logging
-import math
 import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -22,11 +21,10 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import httpx
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from deploy.vllm_client import VllmClient
+from deploy.vllm_client import VllmClient, VllmError
 from memory_store.models import Job, Memory
 from memory_store.queue import JobQueue
 from memory_store.repositories import (
@@ -42,7 +40,7 @@ from service.adapters.registry import (
     served_name,
     vllm_base_urls,
 )
-from service.component_configs import bake_config, distill_config, train_config
+from service.component_configs import bake_config, distill_config, gate_config, train_config
 from service.config import Settings
 from service.jobs.train import (
     TrainJobHandler,
@@ -67,14 +65,13 @@ from training.distill import (
     plan_distillation,
     teacher_messages,
 )
-from training.evaluate import GateDecision
+from training.evaluate import GateDecision, evaluate_gate
 from training.probes import anchor_examples, general_probes, prompt_anchor_pairs
 
 __all__ = [
     "DISTILL_JOB_KIND",
     "DistillJobHandler",
     "distill_dedupe_key",
-    "distill_gate",
     "distill_namespaces",
     "enqueue_distill",
     "last_scheduled_slot",
@@ -93,60 +90,24 @@ def distill_dedupe_key(namespace: str) -> str:
     return f"{DISTILL_JOB_KIND}:{namespace}"
 
 
-def distill_gate(metrics: Mapping[str, float], settings: Settings) -> GateDecision:
-    """Pass iff gap closure on held-out probes >= gate_min_gap_closure and drift <= gate_max_drift_kl;
-    for a bake (metrics carry `answer_agreement`) also iff the held-out answers agree with the
-    teacher's >= gate_min_answer_agreement and at most gate_max_general_lost general answers the
-    parent got right are lost."""
-    failures = []
-    if "answer_agreement" in metrics:
-        agreement = float(metrics["answer_agreement"])
-        lost = float(metrics.get("general_lost", math.nan))
-        if not (math.isfinite(agreement) and math.isfinite(lost)):
-            return GateDecision(False, f"non-finite metrics: answer_agreement {agreement}, "
-                                       f"general_lost {lost}")
-        if agreement < settings.gate_min_answer_agreement:
-            failures.append(f"memories not answered: answer_agreement {agreement:.1%} "
-                            f"(required {settings.gate_min_answer_agreement:.1%})")
-        if lost > settings.gate_max_general_lost:
-            failures.append(f"general answers lost: {lost:g} (max {settings.gate_max_general_lost})")
-    gap = float(metrics.get("gap_closure", math.nan))
-    drift = float(metrics.get("drift_kl", math.nan))
-    if not (math.isfinite(gap) and math.isfinite(drift)):
-        return GateDecision(False, f"non-finite metrics: gap_closure {gap}, drift_kl {drift}")
-    gap_text = f"gap_closure {gap:.1%} (required {settings.gate_min_gap_closure:.1%})"
-    drift_text = f"drift_kl {drift:.4f} (max {settings.gate_max_drift_kl:g})"
-    if "answer_agreement" in metrics:
-        drift_text += f"; answer_agreement {float(metrics['answer_agreement']):.1%}"
-    if gap < settings.gate_min_gap_closure:
-        failures.append(f"memories not baked in enough: {gap_text}")
-    if drift > settings.gate_max_drift_kl:
-        failures.append(f"drift too large: {drift_text}")
-    if failures:
-        return GateDecision(False, "; ".join(failures))
-    return GateDecision(True, f"passed: {gap_text}; {drift_text}")
-
-
 def vllm_teacher_responses(
-    base_url: str,
+    settings: Settings,
     model: str,
     conversations: Sequence[Sequence[Mapping[str, Any]]],
     *,
     max_tokens: int,
-    timeout_s: float,
-) -> list[str]:
-    """Greedy chat completions of `model` (a served adapter name) on one vLLM replica."""
-    responses = []
-    with httpx.Client(base_url=base_url, timeout=timeout_s) as http:
-        for messages in conversations:
-            reply = http.post(
-                "/v1/chat/completions",
-                json={"model": model, "messages": list(messages), "max_tokens": max_tokens, "temperature": 0.0},
-            )
-            reply.raise_for_status()
-            content = reply.json()["choices"][0]["message"].get("content") or ""
-            responses.append(content.strip())
-    return responses
+) -> list[str] | None:
+    """Greedy answers of `model` (the parent's served name) to each conversation, from the first
+    healthy vLLM replica that answers them all; None when none does (the caller generates locally)."""
+    for url in vllm_base_urls(settings):
+        with VllmClient(url, timeout=settings.vllm_timeout_s, retries=0) as client:
+            if not client.health():
+                continue
+            try:
+                return [client.chat(model, messages, max_tokens=max_tokens).strip() for messages in conversations]
+            except VllmError as error:
+                log.warning("teacher answers from %s failed (%s); trying the next replica", url, error)
+    return None
 
 
 class DistillJobHandler:
@@ -222,7 +183,7 @@ class DistillJobHandler:
             metrics = {key: float(value) for key, value in result.metrics.items()}
             metrics["memories"] = float(len(memory_ids))
             metrics["teacher_from_vllm"] = 1.0 if teacher_source == "vllm" else 0.0
-            decision = distill_gate(metrics, self.settings)
+            decision = evaluate_gate(metrics, gate_config(self.settings))
             context.report_progress({"phase": "publish", "gate": decision.reason})
             version = self.registry.publish_candidate(
                 namespace, out_dir, parent_version=parent.version, training_run_id=run_id, metrics=metrics,
@@ -251,22 +212,11 @@ class DistillJobHandler:
         teacher_source = {"value": "local"}
 
         def teacher_answers(conversations: list[list[dict[str, Any]]]) -> list[str] | None:
-            for url in vllm_base_urls(self.settings):
-                with VllmClient(url, timeout=self.settings.vllm_timeout_s, retries=0) as client:
-                    if not client.health():
-                        continue
-                try:
-                    answers = vllm_teacher_responses(
-                        url, served_name(namespace, parent.version), conversations,
-                        max_tokens=self.settings.distill_answer_tokens,
-                        timeout_s=self.settings.vllm_timeout_s,
-                    )
-                except (httpx.HTTPError, KeyError, IndexError, ValueError) as error:
-                    log.warning("teacher answers from %s failed (%s); generating locally", url, error)
-                    continue
+            answers = vllm_teacher_responses(self.settings, served_name(namespace, parent.version), conversations,
+                                             max_tokens=self.settings.distill_answer_tokens)
+            if answers is not None:
                 teacher_source["value"] = "vllm"
-                return answers
-            return None
+            return answers
 
         with tempfile.TemporaryDirectory(prefix=f"bake-{namespace}-job{context.job_id}-",
                                          dir=scratch_dir(self.settings)) as scratch:
@@ -292,7 +242,7 @@ class DistillJobHandler:
             metrics["memories"] = float(len(memory_ids))
             metrics["replay_memories"] = float(len(replay_notes))
             metrics["teacher_from_vllm"] = 1.0 if teacher_source["value"] == "vllm" else 0.0
-            decision = distill_gate(metrics, self.settings)
+            decision = evaluate_gate(metrics, gate_config(self.settings))
             context.report_progress({"phase": "publish", "gate": decision.reason})
             version = self.registry.publish_candidate(
                 namespace, out_dir, parent_version=parent.version, training_run_id=run_id, metrics=metrics,
@@ -343,19 +293,10 @@ class DistillJobHandler:
         missing = plan.prompts_without_response()
         if not missing:
             return plan, "stored"
-        for url in vllm_base_urls(self.settings):
-            with VllmClient(url, timeout=self.settings.vllm_timeout_s, retries=0) as client:
-                if not client.health():
-                    continue
-            try:
-                responses = vllm_teacher_responses(
-                    url, served_name(namespace, parent.version),
-                    [teacher_messages(plan.prefix_messages, prompt) for prompt in missing],
-                    max_tokens=self.config.max_new_tokens, timeout_s=self.settings.vllm_timeout_s,
-                )  # fmt: skip
-            except (httpx.HTTPError, KeyError, IndexError, ValueError) as error:
-                log.warning("teacher responses from %s failed (%s); generating locally", url, error)
-                continue
+        prompts = [teacher_messages(plan.prefix_messages, prompt) for prompt in missing]
+        responses = vllm_teacher_responses(self.settings, served_name(namespace, parent.version), prompts,
+                                           max_tokens=self.config.max_new_tokens)
+        if responses is not None:
             return plan.with_responses(responses), "vllm"
         return plan, "local"
 

@@ -6,9 +6,8 @@ import math
 
 import pytest
 
-from service.component_configs import bake_config
+from service.component_configs import bake_config, gate_config
 from service.config import Settings
-from service.jobs.distill import distill_gate
 from training.bake import (
     BAKE_HELDOUT_TEMPLATES,
     BakeConfig,
@@ -17,6 +16,7 @@ from training.bake import (
     memory_keys,
 )
 from training.distill import MemoryNote
+from training.evaluate import evaluate_gate
 
 
 def test_memory_keys_are_the_value_after_is() -> None:
@@ -63,15 +63,28 @@ def _metrics(**overrides: float) -> dict[str, float]:
 
 def test_gate_counts_answers_for_a_bake() -> None:
     settings = Settings(auth_disabled=True)
-    assert distill_gate(_metrics(), settings).passed
+    gate = gate_config(settings)
+    assert evaluate_gate(_metrics(), gate).passed
     # good KL gap closure does not pass a bake whose answers do not carry the memories
-    decision = distill_gate(_metrics(answer_agreement=1 / 3, gap_closure=0.64), settings)
+    decision = evaluate_gate(_metrics(answer_agreement=1 / 3, gap_closure=0.64), gate)
     assert not decision.passed and "answer_agreement" in decision.reason
     allowed = float(settings.gate_max_general_lost)
-    assert distill_gate(_metrics(general_lost=allowed), settings).passed
-    decision = distill_gate(_metrics(general_lost=allowed + 1), settings)
+    assert evaluate_gate(_metrics(general_lost=allowed), gate).passed
+    decision = evaluate_gate(_metrics(general_lost=allowed + 1), gate)
     assert not decision.passed and "general answers lost" in decision.reason
-    assert not distill_gate(_metrics(answer_agreement=math.nan), settings).passed
-    assert not distill_gate(_metrics(drift_kl=5.0), settings).passed
+    assert not evaluate_gate(_metrics(answer_agreement=math.nan), gate).passed
+    assert not evaluate_gate(_metrics(drift_kl=5.0), gate).passed
     # the KL method has no answer metrics: gap closure and drift only, as before
-    assert distill_gate({"gap_closure": 0.5, "drift_kl": 0.01}, settings).passed
+    assert evaluate_gate({"gap_closure": 0.5, "drift_kl": 0.01}, gate).passed
+
+
+def test_the_one_gate_judges_a_distillation_by_gap_closure_and_a_missing_metric_fails_it() -> None:
+    gate = gate_config(Settings(auth_disabled=True, gate_min_gap_closure=0.5))
+    decision = evaluate_gate({"gap_closure": 0.4, "drift_kl": 0.01}, gate)
+    assert not decision.passed and "not baked in enough" in decision.reason and "40.0%" in decision.reason
+    # a KL distillation without drift probes has no drift_kl: it is not promoted blind
+    decision = evaluate_gate({"gap_closure": 0.9}, gate)
+    assert not decision.passed and "drift_kl missing" in decision.reason
+    # a bake's answer agreement needs its general answers scored too
+    decision = evaluate_gate({"gap_closure": 0.9, "drift_kl": 0.01, "answer_agreement": 1.0}, gate)
+    assert not decision.passed and "general_lost missing" in decision.reason

@@ -63,9 +63,11 @@ def test_gate_rejects_non_finite_metrics(key: str, bad: float) -> None:
     assert not decision.passed and key in decision.reason
 
 
-def test_gate_requires_its_metrics() -> None:
-    with pytest.raises(ValueError, match="drift_kl"):
-        evaluate_gate({"nll_before": 2.0, "nll_after": 1.0}, GateConfig())
+def test_gate_fails_without_a_metric_it_needs() -> None:
+    decision = evaluate_gate({"nll_before": 2.0, "nll_after": 1.0}, GateConfig())
+    assert not decision.passed and "drift_kl missing" in decision.reason
+    with pytest.raises(ValueError, match="neither"):
+        evaluate_gate({"drift_kl": 0.1}, GateConfig())
 
 
 def test_gate_config_is_validated() -> None:
@@ -73,6 +75,8 @@ def test_gate_config_is_validated() -> None:
         GateConfig(max_drift_kl=-1.0)
     with pytest.raises(ValueError, match="min_nll_drop"):
         GateConfig(min_nll_drop=1.0)
+    with pytest.raises(ValueError, match="min_gap_closure"):
+        GateConfig(min_gap_closure=1.5)
 
 
 def test_relative_nll_drop() -> None:

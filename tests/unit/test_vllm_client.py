@@ -183,3 +183,42 @@ def test_success_body_is_not_parsed_as_json() -> None:
 
     with VllmClient("http://vllm", transport=httpx.MockTransport(handler)) as client:
         assert client.load_adapter("a", "/p") is None
+
+
+def test_chat_returns_the_answer_greedy_by_default(client: VllmClient, server: FakeVllm, adapter_dir: Path) -> None:
+    client.load_adapter("ns-v1", adapter_dir)
+    messages = [{"role": "user", "content": "hi"}]
+    assert client.chat("ns-v1", messages, max_tokens=12) == "answer from ns-v1"
+    _method, _path, body = [r for r in server.state.requests if r[1] == "/v1/chat/completions"][-1]
+    assert body == {"model": "ns-v1", "messages": messages, "max_tokens": 12, "temperature": 0.0}
+    with pytest.raises(AdapterNotFound):
+        client.chat("ns-v9", messages, max_tokens=12)
+
+
+def test_a_chat_answer_without_choices_is_a_vllm_error() -> None:
+    transport = httpx.MockTransport(lambda request: httpx.Response(200, json={"choices": []}))
+    with VllmClient("http://vllm", transport=transport, retries=0) as c, pytest.raises(VllmError, match="read"):
+        c.chat("m", [{"role": "user", "content": "hi"}], max_tokens=4)
+
+
+def test_teacher_answers_come_from_the_first_replica_that_answers_them(tmp_path: Path, adapter_dir: Path) -> None:
+    from service.config import Settings
+    from service.jobs.distill import vllm_teacher_responses
+
+    conversations = [[{"role": "user", "content": "q1"}], [{"role": "user", "content": "q2"}]]
+    with FakeVllm() as without, FakeVllm() as serving:
+        with VllmClient(serving.url) as c:
+            c.load_adapter("ns-v1", adapter_dir)
+        dead = f"http://127.0.0.1:{_free_port()}"
+        settings = Settings(auth_disabled=True, vllm_urls=[dead, without.url, serving.url], vllm_timeout_s=2.0)
+        # the dead replica is skipped, the one without the adapter answers 404 and is passed over
+        assert vllm_teacher_responses(settings, "ns-v1", conversations, max_tokens=8) == ["answer from ns-v1"] * 2
+        assert without.calls("/v1/chat/completions") == 1 and serving.calls("/v1/chat/completions") == 2
+        settings = Settings(auth_disabled=True, vllm_urls=[dead, without.url], vllm_timeout_s=2.0)
+        assert vllm_teacher_responses(settings, "ns-v1", conversations, max_tokens=8) is None
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
