@@ -31,6 +31,8 @@ __all__ = [
     "ADAPTER_CONFIG_FILE",
     "ADAPTER_WEIGHTS_FILE",
     "METADATA_FILE",
+    "NAMESPACE_PATTERN",
+    "NAMESPACE_RULE",
     "AdapterExists",
     "AdapterIntegrityError",
     "AdapterNotFound",
@@ -39,6 +41,7 @@ __all__ = [
     "PublishedAdapter",
     "dir_sha256",
     "file_digests",
+    "is_valid_namespace",
 ]
 
 ADAPTER_CONFIG_FILE = "adapter_config.json"
@@ -47,7 +50,13 @@ METADATA_FILE = "loraloop.json"
 PEFT_FILES = (ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE)
 METADATA_FORMAT = 1
 
-_NAMESPACE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+# The one namespace rule (the API's schemas check it too): a namespace is also a folder name and a
+# vLLM adapter name, so a safe, short identifier.
+NAMESPACE_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+NAMESPACE_RULE = (
+    "must be 1-64 characters of letters, digits, '.', '_' or '-', start with a letter or digit and not contain '..'"
+)
+_NAMESPACE_RE = re.compile(NAMESPACE_PATTERN)
 _VERSION_DIR_RE = re.compile(r"^v(0|[1-9][0-9]*)$")
 _TEMP_PREFIX = ".tmp-"
 _HASH_CHUNK = 1 << 20
@@ -120,9 +129,13 @@ def _fsync_path(path: Path) -> None:
         os.close(fd)
 
 
+def is_valid_namespace(namespace: str) -> bool:
+    return bool(_NAMESPACE_RE.fullmatch(namespace)) and ".." not in namespace
+
+
 def _check_namespace(namespace: str) -> None:
-    if not _NAMESPACE_RE.match(namespace):
-        raise ValueError(f"namespace {namespace!r} must match {_NAMESPACE_RE.pattern}")
+    if not is_valid_namespace(namespace):
+        raise ValueError(f"namespace {namespace!r} {NAMESPACE_RULE}")
 
 
 def _check_version(version: int) -> None:

@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from training.render import IGNORE_INDEX  # the one label of an unsupervised position
+
 __all__ = [
     "IGNORE_INDEX",
     "LinearCrossEntropy",
@@ -26,7 +28,6 @@ __all__ = [
     "token_nll_sum",
 ]
 
-IGNORE_INDEX = -100
 # above this many supervised positions the LM head + loss run in checkpointed chunks (bounded memory)
 DEFAULT_LOGITS_CHUNK = 4096
 # config keys of models that rescale their logits after the LM head: those go through the model's own

@@ -8,11 +8,12 @@ caps that also appear in the OpenAPI schema; the tighter, configurable limits of
 from __future__ import annotations
 
 import math
-import re
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, model_validator
+
+from training.adapter_store import NAMESPACE_PATTERN, NAMESPACE_RULE, is_valid_namespace
 
 # Hard caps (the configurable limits in Settings are at most these).
 MAX_MESSAGES = 4096
@@ -26,8 +27,6 @@ MAX_JSON_DEPTH = 32
 MAX_PAGE = 500
 MAX_ID = 2**31 - 1  # ids are 32-bit INTEGER columns: larger values are refused, never sent to SQL
 
-NAMESPACE_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
-_NAMESPACE_RE = re.compile(NAMESPACE_PATTERN)
 
 Role = Literal["system", "user", "assistant", "tool"]
 
@@ -45,11 +44,8 @@ def check_text(value: str) -> str:
 
 def check_namespace(value: str) -> str:
     """A namespace is also a folder name and a vLLM adapter name: a safe, short identifier."""
-    if not _NAMESPACE_RE.fullmatch(value) or ".." in value:
-        raise ValueError(
-            "must be 1-64 characters of letters, digits, '.', '_' or '-', start with a letter or digit "
-            "and not contain '..'"
-        )
+    if not is_valid_namespace(value):
+        raise ValueError(NAMESPACE_RULE)
     return value
 
 
