@@ -28,12 +28,10 @@ from training.evaluate import AdapterView, builtin_probe_examples, drift_kl
 from training.render import DistillPair, Example, RenderConfig, RenderError, render_distillation_pair
 from training.token_nll import IGNORE_INDEX, TokenBatch, supervised_logits, token_nll_sum
 from training.trainer import (
+    GuardedStep,
     TrainConfig,
-    TrainingBudgetExceeded,
     TrainingCancelled,
-    TrainingDiverged,
     load_lora_model,
-    lr_at_step,
     resolve_device,
 )
 
@@ -98,7 +96,7 @@ class DistillConfig:
     student_retained_turns: int = 0  # turns of conversation history the student keeps
     feedback_mix: float = 0.0  # weight of the online feedback CE loss added to the KL
     seed: int = 0
-    time_budget_s: float = 600.0  # training stops (and is evaluated) when this is spent
+    time_budget_s: float = 600.0  # the whole run; past it, it fails (TrainingBudgetExceeded), writes nothing
     device: str = "auto"  # auto | cpu | cuda
     max_new_tokens: int = 64  # teacher responses generated locally (greedy)
     no_repeat_ngram_size: int = 0  # > 0 only for degenerate models (e.g. random-init test models)
@@ -581,7 +579,7 @@ class DistillResult:
     # train_tokens, train_seconds, steps, tokens_per_s, teacher_cache_bytes, ...
     metrics: dict[str, float]
     loss_history: tuple[float, ...]
-    stopped_reason: str  # "completed" | "time_budget"
+    stopped_reason: str  # "completed": a run past its time budget raises TrainingBudgetExceeded
 
 
 @dataclass
@@ -630,7 +628,7 @@ class MemoryDistiller:
         should_stop: Callable[[], bool] | None = None,
     ) -> DistillResult:
         """Distil `plan` into a new adapter in `out_dir`. Raises NothingToDistill, TrainingDiverged,
-        TrainingCancelled, TrainingBudgetExceeded (no step fitted in the budget) or
+        TrainingCancelled, TrainingBudgetExceeded (the run did not fit its time budget) or
         DistillAlignmentError, and writes nothing, when the run cannot finish.
         `drift_probes=None` uses the built-in generic probes; `[]` skips drift."""
         started = time.perf_counter()
@@ -742,34 +740,28 @@ class MemoryDistiller:
         on_progress: Callable[[dict[str, Any]], None] | None = None,
         should_stop: Callable[[], bool] | None = None,
     ) -> StudentTrainingResult:
-        """AdamW on KL(teacher || student) over the student sequences (+ feedback_mix x feedback CE).
-        Stops early, evaluated as is, once `time_budget_s` has passed since `started` (perf_counter)."""
+        """AdamW on KL(teacher || student) over the student sequences (+ feedback_mix x feedback CE),
+        through the online recipe's guarded step and time-budget rule (`GuardedStep`: the run,
+        counted from `started` (perf_counter), fails with TrainingBudgetExceeded once past
+        `time_budget_s`)."""
         config, model = self.config, prepared.model
         started = time.perf_counter() if started is None else started
-        params = [p for p in model.parameters() if p.requires_grad]
-        if not params:
-            raise ValueError("the adapter has no trainable parameter (check target_modules)")
-        device = params[0].device
-        optimizer = torch.optim.AdamW(
-            params, lr=config.learning_rate, weight_decay=self.train_config.weight_decay
-        )
         generator = torch.Generator().manual_seed(config.seed)
         plan = _pair_batches(len(prepared.train_pairs), config, generator)
-        feedback = _feedback_batches(feedback_examples, prepared.pad_token_id, config.batch_size) if (
-            config.feedback_mix > 0) else []  # fmt: skip
-        max_norm = self.train_config.max_grad_norm
-        clip_norm = max_norm if max_norm > 0 else math.inf
+        params = [p for p in model.parameters() if p.requires_grad]
+        guard = GuardedStep(params, self.train_config, total_steps=len(plan), started=started)
+        device = guard.params[0].device
+        feedback: list[TokenBatch] = []
+        if config.feedback_mix > 0:
+            feedback = _feedback_batches(feedback_examples, prepared.pad_token_id, config.batch_size)
         losses: list[float] = []
         tokens = 0
-        stopped_reason = "completed"
         loop_started = time.perf_counter()
         model.train()
         for step, indices in enumerate(plan):
             if should_stop is not None and should_stop():
                 raise TrainingCancelled(f"cancelled before step {step + 1}/{len(plan)}")
-            if time.perf_counter() - started > config.time_budget_s:
-                stopped_reason = "time_budget"
-                break
+            guard.check_budget(step)
             students = [prepared.train_pairs[i].student for i in indices]
             teacher = [prepared.train_teacher[i] for i in indices]
             batch = _collate(students, prepared.pad_token_id)
@@ -784,29 +776,23 @@ class MemoryDistiller:
                 fb = feedback[step % len(feedback)].to(device)
                 loss = kl + config.feedback_mix * token_nll_sum(model, fb) / fb.num_targets
             loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, clip_norm)
             value = float(loss.detach())
-            if not math.isfinite(value) or not math.isfinite(float(grad_norm)):
-                optimizer.zero_grad(set_to_none=True)
-                raise TrainingDiverged(
-                    f"non-finite loss {value} or gradient norm {float(grad_norm)} at step {step + 1}",
-                    step=step + 1,
-                )
-            for group in optimizer.param_groups:
-                group["lr"] = lr_at_step(step, len(plan), self.train_config)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            guard.step(step, {"loss": value})
             losses.append(value)
             tokens += batch.num_targets
             if on_progress is not None:
                 elapsed = time.perf_counter() - loop_started
-                on_progress({"step": step + 1, "total_steps": len(plan), "loss": value, "kl": float(kl.detach()),
-                             "tokens": tokens, "tokens_per_s": tokens / elapsed if elapsed > 0 else 0.0,
-                             "elapsed_s": time.perf_counter() - started})  # fmt: skip
-        if not losses:
-            raise TrainingBudgetExceeded(f"time budget {config.time_budget_s:g}s spent before the first step")
-        if not all(bool(torch.isfinite(p).all()) for p in params):
-            raise TrainingDiverged("adapter weights are not finite after training", step=len(losses))
+                on_progress({
+                    "step": step + 1,
+                    "total_steps": len(plan),
+                    "loss": value,
+                    "kl": float(kl.detach()),
+                    "tokens": tokens,
+                    "tokens_per_s": tokens / elapsed if elapsed > 0 else 0.0,
+                    "elapsed_s": time.perf_counter() - started,
+                })
+        guard.check_budget(len(losses))
+        guard.check_weights(len(losses))
         loop_seconds = time.perf_counter() - loop_started
         metrics = {
             "steps": float(len(losses)),
@@ -815,7 +801,7 @@ class MemoryDistiller:
             "tokens_per_s": tokens / loop_seconds if loop_seconds > 0 else 0.0,
             "final_loss": losses[-1],
         }
-        return StudentTrainingResult(metrics, tuple(losses), stopped_reason)
+        return StudentTrainingResult(metrics, tuple(losses), "completed")
 
     # --- evaluation ------------------------------------------------------------------------------
     def _heldout_kl(self, prepared: PreparedDistillation) -> float:

@@ -13,7 +13,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +38,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DEFAULT_TARGET_MODULES",
+    "GuardedStep",
     "LoraTrainer",
     "TrainConfig",
     "TrainResult",
@@ -211,6 +212,64 @@ def lr_at_step(step: int, total_steps: int, config: TrainConfig) -> float:
     return config.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+class GuardedStep:
+    """The one optimizer step of every recipe (online update, bake, KL distillation) and its one
+    time-budget rule.
+
+    AdamW over the adapter's trainable parameters; each `step()` clips the gradient, checks that
+    the step's loss terms and the gradient norm are finite (else TrainingDiverged, nothing applied),
+    sets the scheduled learning rate (`lr_at_step`), steps and clears the gradients.
+    `check_budget()` is the budget rule: the whole run, counted from `started`, must fit in
+    `config.time_budget_s`; past it the run fails with TrainingBudgetExceeded and writes nothing."""
+
+    def __init__(
+        self, params: Sequence[torch.nn.Parameter], config: TrainConfig, *, total_steps: int, started: float
+    ) -> None:
+        if not params:
+            raise ValueError("the adapter has no trainable parameter (check target_modules)")
+        self.params = list(params)
+        self.config = config
+        self.total_steps = total_steps
+        self.started = started
+        self.clip_norm = config.max_grad_norm if config.max_grad_norm > 0 else math.inf
+        on_cuda = self.params[0].device.type == "cuda"
+        self.optimizer = torch.optim.AdamW(
+            self.params,
+            lr=config.lr,
+            weight_decay=config.weight_decay,
+            fused=on_cuda or None,
+            foreach=None if on_cuda else True,
+        )
+
+    def check_budget(self, steps_done: int) -> None:
+        elapsed = time.perf_counter() - self.started
+        if elapsed > self.config.time_budget_s:
+            raise TrainingBudgetExceeded(
+                f"time budget {self.config.time_budget_s:g}s exceeded after {elapsed:.1f}s "
+                f"(step {steps_done}/{self.total_steps})"
+            )
+
+    def step(self, step: int, terms: Mapping[str, float]) -> tuple[float, float]:
+        """Apply step `step` (0-based) of the gradients accumulated so far; `terms` names the loss
+        values of the step for the finite check. Returns (learning rate, gradient norm)."""
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.clip_norm))
+        values = {**terms, "gradient norm": grad_norm}
+        if not all(math.isfinite(value) for value in values.values()):
+            self.optimizer.zero_grad(set_to_none=True)
+            shown = ", ".join(f"{name} {value}" for name, value in values.items())
+            raise TrainingDiverged(f"non-finite values at step {step + 1}: {shown}", step=step + 1)
+        lr = lr_at_step(step, self.total_steps, self.config)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return lr, grad_norm
+
+    def check_weights(self, steps_done: int) -> None:
+        if not all(bool(torch.isfinite(p).all()) for p in self.params):
+            raise TrainingDiverged("adapter weights are not finite after the last step", step=steps_done)
+
+
 def _plan_micro_batches(num_batches: int, config: TrainConfig, generator: torch.Generator) -> list[list[int]]:
     """Indices of pre-collated batches for each optimizer step (a fresh seeded order per epoch)."""
     if config.max_steps:
@@ -373,21 +432,12 @@ class LoraTrainer:
         should_stop: Callable[[], bool] | None,
     ) -> tuple[dict[str, float], list[float]]:
         config = self.config
-        params = [p for p in model.parameters() if p.requires_grad]
-        if not params:
-            raise ValueError("the adapter has no trainable parameter (check target_modules)")
-        on_cuda = params[0].device.type == "cuda"
-        optimizer = torch.optim.AdamW(
-            params,
-            lr=config.lr,
-            weight_decay=config.weight_decay,
-            fused=on_cuda or None,
-            foreach=None if on_cuda else True,
-        )
         generator = torch.Generator().manual_seed(config.seed)
         plan = _plan_micro_batches(len(batches), config, generator)
         total_steps = len(plan)
-        clip_norm = config.max_grad_norm if config.max_grad_norm > 0 else math.inf
+        params = [p for p in model.parameters() if p.requires_grad]
+        guard = GuardedStep(params, config, total_steps=total_steps, started=started)
+        device = guard.params[0].device
         # per batch: rows that must be learnt and are not reproduced yet (by the latest forward)
         unlearnt = [rows.clone() for rows in learn_rows]
         learnt_at: int | None = None
@@ -401,9 +451,9 @@ class LoraTrainer:
             if should_stop is not None and should_stop():
                 raise TrainingCancelled(f"cancelled before step {step + 1}/{total_steps}")
             step_targets = sum(batches[i].num_targets for i in micro)
-            loss_sum = torch.zeros((), device=params[0].device)
+            loss_sum = torch.zeros((), device=device)
             for i in micro:
-                self._check_budget(started, step, total_steps)
+                guard.check_budget(step)
                 nll, mismatched = self._nll_and_mismatch(model, batches[i])
                 (nll / step_targets).backward()
                 loss_sum += nll.detach()
@@ -416,19 +466,8 @@ class LoraTrainer:
                 (config.anchor_weight * kl).backward()
                 anchor_kl = float(kl.detach())
                 anchor_kl_sum += anchor_kl
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, clip_norm)
             loss = (loss_sum / step_targets).item()  # the one host sync per step
-            if not math.isfinite(loss) or not math.isfinite(float(grad_norm)) or not math.isfinite(anchor_kl):
-                raise TrainingDiverged(
-                    f"non-finite loss {loss}, anchor KL {anchor_kl} or gradient norm {float(grad_norm)} "
-                    f"at step {step + 1}",
-                    step=step + 1,
-                )
-            lr = lr_at_step(step, total_steps, config)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            lr, grad_norm = guard.step(step, {"loss": loss, "anchor KL": anchor_kl})
             losses.append(loss)
             steps_done = step + 1
             target_tokens += step_targets
@@ -446,7 +485,7 @@ class LoraTrainer:
                         "anchor_kl": anchor_kl,
                         "unlearnt": remaining,
                         "lr": lr,
-                        "grad_norm": float(grad_norm),
+                        "grad_norm": grad_norm,
                         "tokens": target_tokens,
                         "tokens_per_s": target_tokens / elapsed if elapsed > 0 else 0.0,
                         "input_tokens_per_s": input_tokens / elapsed if elapsed > 0 else 0.0,
@@ -456,9 +495,8 @@ class LoraTrainer:
                 )
             if learnt_at is not None and step + 1 >= learnt_at + config.learnt_extra_steps:
                 break
-        self._check_budget(started, steps_done, total_steps)
-        if not all(bool(torch.isfinite(p).all()) for p in params):
-            raise TrainingDiverged("adapter weights are not finite after the last step", step=steps_done)
+        guard.check_budget(steps_done)
+        guard.check_weights(steps_done)
         loop_seconds = time.perf_counter() - loop_started
         metrics = {
             "steps": float(steps_done),
@@ -488,11 +526,3 @@ class LoraTrainer:
         per_row = torch.zeros(batch.input_ids.shape[0], dtype=torch.long, device=wrong.device)
         per_row.index_add_(0, rows, wrong)
         return nll, per_row > 0
-
-    def _check_budget(self, started: float, step: int, total_steps: int) -> None:
-        elapsed = time.perf_counter() - started
-        if elapsed > self.config.time_budget_s:
-            raise TrainingBudgetExceeded(
-                f"time budget {self.config.time_budget_s:g}s exceeded after {elapsed:.1f}s "
-                f"(step {step}/{total_steps})"
-            )

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -24,7 +25,7 @@ from training.distill import (
 )
 from training.evaluate import GateConfig, score_candidate
 from training.render import render_distillation_pair, render_example
-from training.trainer import TrainConfig, TrainingDiverged, load_base_model
+from training.trainer import TrainConfig, TrainingBudgetExceeded, TrainingDiverged, load_base_model
 
 pytestmark = pytest.mark.slow
 
@@ -223,6 +224,16 @@ def test_nan_guard_raises_training_diverged(one_epoch):
     finally:
         with torch.no_grad():
             param.copy_(saved)
+
+
+def test_a_student_run_past_its_time_budget_fails_as_an_online_update_does(one_epoch):
+    distiller, prepared = one_epoch
+    before = trainable(prepared)
+    # the budget rule is the online trainer's (GuardedStep): the whole run from `started` must fit
+    with pytest.raises(TrainingBudgetExceeded, match="time budget"):
+        distiller.train_student(prepared, started=time.perf_counter() - distiller.config.time_budget_s - 1)
+    after = trainable(prepared)
+    assert all(torch.equal(before[n], after[n]) for n in before)
 
 
 def test_feedback_mix_adds_the_online_loss(one_epoch, tokenizer):
