@@ -38,8 +38,11 @@ from training.learning_eval import Fact, GeneralQuestion, LearningHarness, load_
 from training.pretrained import model_dir
 
 DEV_SET = Path(__file__).parent / "data" / "learning_dev.json"
-BASELINE_NAMES = {"no-replay": "same_updates_without_replay", "parent-anchor": "same_updates_anchored_to_parent",
-                  "none": "none"}  # fmt: skip
+BASELINE_NAMES = {
+    "no-replay": "same_updates_without_replay",
+    "parent-anchor": "same_updates_anchored_to_parent",
+    "none": "none",
+}
 
 
 def replay_for(taught: list[Fact], *, ratio: float, max_items: int, seed: int) -> list[Fact]:
@@ -48,8 +51,16 @@ def replay_for(taught: list[Fact], *, ratio: float, max_items: int, seed: int) -
     return random.Random(seed).sample(taught, n) if n else []
 
 
-def run_sequence(harness: LearningHarness, facts: list[Fact], general: list[GeneralQuestion], settings: Settings,
-                 *, replay: bool, scratch: Path, label: str) -> list[dict]:  # fmt: skip
+def run_sequence(
+    harness: LearningHarness,
+    facts: list[Fact],
+    general: list[GeneralQuestion],
+    settings: Settings,
+    *,
+    replay: bool,
+    scratch: Path,
+    label: str,
+) -> list[dict]:
     recipe = dataclasses.replace(train_config(settings), device="cpu")
     if label == "parent-anchor":
         recipe = dataclasses.replace(recipe, anchor_reference="parent")
@@ -57,19 +68,44 @@ def run_sequence(harness: LearningHarness, facts: list[Fact], general: list[Gene
     curve = []
     for index, fact in enumerate(facts):
         taught = facts[:index]
-        replayed = replay_for(taught, ratio=settings.replay_ratio, max_items=settings.replay_max_items,
-                              seed=settings.train_seed + index) if replay else []  # fmt: skip
+        replayed = (
+            replay_for(
+                taught,
+                ratio=settings.replay_ratio,
+                max_items=settings.replay_max_items,
+                seed=settings.train_seed + index,
+            )
+            if replay
+            else []
+        )
         out = scratch / f"{label}-v{index + 1}"
         last = index == len(facts) - 1
         started = time.perf_counter()
-        score = harness.update(recipe, [fact], out_dir=out, parent_adapter=parent, replay=replayed,
-                               judge=facts[: index + 1], general=general, ask_rephrasings=last)  # fmt: skip
+        score = harness.update(
+            recipe,
+            [fact],
+            out_dir=out,
+            parent_adapter=parent,
+            replay=replayed,
+            judge=facts[: index + 1],
+            general=general,
+            ask_rephrasings=last,
+        )
         parent = out
-        row = {"recipe": label, "version": index + 1, "facts_recalled": score.exact, "facts_taught": index + 1,
-               "first_fact": answer_has_keys(score.answers[facts[0].question], facts[0].keys),
-               "general_kept": score.general, "general_total": score.general_total,
-               "drift_kl": round(score.drift_kl, 4), "replayed": len(replayed), "steps": score.steps,
-               "train_s": round(score.train_seconds, 1), "seconds": round(time.perf_counter() - started, 1)}  # fmt: skip
+        row = {
+            "recipe": label,
+            "version": index + 1,
+            "facts_recalled": score.exact,
+            "facts_taught": index + 1,
+            "first_fact": answer_has_keys(score.answers[facts[0].question], facts[0].keys),
+            "general_kept": score.general,
+            "general_total": score.general_total,
+            "drift_kl": round(score.drift_kl, 4),
+            "replayed": len(replayed),
+            "steps": score.steps,
+            "train_s": round(score.train_seconds, 1),
+            "seconds": round(time.perf_counter() - started, 1),
+        }
         if last:
             row["rephrased"] = f"{score.rephrased}/{score.rephrased_total}"
         curve.append(row)
@@ -92,36 +128,59 @@ def main() -> int:
     harness = LearningHarness(model_dir(), device="cpu")
     general = harness.base_right(general)
     with tempfile.TemporaryDirectory() as scratch:
-        curves = {"loraloop": run_sequence(harness, facts, general, settings, replay=True, scratch=Path(scratch),
-                                           label="loraloop")}  # fmt: skip
+        curves = {
+            "loraloop": run_sequence(
+                harness, facts, general, settings, replay=True, scratch=Path(scratch), label="loraloop"
+            )
+        }
         if args.baseline != "none":
-            curves[args.baseline] = run_sequence(harness, facts, general, settings,
-                                                 replay=args.baseline != "no-replay", scratch=Path(scratch),
-                                                 label=args.baseline)  # fmt: skip
-    print("| recipe | version | facts recalled | first fact | general kept | drift_kl | replayed | steps | train s |")
+            curves[args.baseline] = run_sequence(
+                harness,
+                facts,
+                general,
+                settings,
+                replay=args.baseline != "no-replay",
+                scratch=Path(scratch),
+                label=args.baseline,
+            )
+    print(
+        "| recipe | version | facts recalled | first fact | general kept | drift_kl | replayed | steps | train s |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for curve in curves.values():
         for row in curve:
-            print(f"| {row['recipe']} | v{row['version']} | {row['facts_recalled']}/{row['facts_taught']} | "
-                  f"{'yes' if row['first_fact'] else 'no'} | {row['general_kept']}/{row['general_total']} | "
-                  f"{row['drift_kl']} | {row['replayed']} | {row['steps']} | {row['train_s']} |")
+            print(
+                f"| {row['recipe']} | v{row['version']} | {row['facts_recalled']}/{row['facts_taught']} | "
+                f"{'yes' if row['first_fact'] else 'no'} | {row['general_kept']}/{row['general_total']} | "
+                f"{row['drift_kl']} | {row['replayed']} | {row['steps']} | {row['train_s']} |"
+            )
     last = curves["loraloop"][-1]
     baseline = curves[args.baseline][-1] if args.baseline != "none" else None
     value = last["facts_recalled"] / len(facts)
     baseline_value = None if baseline is None else baseline["facts_recalled"] / len(facts)
-    print(json.dumps({
-        "metric": "continual_facts_recalled_share", "value": round(value, 4),
-        "baseline": BASELINE_NAMES[args.baseline],
-        "baseline_value": None if baseline_value is None else round(baseline_value, 4),
-        "ratio": round(value / baseline_value, 4) if baseline_value else None,
-        "updates": len(facts), "general_kept": f"{last['general_kept']}/{last['general_total']}",
-        "drift_kl": last["drift_kl"], "gate_max_drift_kl": settings.gate_max_drift_kl,
-        "rephrased": last.get("rephrased"),
-        "general_ratio": round(last["general_kept"] / baseline["general_kept"], 4)
-        if baseline and baseline["general_kept"] else None,
-        "baseline_general_kept": f"{baseline['general_kept']}/{baseline['general_total']}" if baseline else None,
-        "baseline_drift_kl": baseline["drift_kl"] if baseline else None,
-    }))
+    print(
+        json.dumps(
+            {
+                "metric": "continual_facts_recalled_share",
+                "value": round(value, 4),
+                "baseline": BASELINE_NAMES[args.baseline],
+                "baseline_value": None if baseline_value is None else round(baseline_value, 4),
+                "ratio": round(value / baseline_value, 4) if baseline_value else None,
+                "updates": len(facts),
+                "general_kept": f"{last['general_kept']}/{last['general_total']}",
+                "drift_kl": last["drift_kl"],
+                "gate_max_drift_kl": settings.gate_max_drift_kl,
+                "rephrased": last.get("rephrased"),
+                "general_ratio": round(last["general_kept"] / baseline["general_kept"], 4)
+                if baseline and baseline["general_kept"]
+                else None,
+                "baseline_general_kept": f"{baseline['general_kept']}/{baseline['general_total']}"
+                if baseline
+                else None,
+                "baseline_drift_kl": baseline["drift_kl"] if baseline else None,
+            }
+        )
+    )
     return 0
 
 

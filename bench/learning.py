@@ -2,7 +2,7 @@
 
 On bench/data/learning_dev.json (facts SmolLM2-135M-Instruct does not know, rephrasings never
 trained on, general questions the base answers right), for each case size: loraloop's default
-recipe (Settings defaults: KL anchor to the parent, framed question variants, stop once every
+recipe (Settings defaults: KL anchor to the base model, framed question variants, stop once every
 target is reproduced) and the naive baseline (plain completion-only SFT: same LoRA, same learning
 rate, the same number of steps, no anchor, no variants). Prints a
 table row per case and recipe, then one JSON line: value = loraloop's mean of exact / rephrased /

@@ -61,12 +61,28 @@ async def drive_mix(
 
 def run_mix(url: str, args: argparse.Namespace) -> dict[str, Any]:
     completed = subprocess.run(
-        [sys.executable, __file__, "--drive", url, "--duration", str(args.duration),
-         "--concurrency", str(args.concurrency), "--batch-concurrency", str(args.batch_concurrency),
-         "--read-concurrency", str(args.read_concurrency), "--batch-size", str(args.batch_size)],
-        capture_output=True, text=True, timeout=args.duration + 120, check=False,
+        [
+            sys.executable,
+            __file__,
+            "--drive",
+            url,
+            "--duration",
+            str(args.duration),
+            "--concurrency",
+            str(args.concurrency),
+            "--batch-concurrency",
+            str(args.batch_concurrency),
+            "--read-concurrency",
+            str(args.read_concurrency),
+            "--batch-size",
+            str(args.batch_size),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=args.duration + 120,
+        check=False,
         env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )  # fmt: skip
+    )
     if completed.returncode != 0:
         raise RuntimeError(f"load process failed:\n{completed.stderr[-2000:]}")
     return json.loads(completed.stdout.strip().splitlines()[-1])
@@ -103,19 +119,29 @@ def report_lines(run: str, backend: str, mix: dict[str, Any], bound_ms: float) -
     lines = []
     for mode in ROUTES:
         result = mix[mode]
-        lines.append({
-            "run": run, "backend": backend, "route": mode, **result,
-            "p99_bound_ms": bound_ms, "p99_within_bound": bool(result["p99_ms"] <= bound_ms),
-        })  # fmt: skip
+        lines.append(
+            {
+                "run": run,
+                "backend": backend,
+                "route": mode,
+                **result,
+                "p99_bound_ms": bound_ms,
+                "p99_within_bound": bool(result["p99_ms"] <= bound_ms),
+            }
+        )
     total = sum(mix[mode]["requests_per_s"] for mode in ROUTES)
-    lines.append({
-        "run": run, "backend": backend, "route": "all",
-        "requests_per_s": round(total, 1),
-        "items_per_s": round(sum(mix[mode]["items_per_s"] for mode in ("single", "batch")), 1),
-        "errors": sum(mix[mode]["errors"] for mode in ROUTES),
-        "worst_p99_ms": max(mix[mode]["p99_ms"] for mode in ROUTES),
-        "p99_within_bound": all(mix[mode]["p99_ms"] <= bound_ms for mode in ROUTES),
-    })  # fmt: skip
+    lines.append(
+        {
+            "run": run,
+            "backend": backend,
+            "route": "all",
+            "requests_per_s": round(total, 1),
+            "items_per_s": round(sum(mix[mode]["items_per_s"] for mode in ("single", "batch")), 1),
+            "errors": sum(mix[mode]["errors"] for mode in ROUTES),
+            "worst_p99_ms": max(mix[mode]["p99_ms"] for mode in ROUTES),
+            "p99_within_bound": all(mix[mode]["p99_ms"] <= bound_ms for mode in ROUTES),
+        }
+    )
     return lines
 
 
@@ -133,14 +159,23 @@ def start_worker(
     server: Server, db_url: str, data_dir: Path, extra: dict[str, str]
 ) -> subprocess.Popen[bytes]:
     """`loraloop worker` on the same database and data folder as `server` (its own process)."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "LORALOOP_DATABASE_URL": db_url,
-           "LORALOOP_DATA_DIR": str(data_dir), "LORALOOP_LOG_LEVEL": "WARNING", **server_env(extra),
-           "LORALOOP_WORKER_ENABLED": "true"}  # fmt: skip
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "LORALOOP_DATABASE_URL": db_url,
+        "LORALOOP_DATA_DIR": str(data_dir),
+        "LORALOOP_LOG_LEVEL": "WARNING",
+        **server_env(extra),
+        "LORALOOP_WORKER_ENABLED": "true",
+    }
     with (data_dir / "worker.log").open("ab") as log:
         return subprocess.Popen(
-            [sys.executable, "-m", "service.cli", "worker"], cwd=REPO_ROOT, env=env,
-            stdout=log, stderr=subprocess.STDOUT,
-        )  # fmt: skip
+            [sys.executable, "-m", "service.cli", "worker"],
+            cwd=REPO_ROOT,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
 
 
 def main() -> None:
@@ -168,8 +203,11 @@ def main() -> None:
     args = parser.parse_args()
 
     if args.drive:
-        concurrency = {"single": args.concurrency, "batch": args.batch_concurrency,
-                       "adapters": args.read_concurrency}  # fmt: skip
+        concurrency = {
+            "single": args.concurrency,
+            "batch": args.batch_concurrency,
+            "adapters": args.read_concurrency,
+        }
         print(json.dumps(asyncio.run(drive_mix(args.drive, args.duration, concurrency, args.batch_size))))
         return
 

@@ -37,9 +37,13 @@ def ask(http: httpx.Client, namespace: str) -> tuple[int, str | None, str | None
     try:
         response = http.post(
             "/v1/chat/completions",
-            json={"model": namespace, "messages": [{"role": "user", "content": DEMO_QUESTION}],
-                  "temperature": 0.0, "max_tokens": 24},
-        )  # fmt: skip
+            json={
+                "model": namespace,
+                "messages": [{"role": "user", "content": DEMO_QUESTION}],
+                "temperature": 0.0,
+                "max_tokens": 24,
+            },
+        )
     except httpx.TransportError:
         return 0, None, None
     if response.status_code != 200:
@@ -80,10 +84,17 @@ def main() -> int:
 
     with tempfile.TemporaryDirectory(prefix="loraloop-bench-loop-") as scratch:
         root = Path(scratch)
-        settings = prepare_serving(Settings(
-            database_url=f"sqlite:///{root / 'loraloop.db'}", data_dir=root, base_model=args.model,
-            vllm_urls=["embedded"], vllm_port=0, auth_disabled=True, distill_enabled=False,
-        ))  # fmt: skip
+        settings = prepare_serving(
+            Settings(
+                database_url=f"sqlite:///{root / 'loraloop.db'}",
+                data_dir=root,
+                base_model=args.model,
+                vllm_urls=["embedded"],
+                vllm_port=0,
+                auth_disabled=True,
+                distill_enabled=False,
+            )
+        )
         log_to_file(root / "logs" / "loraloop.log", "INFO")
         app = create_app(settings, background=background_services(settings))
         server = ThreadedServer(app)
@@ -98,10 +109,14 @@ def main() -> int:
             )
 
             posted = time.monotonic()
-            response = http.post("/feedback", json={
-                "namespace": namespace, "continuation": DEMO_CONTINUATION,
-                "messages": [{"role": "user", "content": DEMO_QUESTION}],
-            })  # fmt: skip
+            response = http.post(
+                "/feedback",
+                json={
+                    "namespace": namespace,
+                    "continuation": DEMO_CONTINUATION,
+                    "messages": [{"role": "user", "content": DEMO_QUESTION}],
+                },
+            )
             response.raise_for_status()
             while True:
                 jobs = http.get("/jobs", params={"namespace": namespace, "kind": "train"}).json()["items"]
@@ -152,15 +167,21 @@ def main() -> int:
         finally:
             http.close()
             server.stop()
-    print(json.dumps({
-        "metric": "feedback_to_serving_s",
-        "value": report["feedback_to_serving_s"],
-        "baseline": "vllm_cold_restart_with_new_adapter_s",
-        "baseline_value": report["vllm_cold_restart_to_new_version_s"],
-        "ratio": round(report["vllm_cold_restart_to_new_version_s"] / report["feedback_to_serving_s"], 3),
-        "swap_s": report["swap_s"],
-        "learnt": report["learnt"],
-    }))  # fmt: skip
+    print(
+        json.dumps(
+            {
+                "metric": "feedback_to_serving_s",
+                "value": report["feedback_to_serving_s"],
+                "baseline": "vllm_cold_restart_with_new_adapter_s",
+                "baseline_value": report["vllm_cold_restart_to_new_version_s"],
+                "ratio": round(
+                    report["vllm_cold_restart_to_new_version_s"] / report["feedback_to_serving_s"], 3
+                ),
+                "swap_s": report["swap_s"],
+                "learnt": report["learnt"],
+            }
+        )
+    )
     return 0
 
 

@@ -71,21 +71,6 @@ class ReconcileReport:
     def ok(self) -> bool:
         return all(r.reachable and not r.errors for r in self.replicas)
 
-    def as_dict(self) -> dict[str, object]:
-        return {
-            "ok": self.ok,
-            "replicas": [
-                {
-                    "base_url": r.base_url,
-                    "reachable": r.reachable,
-                    "loaded": r.loaded,
-                    "unloaded": r.unloaded,
-                    "errors": r.errors,
-                }
-                for r in self.replicas
-            ],
-        }
-
 
 @dataclass(frozen=True)
 class _Version:

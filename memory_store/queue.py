@@ -316,7 +316,9 @@ class JobQueue:
 
     def newest(self, *, kind: str, namespace: str) -> Job | None:
         """The namespace's most recent job of `kind` (any status)."""
-        stmt = select(Job).where(Job.namespace == namespace, Job.kind == kind).order_by(Job.id.desc()).limit(1)
+        stmt = (
+            select(Job).where(Job.namespace == namespace, Job.kind == kind).order_by(Job.id.desc()).limit(1)
+        )
         return self.session.scalars(stmt).first()
 
     def dead_namespaces(self, *, kind: str, finished_before: datetime, limit: int = 50) -> list[str]:
@@ -324,12 +326,16 @@ class JobQueue:
         deaths first (the candidates for a re-queue once the cause is gone)."""
         stmt = (
             select(Job.namespace, func.min(Job.finished_at))
-            .where(Job.status == "dead", Job.kind == kind, Job.namespace.is_not(None),
-                   Job.finished_at < finished_before)
+            .where(
+                Job.status == "dead",
+                Job.kind == kind,
+                Job.namespace.is_not(None),
+                Job.finished_at < finished_before,
+            )
             .group_by(Job.namespace)
             .order_by(func.min(Job.finished_at))
             .limit(limit)
-        )  # fmt: skip
+        )
         return [str(namespace) for namespace, _ in self.session.execute(stmt).all()]
 
     def active_job(self, *, dedupe_key: str) -> Job | None:

@@ -53,10 +53,13 @@ def train_config(settings: Settings) -> TrainConfig:
 def gate_config(settings: Settings) -> GateConfig:
     """The one gate of online updates and distillations: NLL drop or gap closure and answer agreement,
     drift and general answers lost."""
-    return GateConfig(min_nll_drop=settings.gate_min_nll_drop, max_drift_kl=settings.gate_max_drift_kl,
-                      max_general_lost=settings.gate_max_general_lost,
-                      min_gap_closure=settings.gate_min_gap_closure,
-                      min_answer_agreement=settings.gate_min_answer_agreement)  # fmt: skip
+    return GateConfig(
+        min_nll_drop=settings.gate_min_nll_drop,
+        max_drift_kl=settings.gate_max_drift_kl,
+        max_general_lost=settings.gate_max_general_lost,
+        min_gap_closure=settings.gate_min_gap_closure,
+        min_answer_agreement=settings.gate_min_answer_agreement,
+    )
 
 
 def distill_config(settings: Settings) -> DistillConfig:

@@ -215,7 +215,3 @@ class Settings(BaseSettings):
     @property
     def tokenizer_path(self) -> Path:
         return self.tokenizer or self.base_model
-
-    @property
-    def is_sqlite(self) -> bool:
-        return self.database_url.startswith("sqlite")

@@ -174,8 +174,9 @@ def run_demo(console: Console, *, keep_serving: bool = True) -> dict[str, float]
     )
     console.print(f"preparing the base model {settings.base_model} ...")
     settings = prepare_serving(settings)
-    server = ThreadedServer(create_app(settings, background=background_services(settings)), host="127.0.0.1",
-                            port=settings.port)  # fmt: skip
+    server = ThreadedServer(
+        create_app(settings, background=background_services(settings)), host="127.0.0.1", port=settings.port
+    )
     server.start()
     client = DemoClient(server.url, settings.default_namespace)
     timings: dict[str, float] = {}
@@ -194,13 +195,15 @@ def run_demo(console: Console, *, keep_serving: bool = True) -> dict[str, float]
 
         console.print(f"\nfeedback: the answer should have been [green]{DEMO_CONTINUATION!r}[/]")
         posted = time.monotonic()
-        feedback_id = client.post_feedback({
-            "namespace": settings.default_namespace,
-            "conversation_id": conversation_id,
-            "target_index": 1,
-            "continuation": DEMO_CONTINUATION,
-            "reason": "demo",
-        })  # fmt: skip
+        feedback_id = client.post_feedback(
+            {
+                "namespace": settings.default_namespace,
+                "conversation_id": conversation_id,
+                "target_index": 1,
+                "continuation": DEMO_CONTINUATION,
+                "reason": "demo",
+            }
+        )
         console.print(f"POST /feedback -> 202 (id {feedback_id}); the worker trains it now:")
         job = follow_job(client, console, timeout_s=900)
         result = job.get("result") or {}
@@ -221,8 +224,11 @@ def run_demo(console: Console, *, keep_serving: bool = True) -> dict[str, float]
         console.print(
             ("[green]learnt[/]" if learnt else "[yellow]not the taught answer[/]")
             + f": feedback to serving in {timings['feedback_to_serving_s']:.1f} s "
-            + "(" + ", ".join(f"{k.removesuffix('_seconds')} {v:.1f} s"
-                              for k, v in (result.get("timings") or {}).items()) + ")"
+            + "("
+            + ", ".join(
+                f"{k.removesuffix('_seconds')} {v:.1f} s" for k, v in (result.get("timings") or {}).items()
+            )
+            + ")"
         )
         for question in (DEMO_REPHRASED, DEMO_GENERAL):
             answer, version, _ = client.ask(question)

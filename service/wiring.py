@@ -268,13 +268,22 @@ def job_handlers(
     }
 
 
-def build_worker(settings: Settings, session_factory: sessionmaker[Session], registry: AdapterRegistry, *,
-                 metrics: Any | None = None, worker_id: str | None = None) -> Worker:  # fmt: skip
+def build_worker(
+    settings: Settings,
+    session_factory: sessionmaker[Session],
+    registry: AdapterRegistry,
+    *,
+    metrics: Any | None = None,
+    worker_id: str | None = None,
+) -> Worker:
     """The job worker of `serve` and of `loraloop worker`, built one way: the train and distill
     handlers, each inside the vLLM sleep window of the registry's replicas."""
     swapper = registry.swapper
     window = VllmSleepWindow(swapper.clients if swapper else [], enabled=settings.vllm_sleep_for_training)
-    handlers = {kind: window.wrap(handler) for kind, handler in job_handlers(settings, session_factory, registry).items()}
+    handlers = {
+        kind: window.wrap(handler)
+        for kind, handler in job_handlers(settings, session_factory, registry).items()
+    }
     return Worker(settings, session_factory, handlers, metrics=metrics, worker_id=worker_id)
 
 
@@ -325,15 +334,22 @@ class ThreadedServer:
     test drive the daemon from the main thread). `start()` returns once the lifespan ran (background
     services started) and the socket listens; `stop()` runs the shutdown (services stopped)."""
 
-    def __init__(self, app: Any, *, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning") -> None:
+    def __init__(
+        self, app: Any, *, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning"
+    ) -> None:
         import uvicorn
 
         self.host = host
         self.port = port or free_port(host)
         config = uvicorn.Config(
-            app, host=host, port=self.port, log_level=log_level, log_config=None, lifespan="on",
+            app,
+            host=host,
+            port=self.port,
+            log_level=log_level,
+            log_config=None,
+            lifespan="on",
             timeout_graceful_shutdown=10,
-        )  # fmt: skip
+        )
         self.server = uvicorn.Server(config)
         self._thread: threading.Thread | None = None
 

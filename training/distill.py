@@ -108,8 +108,14 @@ class DistillConfig:
     lora_alpha: int = 16
     lora_dropout: float = 0.0
     lora_target_modules: tuple[str, ...] = (
-        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
-    )  # fmt: skip
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+    )
     render: RenderConfig = field(default_factory=RenderConfig)
 
     def __post_init__(self) -> None:
@@ -721,8 +727,12 @@ class MemoryDistiller:
                 f"{len(train_pairs)} train / {len(heldout_pairs)} held-out pairs with a non-empty response"
             )
         clock = time.perf_counter()
-        cache = {"topk": config.topk, "temperature": config.temperature, "pad_token_id": pad_token_id,
-                 "batch_size": config.batch_size}  # fmt: skip
+        cache = {
+            "topk": config.topk,
+            "temperature": config.temperature,
+            "pad_token_id": pad_token_id,
+            "batch_size": config.batch_size,
+        }
         train_teacher = precompute_teacher(model, [p.teacher for p in train_pairs], **cache)
         heldout_teacher = precompute_teacher(model, [p.teacher for p in heldout_pairs], **cache)
         stats["teacher_seconds"] = time.perf_counter() - clock
@@ -782,15 +792,17 @@ class MemoryDistiller:
             tokens += batch.num_targets
             if on_progress is not None:
                 elapsed = time.perf_counter() - loop_started
-                on_progress({
-                    "step": step + 1,
-                    "total_steps": len(plan),
-                    "loss": value,
-                    "kl": float(kl.detach()),
-                    "tokens": tokens,
-                    "tokens_per_s": tokens / elapsed if elapsed > 0 else 0.0,
-                    "elapsed_s": time.perf_counter() - started,
-                })
+                on_progress(
+                    {
+                        "step": step + 1,
+                        "total_steps": len(plan),
+                        "loss": value,
+                        "kl": float(kl.detach()),
+                        "tokens": tokens,
+                        "tokens_per_s": tokens / elapsed if elapsed > 0 else 0.0,
+                        "elapsed_s": time.perf_counter() - started,
+                    }
+                )
         guard.check_budget(len(losses))
         guard.check_weights(len(losses))
         loop_seconds = time.perf_counter() - loop_started
@@ -806,17 +818,23 @@ class MemoryDistiller:
     # --- evaluation ------------------------------------------------------------------------------
     def _heldout_kl(self, prepared: PreparedDistillation) -> float:
         return mean_teacher_student_kl(
-            prepared.model, [p.student for p in prepared.heldout_pairs], prepared.heldout_teacher,
-            temperature=self.config.temperature, pad_token_id=prepared.pad_token_id,
+            prepared.model,
+            [p.student for p in prepared.heldout_pairs],
+            prepared.heldout_teacher,
+            temperature=self.config.temperature,
+            pad_token_id=prepared.pad_token_id,
             batch_size=self.config.batch_size,
-        )  # fmt: skip
+        )
 
     def _train_kl(self, prepared: PreparedDistillation) -> float:
         return mean_teacher_student_kl(
-            prepared.model, [p.student for p in prepared.train_pairs], prepared.train_teacher,
-            temperature=self.config.temperature, pad_token_id=prepared.pad_token_id,
+            prepared.model,
+            [p.student for p in prepared.train_pairs],
+            prepared.train_teacher,
+            temperature=self.config.temperature,
+            pad_token_id=prepared.pad_token_id,
             batch_size=self.config.batch_size,
-        )  # fmt: skip
+        )
 
     def _drift(
         self, model: Any, tokenizer: Any, parent_adapter: Path | None, probes: Sequence[Example] | None

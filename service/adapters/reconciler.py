@@ -40,17 +40,29 @@ def deployment_rows(desired: DesiredState, report: ReconcileReport) -> list[dict
             else:
                 state, error = "loaded", None
             rows.append(
-                {"adapter_name": namespace, "version": version, "replica_url": replica.base_url,
-                 "served_name": name, "state": state, "error": error}
-            )  # fmt: skip
+                {
+                    "adapter_name": namespace,
+                    "version": version,
+                    "replica_url": replica.base_url,
+                    "served_name": name,
+                    "state": state,
+                    "error": error,
+                }
+            )
         for name in replica.unloaded:
             parsed = parse_served_name(name)
             if parsed is None:
                 continue
             rows.append(
-                {"adapter_name": parsed[0], "version": parsed[1], "replica_url": replica.base_url,
-                 "served_name": name, "state": "unloaded", "error": None}
-            )  # fmt: skip
+                {
+                    "adapter_name": parsed[0],
+                    "version": parsed[1],
+                    "replica_url": replica.base_url,
+                    "served_name": name,
+                    "state": "unloaded",
+                    "error": None,
+                }
+            )
     return rows
 
 
@@ -137,8 +149,11 @@ class Reconciler:
             elif replica.loaded or replica.unloaded or replica.errors:
                 logger.info(
                     "reconciled %s: loaded %s, unloaded %s, errors %s",
-                    replica.base_url, replica.loaded, replica.unloaded, replica.errors,
-                )  # fmt: skip
+                    replica.base_url,
+                    replica.loaded,
+                    replica.unloaded,
+                    replica.errors,
+                )
         self._record(deployment_rows(desired, report))
         if self.on_all_reachable is not None and all(replica.reachable for replica in report.replicas):
             try:

@@ -150,9 +150,12 @@ async def _dbapi_error(request: Request, exc: DBAPIError) -> JSONResponse:
     # values, i.e. feedback content. The statement (placeholders only) and SQLSTATE locate the bug.
     logger.error(
         "database error on %s %s: %s (sqlstate %s) in %s",
-        request.method, request.url.path, type(exc.orig).__name__,
-        getattr(exc.orig, "sqlstate", None) or getattr(exc.orig, "sqlite_errorname", None), exc.statement,
-    )  # fmt: skip
+        request.method,
+        request.url.path,
+        type(exc.orig).__name__,
+        getattr(exc.orig, "sqlstate", None) or getattr(exc.orig, "sqlite_errorname", None),
+        exc.statement,
+    )
     return _json(500, error_body("internal_error", "internal database error"))
 
 

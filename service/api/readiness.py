@@ -86,13 +86,19 @@ def tokenizer_check(tokenizer_dir: Path) -> ReadinessCheck:
     def check() -> ComponentHealth:
         if any((Path(tokenizer_dir) / name).is_file() for name in TOKENIZER_FILES):
             return ComponentHealth(status="ok")
-        return ComponentHealth(status="unavailable", detail=f"no tokenizer files in {tokenizer_dir} (LORALOOP_TOKENIZER)")
+        return ComponentHealth(
+            status="unavailable", detail=f"no tokenizer files in {tokenizer_dir} (LORALOOP_TOKENIZER)"
+        )
 
     return check
 
 
-def vllm_check(last_report: Callable[[], tuple[Any, float] | None], *, max_age_s: float,
-               clock: Callable[[], float] = time.monotonic) -> ReadinessCheck:  # fmt: skip
+def vllm_check(
+    last_report: Callable[[], tuple[Any, float] | None],
+    *,
+    max_age_s: float,
+    clock: Callable[[], float] = time.monotonic,
+) -> ReadinessCheck:
     """The vLLM component from the reconciler's last round (`(report, monotonic time)` or None):
     ok when it is at most `max_age_s` old, reached every replica and every current version loaded."""
 
@@ -109,7 +115,9 @@ def vllm_check(last_report: Callable[[], tuple[Any, float] | None], *, max_age_s
                 return ComponentHealth(status="unavailable", detail=f"{replica.base_url} unreachable")
             if replica.errors:
                 name, error = next(iter(sorted(replica.errors.items())))
-                return ComponentHealth(status="unavailable", detail=f"{replica.base_url}: {name}: {error}"[:300])
+                return ComponentHealth(
+                    status="unavailable", detail=f"{replica.base_url}: {name}: {error}"[:300]
+                )
         return ComponentHealth(status="ok")
 
     return check

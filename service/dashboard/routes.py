@@ -204,8 +204,13 @@ async def login(request: Request) -> Response:
     wait_s = throttle.retry_after(client)
     if wait_s > 0:
         logger.warning("dashboard login throttled", extra={"client": client})
-        response = render("login.html", 429, next=target, viewer=None,
-                          error=f"too many failed logins from this address; try again in {math.ceil(wait_s)} s")
+        response = render(
+            "login.html",
+            429,
+            next=target,
+            viewer=None,
+            error=f"too many failed logins from this address; try again in {math.ceil(wait_s)} s",
+        )
         response.headers["Retry-After"] = str(math.ceil(wait_s))
         return response
     table: TokenSource = request.app.state.token_table
@@ -438,11 +443,18 @@ def version_page(request: Request, name: str, version: int) -> Response:
             feedback = [item for item in items if item.id <= row.feedback_to_id]
         validator = request.app.state.feedback_validator
         tokens = {
-            item.id: (validator.inspect(
-                {"messages": item.messages, "target_index": item.target_index, "continuation": item.continuation}
-            ) or [])[:MAX_INSPECTED_TOKENS]
+            item.id: (
+                validator.inspect(
+                    {
+                        "messages": item.messages,
+                        "target_index": item.target_index,
+                        "continuation": item.continuation,
+                    }
+                )
+                or []
+            )[:MAX_INSPECTED_TOKENS]
             for item in feedback
-        }  # fmt: skip
+        }
         return render(
             "version.html",
             viewer=viewer,
@@ -521,7 +533,9 @@ async def train_action(request: Request, name: str) -> Response:
     viewer, _ = await action_viewer(request, "admin")
     visible_namespace(viewer, name)
     with request.app.state.session_factory.begin() as session:
-        enqueue_training(TrainJobCreate(namespace=name), session, request.app.state.settings, viewer.principal)
+        enqueue_training(
+            TrainJobCreate(namespace=name), session, request.app.state.settings, viewer.principal
+        )
     return RedirectResponse("/ui/jobs", status_code=303)
 
 
@@ -566,8 +580,16 @@ def chat_model(viewer: Viewer, model: str) -> str:
 @handle
 def chat_page(request: Request, model: str | None = None) -> Response:
     viewer = viewer_of(request, "inference")
-    return render("chat.html", viewer=viewer, aliases=chat_aliases(request, viewer), model=model,
-                  question="", answer=None, error=None, served=None)  # fmt: skip
+    return render(
+        "chat.html",
+        viewer=viewer,
+        aliases=chat_aliases(request, viewer),
+        model=model,
+        question="",
+        answer=None,
+        error=None,
+        served=None,
+    )
 
 
 @router.post("/chat", response_class=HTMLResponse)
@@ -587,8 +609,12 @@ async def chat_ask(request: Request) -> Response:
         error = "type a question"
     else:
         # greedy, as the gate and the behaviour report decode: versions compare answer for answer
-        body = {"model": model, "messages": [{"role": "user", "content": question}], "max_tokens": 200,
-                "temperature": 0}
+        body = {
+            "model": model,
+            "messages": [{"role": "user", "content": question}],
+            "max_tokens": 200,
+            "temperature": 0,
+        }
         request.state.principal = viewer.principal  # the gateway applies the same namespaces and label
         try:
             response = await forward(request, "/v1/chat/completions", "chat", body)
@@ -602,8 +628,16 @@ async def chat_ask(request: Request) -> Response:
             error = str(failure)
         except (ValueError, KeyError, IndexError, TypeError):
             error = "the gateway's answer could not be read"
-    return render("chat.html", viewer=viewer, aliases=aliases, model=model, question=question,
-                  answer=answer, error=error, served=served)  # fmt: skip
+    return render(
+        "chat.html",
+        viewer=viewer,
+        aliases=aliases,
+        model=model,
+        question=question,
+        answer=answer,
+        error=error,
+        served=served,
+    )
 
 
 async def _aliases_async(request: Request, viewer: Viewer) -> list[str]:

@@ -204,10 +204,6 @@ class AliasResolver:
             self._cache[alias] = (now, resolved)
         return resolved
 
-    def invalidate(self, alias: str) -> None:
-        with self._lock:
-            self._cache.pop(alias, None)
-
 
 # --- replicas ------------------------------------------------------------------------------------
 

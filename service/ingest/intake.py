@@ -70,10 +70,6 @@ class FeedbackValidator:
         self._loaded = False
         self._load_lock = threading.Lock()
 
-    @property
-    def has_tokenizer(self) -> bool:
-        return self._tokenizer is not None
-
     def load(self) -> None:
         with self._load_lock:
             if self._loaded:
@@ -203,9 +199,17 @@ def _prepare(
     )
 
 
-def queue_train_job(session: Session, settings: Settings, namespace: str, *, trigger: str,
-                    run_after: datetime | None = None, reschedule: bool = False, created_by: str | None = None,
-                    payload: Mapping[str, Any] | None = None) -> Job:  # fmt: skip
+def queue_train_job(
+    session: Session,
+    settings: Settings,
+    namespace: str,
+    *,
+    trigger: str,
+    run_after: datetime | None = None,
+    reschedule: bool = False,
+    created_by: str | None = None,
+    payload: Mapping[str, Any] | None = None,
+) -> Job:
     """The one place a `train` job is queued (feedback, the API, the CLI, a run's follow-up, the
     re-queue of a dead one). One active job per namespace: when a job of the namespace is queued or
     running already, that job is answered and absorbs the request. `run_after` None = now; with
@@ -221,7 +225,12 @@ def queue_train_job(session: Session, settings: Settings, namespace: str, *, tri
         run_after=due,
         created_by=created_by,
     )
-    if reschedule and job.status == "queued" and job.run_after != due and queue.reschedule(job_id=job.id, run_after=due):
+    if (
+        reschedule
+        and job.status == "queued"
+        and job.run_after != due
+        and queue.reschedule(job_id=job.id, run_after=due)
+    ):
         set_committed_value(job, "run_after", due)  # what the caller answers, without a second UPDATE
     return job
 
@@ -235,8 +244,14 @@ def enqueue_training(session: Session, namespaces: set[str], settings: Settings)
         trigger = settings.train_trigger_count
         enough = feedback.count_pending(namespace=namespace, at_most=trigger) >= trigger
         run_after = now if enough else now + timedelta(seconds=settings.train_debounce_s)
-        queue_train_job(session, settings, namespace, trigger="count" if enough else "debounce", run_after=run_after,
-                        reschedule=True)  # fmt: skip
+        queue_train_job(
+            session,
+            settings,
+            namespace,
+            trigger="count" if enough else "debounce",
+            run_after=run_after,
+            reschedule=True,
+        )
 
 
 def pending_state(session: Session, item: FeedbackItem) -> tuple[str | None, int | None]:
@@ -252,16 +267,23 @@ def pending_state(session: Session, item: FeedbackItem) -> tuple[str | None, int
         return "training: no train job yet (one is queued with the next feedback or `loraloop train`)", None
     progress = job.progress or {}
     if job.status == "queued" and progress.get("phase") == "waiting":
-        return (f"{progress.get('waiting_for', 'a dependency')}: {job.error or 'waiting'} "
-                f"(job {job.id}, next try {progress.get('next_try_at', 'soon')})"), job.id  # fmt: skip
+        return (
+            f"{progress.get('waiting_for', 'a dependency')}: {job.error or 'waiting'} "
+            f"(job {job.id}, next try {progress.get('next_try_at', 'soon')})"
+        ), job.id
     if job.status == "queued":
         return f"training: job {job.id} queued, due at {job.run_after.strftime('%Y-%m-%dT%H:%M:%SZ')}", job.id
     if job.status == "running":
         return f"training: job {job.id} running ({progress.get('phase', 'starting')})", job.id
     if job.status == "dead":
-        return (f"training: job {job.id} died after {job.attempts} attempts ({job.error}); it is re-queued "
-                "once vLLM answers again"), job.id  # fmt: skip
-    return f"training: the last train job ({job.id}) is {job.status}; a new one starts with the next run", job.id
+        return (
+            f"training: job {job.id} died after {job.attempts} attempts ({job.error}); it is re-queued "
+            "once vLLM answers again"
+        ), job.id
+    return (
+        f"training: the last train job ({job.id}) is {job.status}; a new one starts with the next run",
+        job.id,
+    )
 
 
 STRANDED_COOLDOWN_S = 60.0  # a dead train job is re-queued at most this often per namespace
@@ -274,13 +296,17 @@ def wake_waiting(session: Session, *, limit: int = 100) -> list[int]:
     queue = JobQueue(session)
     woken = []
     for job in queue.list(status="queued", kind=TRAIN_JOB_KIND, limit=limit):
-        waits = (job.progress or {}).get("waiting_for") == "vllm" and isinstance((job.payload or {}).get("promote"), dict)
+        waits = (job.progress or {}).get("waiting_for") == "vllm" and isinstance(
+            (job.payload or {}).get("promote"), dict
+        )
         if waits and queue.reschedule(job_id=job.id, run_after=utcnow()):
             woken.append(job.id)
     return woken
 
 
-def requeue_stranded(session: Session, settings: Settings, *, cooldown_s: float = STRANDED_COOLDOWN_S) -> list[str]:
+def requeue_stranded(
+    session: Session, settings: Settings, *, cooldown_s: float = STRANDED_COOLDOWN_S
+) -> list[str]:
     """Give every namespace whose newest `train` job is `dead` (and older than `cooldown_s`) while
     it still has pending feedback a new train job; returns those namespaces. Called when the
     components training needs are up again (the reconciler, after a round that reached every
@@ -290,7 +316,9 @@ def requeue_stranded(session: Session, settings: Settings, *, cooldown_s: float 
     feedback = FeedbackRepository(session)
     now = utcnow()
     requeued: list[str] = []
-    for namespace in queue.dead_namespaces(kind=TRAIN_JOB_KIND, finished_before=now - timedelta(seconds=cooldown_s)):
+    for namespace in queue.dead_namespaces(
+        kind=TRAIN_JOB_KIND, finished_before=now - timedelta(seconds=cooldown_s)
+    ):
         newest = queue.newest(kind=TRAIN_JOB_KIND, namespace=namespace)
         if newest is None or newest.status != "dead" or newest.finished_at is None:
             continue  # a newer job runs, waits or succeeded
@@ -299,10 +327,21 @@ def requeue_stranded(session: Session, settings: Settings, *, cooldown_s: float 
         requeues = int((newest.payload or {}).get("requeues", 0))
         if requeues >= MAX_REQUEUES or not feedback.pending_since(namespace=namespace, limit=1):
             continue
-        queue_train_job(session, settings, namespace, trigger="requeue", run_after=now,
-                        payload={"requeues": requeues + 1, "requeued_from_job": newest.id})  # fmt: skip
-        logger.warning("train job %d of %s was dead with pending feedback: re-queued (%d/%d)",
-                       newest.id, namespace, requeues + 1, MAX_REQUEUES)  # fmt: skip
+        queue_train_job(
+            session,
+            settings,
+            namespace,
+            trigger="requeue",
+            run_after=now,
+            payload={"requeues": requeues + 1, "requeued_from_job": newest.id},
+        )
+        logger.warning(
+            "train job %d of %s was dead with pending feedback: re-queued (%d/%d)",
+            newest.id,
+            namespace,
+            requeues + 1,
+            MAX_REQUEUES,
+        )
         requeued.append(namespace)
     return requeued
 

@@ -104,7 +104,9 @@ def vllm_teacher_responses(
             if not client.health():
                 continue
             try:
-                return [client.chat(model, messages, max_tokens=max_tokens).strip() for messages in conversations]
+                return [
+                    client.chat(model, messages, max_tokens=max_tokens).strip() for messages in conversations
+                ]
             except VllmError as error:
                 log.warning("teacher answers from %s failed (%s); trying the next replica", url, error)
     return None
@@ -113,8 +115,14 @@ def vllm_teacher_responses(
 class DistillJobHandler:
     """Handler of `distill` jobs (payload `{"namespace": ..., "scheduled_for"?: ISO time}`)."""
 
-    def __init__(self, settings: Settings, session_factory: sessionmaker[Session], registry: AdapterRegistry,
-                 *, online: TrainJobHandler | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        session_factory: sessionmaker[Session],
+        registry: AdapterRegistry,
+        *,
+        online: TrainJobHandler | None = None,
+    ) -> None:
         self.settings = settings
         self.session_factory = session_factory
         self.registry = registry
@@ -143,40 +151,75 @@ class DistillJobHandler:
             mix_items = self._mix_feedback_items(session, namespace)
             if self.settings.distill_method == "bake":
                 baked = MemoryRepository(session).list(namespace=namespace, state="baked", limit=None)
-                replay_notes = [MemoryNote(content=m.content, topic=m.title, priority=m.priority)
-                                for m in baked[-self.settings.distill_replay_memories:]
-                                ] if self.settings.distill_replay_memories else []
-                trained = FeedbackRepository(session).recent(
-                    namespace=namespace, status="trained", limit=self.settings.distill_replay_items
-                ) if self.settings.distill_replay_items else []
+                replay_notes = (
+                    [
+                        MemoryNote(content=m.content, topic=m.title, priority=m.priority)
+                        for m in baked[-self.settings.distill_replay_memories :]
+                    ]
+                    if self.settings.distill_replay_memories
+                    else []
+                )
+                trained = (
+                    FeedbackRepository(session).recent(
+                        namespace=namespace, status="trained", limit=self.settings.distill_replay_items
+                    )
+                    if self.settings.distill_replay_items
+                    else []
+                )
                 replay_items = [(item.id, feedback_item_dict(item)) for item in trained]
         if self.settings.distill_method == "bake":
-            return self._bake(context, namespace, parent, tokenizer, notes, memory_ids, replay_notes,
-                              replay_items, conversations, started)
+            return self._bake(
+                context,
+                namespace,
+                parent,
+                tokenizer,
+                notes,
+                memory_ids,
+                replay_notes,
+                replay_items,
+                conversations,
+                started,
+            )
         probes, _source = drift_probes(tokenizer, conversations, self.config.render)
         feedback_examples = render_feedback(tokenizer, mix_items, self.config.render).examples
         try:
             plan = plan_distillation(notes, conversations, self.config)
         except NothingToDistill as error:
-            return JobOutcome({"namespace": namespace, "outcome": "nothing_to_distill", "version": None,
-                               "reason": str(error)})  # fmt: skip
+            return JobOutcome(
+                {
+                    "namespace": namespace,
+                    "outcome": "nothing_to_distill",
+                    "version": None,
+                    "reason": str(error),
+                }
+            )
         plan, teacher_source = self._teacher_responses(namespace, parent, plan)
 
         with self.session_factory.begin() as session:
-            run_id = TrainingRunRepository(session).start(
-                namespace=namespace, kind="distill", job_id=context.job_id, parent_version=parent.version
-            ).id
-        with tempfile.TemporaryDirectory(prefix=f"distill-{namespace}-job{context.job_id}-",
-                                         dir=scratch_dir(self.settings)) as scratch:  # fmt: skip
+            run_id = (
+                TrainingRunRepository(session)
+                .start(
+                    namespace=namespace, kind="distill", job_id=context.job_id, parent_version=parent.version
+                )
+                .id
+            )
+        with tempfile.TemporaryDirectory(
+            prefix=f"distill-{namespace}-job{context.job_id}-", dir=scratch_dir(self.settings)
+        ) as scratch:
             out_dir = Path(scratch) / "adapter"
             try:
                 with self._training_outcome(run_id):
                     result = MemoryDistiller(self.config, lora=train_config(self.settings)).run(
-                        base_model=self.settings.base_model, tokenizer=tokenizer, plan=plan,
-                        parent_adapter=parent.path, out_dir=out_dir, feedback_examples=feedback_examples,
-                        drift_probes=probes, should_stop=context.should_stop,
+                        base_model=self.settings.base_model,
+                        tokenizer=tokenizer,
+                        plan=plan,
+                        parent_adapter=parent.path,
+                        out_dir=out_dir,
+                        feedback_examples=feedback_examples,
+                        drift_probes=probes,
+                        should_stop=context.should_stop,
                         on_progress=lambda p: context.report_progress({"phase": "distill", **p}),
-                    )  # fmt: skip
+                    )
             except NothingToDistill as error:
                 return self._nothing_distilled(namespace, run_id, error)
             record_run_losses(self.session_factory, run_id, result.loss_history)
@@ -186,52 +229,101 @@ class DistillJobHandler:
             decision = evaluate_gate(metrics, gate_config(self.settings))
             context.report_progress({"phase": "publish", "gate": decision.reason})
             version = self.registry.publish_candidate(
-                namespace, out_dir, parent_version=parent.version, training_run_id=run_id, metrics=metrics,
+                namespace,
+                out_dir,
+                parent_version=parent.version,
+                training_run_id=run_id,
+                metrics=metrics,
                 status="candidate" if decision.passed else "rejected",
                 reason=None if decision.passed else decision.reason,
                 extra_metadata={"kind": "distill", "job_id": context.job_id, "memory_ids": memory_ids},
-            )  # fmt: skip
-        return self._promote(context, namespace, parent, run_id, version, decision, metrics, memory_ids,
-                             teacher_source, started)
+            )
+        return self._promote(
+            context,
+            namespace,
+            parent,
+            run_id,
+            version,
+            decision,
+            metrics,
+            memory_ids,
+            teacher_source,
+            started,
+        )
 
-    def _bake(self, context: JobContext, namespace: str, parent: CurrentAdapter, tokenizer: Any,
-              notes: list[MemoryNote], memory_ids: list[int], replay_notes: list[MemoryNote],
-              replay_items: list[tuple[int, dict[str, Any]]], conversations: list[Any], started: float,
-              ) -> JobOutcome:
+    def _bake(
+        self,
+        context: JobContext,
+        namespace: str,
+        parent: CurrentAdapter,
+        tokenizer: Any,
+        notes: list[MemoryNote],
+        memory_ids: list[int],
+        replay_notes: list[MemoryNote],
+        replay_items: list[tuple[int, dict[str, Any]]],
+        conversations: list[Any],
+        started: float,
+    ) -> JobOutcome:
         """The bake path: training.bake on the resident base, published with its behaviour report."""
         if not any(note.content.strip() for note in notes):
-            return JobOutcome({"namespace": namespace, "outcome": "nothing_to_distill", "version": None,
-                               "reason": "no active memory with content: nothing to bake"})
+            return JobOutcome(
+                {
+                    "namespace": namespace,
+                    "outcome": "nothing_to_distill",
+                    "version": None,
+                    "reason": "no active memory with content: nothing to bake",
+                }
+            )
         render = self.config.render
         probes, _source = drift_probes(tokenizer, conversations, render)
         replay = render_feedback(tokenizer, replay_items, render).examples
         with self.session_factory.begin() as session:
-            run_id = TrainingRunRepository(session).start(
-                namespace=namespace, kind="distill", job_id=context.job_id, parent_version=parent.version
-            ).id
+            run_id = (
+                TrainingRunRepository(session)
+                .start(
+                    namespace=namespace, kind="distill", job_id=context.job_id, parent_version=parent.version
+                )
+                .id
+            )
         teacher_source = {"value": "local"}
 
         def teacher_answers(conversations: list[list[dict[str, Any]]]) -> list[str] | None:
-            answers = vllm_teacher_responses(self.settings, served_name(namespace, parent.version), conversations,
-                                             max_tokens=self.settings.distill_answer_tokens)
+            answers = vllm_teacher_responses(
+                self.settings,
+                served_name(namespace, parent.version),
+                conversations,
+                max_tokens=self.settings.distill_answer_tokens,
+            )
             if answers is not None:
                 teacher_source["value"] = "vllm"
             return answers
 
-        with tempfile.TemporaryDirectory(prefix=f"bake-{namespace}-job{context.job_id}-",
-                                         dir=scratch_dir(self.settings)) as scratch:
+        with tempfile.TemporaryDirectory(
+            prefix=f"bake-{namespace}-job{context.job_id}-", dir=scratch_dir(self.settings)
+        ) as scratch:
             out_dir = Path(scratch) / "adapter"
             try:
                 with self._training_outcome(run_id), self.online.resident.lend() as holder:
-                    anchors = anchor_examples(tokenizer, prompt_anchor_pairs(
-                        self.online._base_anchor_answers(holder.model, tokenizer)), render)
+                    anchors = anchor_examples(
+                        tokenizer,
+                        prompt_anchor_pairs(self.online._base_anchor_answers(holder.model, tokenizer)),
+                        render,
+                    )
                     result = MemoryBaker(bake_config(self.settings), train_config(self.settings)).run(
-                        base=holder.model, base_model=self.settings.base_model, tokenizer=tokenizer,
-                        memories=notes, parent_adapter=parent.path, out_dir=out_dir, anchors=anchors,
-                        replay=replay, replay_memories=replay_notes, drift_probes=probes,
+                        base=holder.model,
+                        base_model=self.settings.base_model,
+                        tokenizer=tokenizer,
+                        memories=notes,
+                        parent_adapter=parent.path,
+                        out_dir=out_dir,
+                        anchors=anchors,
+                        replay=replay,
+                        replay_memories=replay_notes,
+                        drift_probes=probes,
                         general=general_probes(),
                         parent_general_answers=self.online._parent_probe_answers(namespace, parent),
-                        teacher_answers=teacher_answers, should_stop=context.should_stop,
+                        teacher_answers=teacher_answers,
+                        should_stop=context.should_stop,
                         on_progress=lambda p: context.report_progress({"phase": "distill", **p}),
                     )
                     holder.model = result.model
@@ -245,22 +337,59 @@ class DistillJobHandler:
             decision = evaluate_gate(metrics, gate_config(self.settings))
             context.report_progress({"phase": "publish", "gate": decision.reason})
             version = self.registry.publish_candidate(
-                namespace, out_dir, parent_version=parent.version, training_run_id=run_id, metrics=metrics,
+                namespace,
+                out_dir,
+                parent_version=parent.version,
+                training_run_id=run_id,
+                metrics=metrics,
                 status="candidate" if decision.passed else "rejected",
                 reason=None if decision.passed else decision.reason,
-                extra_metadata={"kind": "distill", "method": "bake", "job_id": context.job_id,
-                                "memory_ids": memory_ids, "behaviour_report": result.report},
+                extra_metadata={
+                    "kind": "distill",
+                    "method": "bake",
+                    "job_id": context.job_id,
+                    "memory_ids": memory_ids,
+                    "behaviour_report": result.report,
+                },
             )
-        return self._promote(context, namespace, parent, run_id, version, decision, metrics, memory_ids,
-                             teacher_source["value"], started)
+        return self._promote(
+            context,
+            namespace,
+            parent,
+            run_id,
+            version,
+            decision,
+            metrics,
+            memory_ids,
+            teacher_source["value"],
+            started,
+        )
 
-    def _promote(self, context: JobContext, namespace: str, parent: CurrentAdapter, run_id: int, version: int,
-                 decision: GateDecision, metrics: dict[str, float], memory_ids: list[int],
-                 teacher_source: str, started: float) -> JobOutcome:
-        outcome = {"namespace": namespace, "version": version, "parent_version": parent.version,
-                   "training_run_id": run_id, "gate": decision.reason, "memories": len(memory_ids),
-                   "gap_closure": metrics.get("gap_closure"), "drift_kl": metrics.get("drift_kl"),
-                   "answer_agreement": metrics.get("answer_agreement"), "teacher": teacher_source}
+    def _promote(
+        self,
+        context: JobContext,
+        namespace: str,
+        parent: CurrentAdapter,
+        run_id: int,
+        version: int,
+        decision: GateDecision,
+        metrics: dict[str, float],
+        memory_ids: list[int],
+        teacher_source: str,
+        started: float,
+    ) -> JobOutcome:
+        outcome = {
+            "namespace": namespace,
+            "version": version,
+            "parent_version": parent.version,
+            "training_run_id": run_id,
+            "gate": decision.reason,
+            "memories": len(memory_ids),
+            "gap_closure": metrics.get("gap_closure"),
+            "drift_kl": metrics.get("drift_kl"),
+            "answer_agreement": metrics.get("answer_agreement"),
+            "teacher": teacher_source,
+        }
         if not decision.passed:
             self._finish_run(run_id, "rejected", version=version, error=decision.reason, metrics=metrics)
             return JobOutcome({**outcome, "outcome": "rejected", "seconds": time.perf_counter() - started})
@@ -276,8 +405,12 @@ class DistillJobHandler:
         with self.session_factory.begin() as session:
             baked = MemoryRepository(session).mark_baked(ids=memory_ids, version=version)
         self._finish_run(run_id, "succeeded", version=version, metrics={**metrics, "gate": decision.reason})
-        log.info("distill %s: v%d is current, %d memories baked (%s)", namespace, version, baked, decision.reason)
-        return JobOutcome({**outcome, "outcome": "promoted", "baked": baked, "seconds": time.perf_counter() - started})
+        log.info(
+            "distill %s: v%d is current, %d memories baked (%s)", namespace, version, baked, decision.reason
+        )
+        return JobOutcome(
+            {**outcome, "outcome": "promoted", "baked": baked, "seconds": time.perf_counter() - started}
+        )
 
     def _mix_feedback_items(self, session: Session, namespace: str) -> list[tuple[int, dict[str, Any]]]:
         """The most recent trained feedback, mixed into the loss so baking keeps recent corrections."""
@@ -287,33 +420,48 @@ class DistillJobHandler:
         items = feedback.recent(namespace=namespace, status="trained", limit=MAX_MIX_FEEDBACK)
         return [(item.id, feedback_item_dict(item)) for item in items]
 
-    def _teacher_responses(self, namespace: str, parent: CurrentAdapter, plan: DistillPlan) -> tuple[DistillPlan, str]:
+    def _teacher_responses(
+        self, namespace: str, parent: CurrentAdapter, plan: DistillPlan
+    ) -> tuple[DistillPlan, str]:
         """Fill the plan's missing responses through vLLM when a replica is up; otherwise leave them
         to the distiller's local generation. Returns (plan, "vllm" | "local")."""
         missing = plan.prompts_without_response()
         if not missing:
             return plan, "stored"
         prompts = [teacher_messages(plan.prefix_messages, prompt) for prompt in missing]
-        responses = vllm_teacher_responses(self.settings, served_name(namespace, parent.version), prompts,
-                                           max_tokens=self.config.max_new_tokens)
+        responses = vllm_teacher_responses(
+            self.settings,
+            served_name(namespace, parent.version),
+            prompts,
+            max_tokens=self.config.max_new_tokens,
+        )
         if responses is not None:
             return plan.with_responses(responses), "vllm"
         return plan, "local"
 
-    def _finish_run(self, run_id: int, status: str, *, version: int | None = None, error: str | None = None,
-                    metrics: Mapping[str, Any] | None = None) -> None:  # fmt: skip
+    def _finish_run(
+        self,
+        run_id: int,
+        status: str,
+        *,
+        version: int | None = None,
+        error: str | None = None,
+        metrics: Mapping[str, Any] | None = None,
+    ) -> None:
         finish_run(self.session_factory, run_id, status, version=version, error=error, metrics=metrics)
 
     def _training_outcome(self, run_id: int):
         """The shared ending of a failed training step (service.jobs.train.training_run_outcome);
         `NothingToDistill` is left to the caller, which closes the run as cancelled."""
-        return training_run_outcome(self.session_factory, run_id, fatal=(DistillAlignmentError,),
-                                    passthrough=(NothingToDistill,))  # fmt: skip
+        return training_run_outcome(
+            self.session_factory, run_id, fatal=(DistillAlignmentError,), passthrough=(NothingToDistill,)
+        )
 
     def _nothing_distilled(self, namespace: str, run_id: int, error: NothingToDistill) -> JobOutcome:
         self._finish_run(run_id, "cancelled", error=str(error))
-        return JobOutcome({"namespace": namespace, "outcome": "nothing_to_distill", "version": None,
-                           "reason": str(error)})  # fmt: skip
+        return JobOutcome(
+            {"namespace": namespace, "outcome": "nothing_to_distill", "version": None, "reason": str(error)}
+        )
 
 
 # --- scheduling glue -----------------------------------------------------------------------------
@@ -344,7 +492,10 @@ def enqueue_distill(
 def last_scheduled_slot(session: Session, namespace: str) -> datetime | None:
     """The slot of the namespace's latest distillation job (its creation time when it had no slot)."""
     job = session.scalars(
-        select(Job).where(Job.kind == DISTILL_JOB_KIND, Job.namespace == namespace).order_by(Job.id.desc()).limit(1)
+        select(Job)
+        .where(Job.kind == DISTILL_JOB_KIND, Job.namespace == namespace)
+        .order_by(Job.id.desc())
+        .limit(1)
     ).first()
     if job is None:
         return None
@@ -355,7 +506,9 @@ def last_scheduled_slot(session: Session, namespace: str) -> datetime | None:
 def distill_namespaces(session: Session) -> list[str]:
     """Namespaces with at least one active memory (the only ones a distillation can change)."""
     return list(
-        session.scalars(select(Memory.namespace).where(Memory.state == "active").distinct().order_by(Memory.namespace))
+        session.scalars(
+            select(Memory.namespace).where(Memory.state == "active").distinct().order_by(Memory.namespace)
+        )
     )
 
 

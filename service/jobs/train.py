@@ -132,20 +132,29 @@ def render_feedback(
     return RenderedFeedback(examples, ids, skipped)
 
 
-def conversation_probes(tokenizer: Any, conversations: Sequence[Sequence[Mapping[str, Any]]],
-                        config: RenderConfig) -> list[Example]:  # fmt: skip
+def conversation_probes(
+    tokenizer: Any, conversations: Sequence[Sequence[Mapping[str, Any]]], config: RenderConfig
+) -> list[Example]:
     """Drift probes from stored conversations: each one's last non-empty assistant turn as the target."""
     probes = []
     for messages in conversations:
         index = next(
-            (i for i in range(len(messages) - 1, -1, -1)
-             if messages[i].get("role") == "assistant" and isinstance(messages[i].get("content"), str)
-             and messages[i]["content"].strip()),
+            (
+                i
+                for i in range(len(messages) - 1, -1, -1)
+                if messages[i].get("role") == "assistant"
+                and isinstance(messages[i].get("content"), str)
+                and messages[i]["content"].strip()
+            ),
             None,
-        )  # fmt: skip
+        )
         if index is None or index == 0:
             continue
-        item = {"messages": list(messages[: index + 1]), "target_index": index, "continuation": messages[index]["content"]}
+        item = {
+            "messages": list(messages[: index + 1]),
+            "target_index": index,
+            "continuation": messages[index]["content"],
+        }
         try:
             example = render_example(tokenizer, item, config)
         except RenderError:
@@ -212,8 +221,15 @@ def scratch_dir(settings: Settings) -> Path:
     return root
 
 
-def finish_run(session_factory: sessionmaker[Session], run_id: int, status: str, *, version: int | None = None,
-               error: str | None = None, metrics: Mapping[str, Any] | None = None) -> None:  # fmt: skip
+def finish_run(
+    session_factory: sessionmaker[Session],
+    run_id: int,
+    status: str,
+    *,
+    version: int | None = None,
+    error: str | None = None,
+    metrics: Mapping[str, Any] | None = None,
+) -> None:
     """Close a training run's row (succeeded / failed / cancelled), in its own transaction."""
     with session_factory.begin() as session:
         TrainingRunRepository(session).finish(
@@ -222,9 +238,14 @@ def finish_run(session_factory: sessionmaker[Session], run_id: int, status: str,
 
 
 @contextmanager
-def training_run_outcome(session_factory: sessionmaker[Session], run_id: int, *,
-                         fatal: tuple[type[BaseException], ...] = (), passthrough: tuple[type[BaseException], ...] = (),
-                         failed_metrics: Mapping[str, Any] | None = None) -> Iterator[None]:  # fmt: skip
+def training_run_outcome(
+    session_factory: sessionmaker[Session],
+    run_id: int,
+    *,
+    fatal: tuple[type[BaseException], ...] = (),
+    passthrough: tuple[type[BaseException], ...] = (),
+    failed_metrics: Mapping[str, Any] | None = None,
+) -> Iterator[None]:
     """How a train or distill job's training step ends when it raises, in one place: divergence, an
     exhausted time budget and the `fatal` errors close the run as failed and fail the job for good
     (a retry would fail the same way); a cancellation closes it as cancelled; anything else closes it
@@ -235,7 +256,13 @@ def training_run_outcome(session_factory: sessionmaker[Session], run_id: int, *,
     except passthrough:
         raise
     except (TrainingDiverged, TrainingBudgetExceeded, *fatal) as error:
-        finish_run(session_factory, run_id, "failed", error=f"{type(error).__name__}: {error}", metrics=failed_metrics)
+        finish_run(
+            session_factory,
+            run_id,
+            "failed",
+            error=f"{type(error).__name__}: {error}",
+            metrics=failed_metrics,
+        )
         raise JobFailed(f"{type(error).__name__}: {error}", retryable=False) from error
     except (TrainingCancelled, JobCancelled) as error:
         finish_run(session_factory, run_id, "cancelled", error=str(error))
@@ -262,7 +289,9 @@ def record_run_losses(session_factory: sessionmaker[Session], run_id: int, losse
 class TrainJobHandler:
     """Handler of `train` jobs (payload `{"namespace": ...}`)."""
 
-    def __init__(self, settings: Settings, session_factory: sessionmaker[Session], registry: AdapterRegistry) -> None:
+    def __init__(
+        self, settings: Settings, session_factory: sessionmaker[Session], registry: AdapterRegistry
+    ) -> None:
         self.settings = settings
         self.session_factory = session_factory
         self.registry = registry
@@ -291,21 +320,32 @@ class TrainJobHandler:
         clock = time.perf_counter()
         with self.session_factory() as session:  # read, then render without holding a transaction
             feedback = FeedbackRepository(session)
-            new_items = [(item.id, feedback_item_dict(item)) for item in
-                         feedback.pending_since(namespace=namespace, limit=self.settings.train_max_items)]
+            new_items = [
+                (item.id, feedback_item_dict(item))
+                for item in feedback.pending_since(namespace=namespace, limit=self.settings.train_max_items)
+            ]
             if not new_items:
                 return self._nothing_to_train(namespace, {})
-            replay_n = min(self.settings.replay_max_items, math.ceil(self.settings.replay_ratio * len(new_items)))
-            replay_items = [(item.id, feedback_item_dict(item)) for item in feedback.replay_sample(
-                namespace=namespace, before_id=new_items[0][0], n=replay_n, seed=self.settings.train_seed + context.job_id
-            )]  # fmt: skip
+            replay_n = min(
+                self.settings.replay_max_items, math.ceil(self.settings.replay_ratio * len(new_items))
+            )
+            replay_items = [
+                (item.id, feedback_item_dict(item))
+                for item in feedback.replay_sample(
+                    namespace=namespace,
+                    before_id=new_items[0][0],
+                    n=replay_n,
+                    seed=self.settings.train_seed + context.job_id,
+                )
+            ]
             conversations = recent_conversations(session, namespace, MAX_PROBE_CONVERSATIONS)
         new = render_feedback(tokenizer, new_items, self.render_config)
         augment = self.settings.augment_questions and len(new.examples) <= self.settings.augment_max_items
         variants = self._question_variants(tokenizer, new_items, new) if augment else []
         replay = render_feedback(tokenizer, replay_items, self.render_config)
-        probes, probe_source = drift_probes(tokenizer, conversations_not_taught(conversations, new_items),
-                                            self.render_config)
+        probes, probe_source = drift_probes(
+            tokenizer, conversations_not_taught(conversations, new_items), self.render_config
+        )
         from_id, to_id = new_items[0][0], new_items[-1][0]
         for item_id, reason in new.skipped.items():
             log.warning("feedback %d skipped: %s", item_id, reason)
@@ -313,25 +353,52 @@ class TrainJobHandler:
             FeedbackRepository(session).mark_skipped(ids=new.skipped)
             if not new.examples:
                 return self._nothing_to_train(namespace, new.skipped)
-            run_id = TrainingRunRepository(session).start(
-                namespace=namespace, kind="train", job_id=context.job_id, parent_version=parent.version,
-                feedback_from_id=from_id, feedback_to_id=to_id,
-            ).id  # fmt: skip
+            run_id = (
+                TrainingRunRepository(session)
+                .start(
+                    namespace=namespace,
+                    kind="train",
+                    job_id=context.job_id,
+                    parent_version=parent.version,
+                    feedback_from_id=from_id,
+                    feedback_to_id=to_id,
+                )
+                .id
+            )
         timings["render_seconds"] = time.perf_counter() - clock
-        counts = {"new_items": len(new.examples), "question_variants": len(variants),
-                  "replay_items": len(replay.examples),
-                  "skipped_items": len(new.skipped), "probes": len(probes)}  # fmt: skip
+        counts = {
+            "new_items": len(new.examples),
+            "question_variants": len(variants),
+            "replay_items": len(replay.examples),
+            "skipped_items": len(new.skipped),
+            "probes": len(probes),
+        }
         log.info("train %s: %s from v%d (probes: %s)", namespace, counts, parent.version, probe_source)
 
-        with tempfile.TemporaryDirectory(prefix=f"train-{namespace}-job{context.job_id}-", dir=scratch_dir(self.settings)) as scratch:
+        with tempfile.TemporaryDirectory(
+            prefix=f"train-{namespace}-job{context.job_id}-", dir=scratch_dir(self.settings)
+        ) as scratch:
             candidate_dir = Path(scratch) / "adapter"
             with training_run_outcome(self.session_factory, run_id, failed_metrics=counts):
                 trained_ids = set(new.example_ids)
-                taught = [item for item in (taught_item(i, body) for i, body in new_items if i in trained_ids)
-                          if item is not None]
+                taught = [
+                    item
+                    for item in (taught_item(i, body) for i, body in new_items if i in trained_ids)
+                    if item is not None
+                ]
                 metrics, report = self._train_and_score(
-                    context, namespace, parent, new.examples, variants, replay.examples, probes, candidate_dir,
-                    timings, taught[: self.settings.report_max_items], tokenizer, run_id=run_id,
+                    context,
+                    namespace,
+                    parent,
+                    new.examples,
+                    variants,
+                    replay.examples,
+                    probes,
+                    candidate_dir,
+                    timings,
+                    taught[: self.settings.report_max_items],
+                    tokenizer,
+                    run_id=run_id,
                 )
             metrics.update({key: float(value) for key, value in counts.items()})
             metrics["probe_source_conversations"] = 1.0 if probe_source == "conversations" else 0.0
@@ -339,31 +406,57 @@ class TrainJobHandler:
             context.report_progress({"phase": "publish", "gate": decision.reason})
             clock = time.perf_counter()
             version = self.registry.publish_candidate(
-                namespace, candidate_dir, parent_version=parent.version, training_run_id=run_id,
-                metrics=metrics, feedback_from_id=from_id, feedback_to_id=to_id,
+                namespace,
+                candidate_dir,
+                parent_version=parent.version,
+                training_run_id=run_id,
+                metrics=metrics,
+                feedback_from_id=from_id,
+                feedback_to_id=to_id,
                 status="candidate" if decision.passed else "rejected",
                 reason=None if decision.passed else decision.reason,
                 extra_metadata={"kind": "train", "job_id": context.job_id, "behaviour_report": report},
-            )  # fmt: skip
+            )
             timings["publish_seconds"] = time.perf_counter() - clock
 
-        result: dict[str, Any] = {"namespace": namespace, "version": version, "parent_version": parent.version,
-                                  "training_run_id": run_id, "gate": decision.reason, **counts}  # fmt: skip
+        result: dict[str, Any] = {
+            "namespace": namespace,
+            "version": version,
+            "parent_version": parent.version,
+            "training_run_id": run_id,
+            "gate": decision.reason,
+            **counts,
+        }
         if not decision.passed:
             self._finish_run(run_id, "rejected", version=version, error=decision.reason, metrics=metrics)
             log.warning("train %s: v%d rejected: %s", namespace, version, decision.reason)
-            return self._outcome(namespace, to_id, {**result, "outcome": "rejected", "timings": timings, "started": started})
-        pending = {"version": version, "parent_version": parent.version, "training_run_id": run_id,
-                   "feedback_ids": list(new.example_ids), "to_id": to_id, "result": result,
-                   "metrics": {key: value for key, value in metrics.items() if math.isfinite(value)},
-                   "timings": timings, "waits": 0}  # fmt: skip
+            return self._outcome(
+                namespace, to_id, {**result, "outcome": "rejected", "timings": timings, "started": started}
+            )
+        pending = {
+            "version": version,
+            "parent_version": parent.version,
+            "training_run_id": run_id,
+            "feedback_ids": list(new.example_ids),
+            "to_id": to_id,
+            "result": result,
+            "metrics": {key: value for key, value in metrics.items() if math.isfinite(value)},
+            "timings": timings,
+            "waits": 0,
+        }
         return self._promote(context, namespace, pending, started)
 
-    def _promote(self, context: JobContext, namespace: str, pending: dict[str, Any], started: float) -> JobOutcome:
+    def _promote(
+        self, context: JobContext, namespace: str, pending: dict[str, Any], started: float
+    ) -> JobOutcome:
         """Make the gated candidate current and mark its feedback trained. When no vLLM replica
         answers, the job waits (JobWaiting: no attempt spent) with `pending` in its payload, so the
         next run promotes the same candidate instead of training again."""
-        version, run_id, to_id = int(pending["version"]), int(pending["training_run_id"]), int(pending["to_id"])
+        version, run_id, to_id = (
+            int(pending["version"]),
+            int(pending["training_run_id"]),
+            int(pending["to_id"]),
+        )
         result, metrics, timings = dict(pending["result"]), dict(pending["metrics"]), dict(pending["timings"])
         context.report_progress({"phase": "promote", "version": version})
         clock = time.perf_counter()
@@ -371,25 +464,34 @@ class TrainJobHandler:
             self.registry.promote(namespace, version, expected_parent=int(pending["parent_version"]))
         except (StaleParent, Conflict) as error:  # Conflict: decided meanwhile (rejected, files deleted)
             self._finish_run(run_id, "rejected", version=version, error=str(error), metrics=metrics)
-            return self._outcome(namespace, to_id, {**result, "outcome": "stale", "timings": timings, "started": started})
+            return self._outcome(
+                namespace, to_id, {**result, "outcome": "stale", "timings": timings, "started": started}
+            )
         except PromotionFailed as error:
             if error.unreachable:
                 waits = int(pending.get("waits", 0))
                 delay = min(WAIT_FIRST_S * 2**waits, WAIT_MAX_S)
                 raise JobWaiting(
                     f"v{version} passed the gate and waits for vLLM to load it: {error.reason}",
-                    waiting_for="vllm", delay_s=delay,
+                    waiting_for="vllm",
+                    delay_s=delay,
                     payload={**context.payload, "promote": {**pending, "waits": waits + 1}},
                 ) from error
             self._finish_run(run_id, "failed", version=version, error=str(error), metrics=metrics)
             raise JobFailed(str(error)) from error
         timings["promote_seconds"] = time.perf_counter() - clock
         with self.session_factory.begin() as session:
-            FeedbackRepository(session).mark_trained(ids=[int(i) for i in pending["feedback_ids"]], version=version)
+            FeedbackRepository(session).mark_trained(
+                ids=[int(i) for i in pending["feedback_ids"]], version=version
+            )
         # the gate's decision stays with the run (the dashboard's "gate" column, next to the metrics)
-        self._finish_run(run_id, "succeeded", version=version, metrics={**metrics, **timings, "gate": result["gate"]})
+        self._finish_run(
+            run_id, "succeeded", version=version, metrics={**metrics, **timings, "gate": result["gate"]}
+        )
         log.info("train %s: v%d is current (%s)", namespace, version, result.get("gate"))
-        return self._outcome(namespace, to_id, {**result, "outcome": "promoted", "timings": timings, "started": started})
+        return self._outcome(
+            namespace, to_id, {**result, "outcome": "promoted", "timings": timings, "started": started}
+        )
 
     def _resume_promotion(
         self, context: JobContext, namespace: str, pending: dict[str, Any], started: float
@@ -400,13 +502,25 @@ class TrainJobHandler:
         current = self.registry.current(namespace)
         if current is not None and current.version == version:  # promoted meanwhile (e.g. by hand)
             with self.session_factory.begin() as session:
-                FeedbackRepository(session).mark_trained(ids=[int(i) for i in pending["feedback_ids"]],
-                                                         version=version)  # fmt: skip
-            self._finish_run(int(pending["training_run_id"]), "succeeded", version=version,
-                             metrics={**pending["metrics"], "gate": pending["result"]["gate"]})  # fmt: skip
-            return self._outcome(namespace, int(pending["to_id"]), {**pending["result"], "outcome": "promoted",
-                                                                    "timings": dict(pending["timings"]),
-                                                                    "started": started})  # fmt: skip
+                FeedbackRepository(session).mark_trained(
+                    ids=[int(i) for i in pending["feedback_ids"]], version=version
+                )
+            self._finish_run(
+                int(pending["training_run_id"]),
+                "succeeded",
+                version=version,
+                metrics={**pending["metrics"], "gate": pending["result"]["gate"]},
+            )
+            return self._outcome(
+                namespace,
+                int(pending["to_id"]),
+                {
+                    **pending["result"],
+                    "outcome": "promoted",
+                    "timings": dict(pending["timings"]),
+                    "started": started,
+                },
+            )
         return self._promote(context, namespace, pending, started)
 
     # --- steps ---------------------------------------------------------------------------------
@@ -434,9 +548,11 @@ class TrainJobHandler:
 
         with self.resident.lend() as holder:
             clock = time.perf_counter()
-            anchors = anchor_examples(tokenizer, prompt_anchor_pairs(self._base_anchor_answers(holder.model,
-                                                                                            tokenizer)),
-                                      self.render_config)
+            anchors = anchor_examples(
+                tokenizer,
+                prompt_anchor_pairs(self._base_anchor_answers(holder.model, tokenizer)),
+                self.render_config,
+            )
             timings["anchor_seconds"] = time.perf_counter() - clock
             clock = time.perf_counter()
             trained = LoraTrainer(train_config(self.settings)).train(
@@ -462,20 +578,33 @@ class TrainJobHandler:
             if parent.path is not None:
                 model.load_adapter(str(parent.path), adapter_name="parent")
                 parent_name = "parent"
-            scores = score_views(AdapterView(model, parent_name), AdapterView(model, "default"), new_examples, probes)
+            scores = score_views(
+                AdapterView(model, parent_name), AdapterView(model, "default"), new_examples, probes
+            )
             timings["eval_seconds"] = time.perf_counter() - clock
             context.report_progress({"phase": "report"})
             clock = time.perf_counter()
             report = behaviour_report(
-                model, tokenizer, parent_adapter=parent_name, candidate_adapter="default", taught=taught,
-                probes=general_probes(), parent_probe_answers=self._parent_probe_answers(namespace, parent),
+                model,
+                tokenizer,
+                parent_adapter=parent_name,
+                candidate_adapter="default",
+                taught=taught,
+                probes=general_probes(),
+                parent_probe_answers=self._parent_probe_answers(namespace, parent),
             )
             timings["report_seconds"] = time.perf_counter() - clock
         metrics = {key: float(value) for key, value in trained.metrics.items()}
         metrics.update({key: float(value) for key, value in scores.items()})
         summary = report["summary"]
-        for key in ("taught_right", "taught_total", "general_right", "general_lost", "general_parent_right",
-                    "general_total"):
+        for key in (
+            "taught_right",
+            "taught_total",
+            "general_right",
+            "general_lost",
+            "general_parent_right",
+            "general_total",
+        ):
             metrics[key] = float(summary[key])
         return metrics, report
 
@@ -507,7 +636,9 @@ class TrainJobHandler:
         """The parent's answers to the general probes, from its own behaviour report (it was the
         candidate there), when that report asked the same questions."""
         try:
-            report = self.registry.store.read_metadata(namespace, parent.version).get("behaviour_report") or {}
+            report = (
+                self.registry.store.read_metadata(namespace, parent.version).get("behaviour_report") or {}
+            )
         except AdapterStoreError:  # missing or unreadable: the parent answers them here instead
             return None
         rows = report.get("general") or []
@@ -519,15 +650,26 @@ class TrainJobHandler:
     def _record_losses(self, run_id: int, losses: Sequence[float]) -> None:
         record_run_losses(self.session_factory, run_id, losses)
 
-    def _finish_run(self, run_id: int, status: str, *, version: int | None = None, error: str | None = None,
-                    metrics: Mapping[str, Any] | None = None) -> None:  # fmt: skip
+    def _finish_run(
+        self,
+        run_id: int,
+        status: str,
+        *,
+        version: int | None = None,
+        error: str | None = None,
+        metrics: Mapping[str, Any] | None = None,
+    ) -> None:
         finish_run(self.session_factory, run_id, status, version=version, error=error, metrics=metrics)
 
     def _nothing_to_train(self, namespace: str, skipped: Mapping[int, str]) -> JobOutcome:
-        return JobOutcome({
-            "namespace": namespace, "outcome": "nothing_to_train", "version": None,
-            "skipped": {str(item_id): reason for item_id, reason in skipped.items()},
-        })  # fmt: skip
+        return JobOutcome(
+            {
+                "namespace": namespace,
+                "outcome": "nothing_to_train",
+                "version": None,
+                "skipped": {str(item_id): reason for item_id, reason in skipped.items()},
+            }
+        )
 
     def _outcome(self, namespace: str, consumed_to_id: int, result: dict[str, Any]) -> JobOutcome:
         started = result.pop("started")
@@ -537,10 +679,17 @@ class TrainJobHandler:
         def enqueue_follow_up(session: Session) -> None:
             # In the transaction that frees the job's dedupe key: feedback stored while this run
             # trained was deduplicated onto this job, so it needs a run of its own.
-            newer = FeedbackRepository(session).pending_since(namespace=namespace, after_id=consumed_to_id, limit=1)
+            newer = FeedbackRepository(session).pending_since(
+                namespace=namespace, after_id=consumed_to_id, limit=1
+            )
             if not newer and result["outcome"] != "stale":
                 return
-            queue_train_job(session, settings, namespace, trigger="follow-up",
-                            run_after=utcnow() + timedelta(seconds=settings.train_debounce_s))  # fmt: skip
+            queue_train_job(
+                session,
+                settings,
+                namespace,
+                trigger="follow-up",
+                run_after=utcnow() + timedelta(seconds=settings.train_debounce_s),
+            )
 
         return JobOutcome(result, on_complete=enqueue_follow_up)

@@ -55,7 +55,9 @@ class JobWaiting(Exception):
     `payload` (when given) replaces the job's payload so the next run resumes instead of redoing
     work; `waiting_for` names the dependency in the job's progress."""
 
-    def __init__(self, reason: str, *, waiting_for: str, delay_s: float, payload: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self, reason: str, *, waiting_for: str, delay_s: float, payload: dict[str, Any] | None = None
+    ) -> None:
         super().__init__(reason)
         self.reason = reason
         self.waiting_for = waiting_for
@@ -197,7 +199,9 @@ class Worker:
         with self.session_factory.begin() as session:
             queue = self._queue(session)
             queue.requeue_expired()
-            job = queue.claim(worker_id=self.worker_id, kinds=sorted(self.handlers), lease_s=self.settings.job_lease_s)
+            job = queue.claim(
+                worker_id=self.worker_id, kinds=sorted(self.handlers), lease_s=self.settings.job_lease_s
+            )
             return None if job is None else _context_of(job)
 
     def run_once(self) -> bool:
@@ -217,12 +221,19 @@ class Worker:
         return True
 
     def _run(self, context: JobContext) -> None:
-        log.info("job %d (%s %s) attempt %d/%d started", context.job_id, context.kind,
-                 context.namespace or "-", context.attempt, context.max_attempts)  # fmt: skip
+        log.info(
+            "job %d (%s %s) attempt %d/%d started",
+            context.job_id,
+            context.kind,
+            context.namespace or "-",
+            context.attempt,
+            context.max_attempts,
+        )
         started = time.perf_counter()
         done = threading.Event()
-        heartbeat = threading.Thread(target=self._heartbeat_loop, args=(context, done), daemon=True,
-                                     name=f"heartbeat-{context.job_id}")  # fmt: skip
+        heartbeat = threading.Thread(
+            target=self._heartbeat_loop, args=(context, done), daemon=True, name=f"heartbeat-{context.job_id}"
+        )
         heartbeat.start()
         status = "failed"
         try:
@@ -266,9 +277,11 @@ class Worker:
         try:
             with self.session_factory.begin() as session:
                 held = self._queue(session).heartbeat(
-                    job_id=context.job_id, worker_id=self.worker_id, lease_s=self.settings.job_lease_s,
+                    job_id=context.job_id,
+                    worker_id=self.worker_id,
+                    lease_s=self.settings.job_lease_s,
                     progress=progress,
-                )  # fmt: skip
+                )
         except Exception:  # retried on the next beat; the lease outlives a few misses
             log.exception("job %d: heartbeat failed", context.job_id)
             if progress is not None:
@@ -302,17 +315,30 @@ class Worker:
 
     def _wait(self, context: JobContext, waiting: JobWaiting) -> str:
         next_try = time.time() + waiting.delay_s
-        progress = {"phase": "waiting", "waiting_for": waiting.waiting_for, "reason": waiting.reason,
-                    "next_try_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(next_try))}  # fmt: skip
+        progress = {
+            "phase": "waiting",
+            "waiting_for": waiting.waiting_for,
+            "reason": waiting.reason,
+            "next_try_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(next_try)),
+        }
         with self.session_factory.begin() as session:
             job = self._queue(session).wait(
-                job_id=context.job_id, worker_id=self.worker_id, reason=waiting.reason[:4000],
-                delay_s=waiting.delay_s, payload=waiting.payload, progress=progress,
-            )  # fmt: skip
+                job_id=context.job_id,
+                worker_id=self.worker_id,
+                reason=waiting.reason[:4000],
+                delay_s=waiting.delay_s,
+                payload=waiting.payload,
+                progress=progress,
+            )
         if job is None:
             return "lost"
-        log.warning("job %d waits %.0fs for %s: %s", context.job_id, waiting.delay_s, waiting.waiting_for,
-                    waiting.reason)  # fmt: skip
+        log.warning(
+            "job %d waits %.0fs for %s: %s",
+            context.job_id,
+            waiting.delay_s,
+            waiting.waiting_for,
+            waiting.reason,
+        )
         return "waiting"
 
     def _give_back(self, context: JobContext, reason: str) -> str:

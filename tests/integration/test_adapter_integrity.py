@@ -45,8 +45,15 @@ def registry(tmp_path: Path, tiny_model_dir: Path, fake_vllm: FakeVllm) -> Itera
     url = f"sqlite:///{tmp_path / 'registry.db'}"
     upgrade_database(url)
     engine = make_engine(url)
-    settings = Settings(_env_file=None, database_url=url, data_dir=tmp_path / "var", auth_disabled=True,
-                        base_model=tiny_model_dir, lora_rank=4, lora_target_modules="q_proj,v_proj")  # fmt: skip
+    settings = Settings(
+        _env_file=None,
+        database_url=url,
+        data_dir=tmp_path / "var",
+        auth_disabled=True,
+        base_model=tiny_model_dir,
+        lora_rank=4,
+        lora_target_modules="q_proj,v_proj",
+    )
     swapper = HotSwapper([VllmClient(fake_vllm.url, timeout=5, retries=0)], drain_s=0, max_loras=4)
     yield AdapterRegistry.from_settings(settings, make_session_factory(engine), swapper)
     engine.dispose()

@@ -125,8 +125,14 @@ def api_operations(app: FastAPI) -> list[tuple[str, str, str | None]]:
 
 
 def example_path(template: str) -> str:
-    values = {"name": "geo", "version": "0", "feedback_id": "1", "conversation_id": "1",
-              "memory_id": "1", "job_id": "1"}  # fmt: skip
+    values = {
+        "name": "geo",
+        "version": "0",
+        "feedback_id": "1",
+        "conversation_id": "1",
+        "memory_id": "1",
+        "job_id": "1",
+    }
     path = template
     for key, value in values.items():
         path = path.replace("{" + key + "}", value)
@@ -207,8 +213,12 @@ def test_only_digests_are_kept(app: FastAPI, client: TestClient) -> None:
 
 
 def _request_everything(app: FastAPI, client: TestClient, token: str) -> None:
-    body = {"messages": [{"role": "user", "content": SECRET_CONTENT}], "continuation": SECRET_CONTENT,
-            "reason": SECRET_CONTENT, "namespace": "geo"}  # fmt: skip
+    body = {
+        "messages": [{"role": "user", "content": SECRET_CONTENT}],
+        "continuation": SECRET_CONTENT,
+        "reason": SECRET_CONTENT,
+        "namespace": "geo",
+    }
     client.post("/feedback", json=body, headers=bearer(token))
     client.post("/feedback", json={**body, "target_index": 7}, headers=bearer(token))  # 422
     client.post(
@@ -287,8 +297,13 @@ def test_database_errors_leave_no_feedback_text_in_logs(
 
     monkeypatch.setattr(FeedbackRepository, "add", failing_add)
     monkeypatch.setattr(FeedbackRepository, "add_many", failing_add_many)
-    settings = Settings(_env_file=None, database_url=db_url, data_dir=tmp_path, auth_tokens=token_spec(),
-                        tokenizer=tmp_path / "none")  # fmt: skip
+    settings = Settings(
+        _env_file=None,
+        database_url=db_url,
+        data_dir=tmp_path,
+        auth_tokens=token_spec(),
+        tokenizer=tmp_path / "none",
+    )
     body = {"messages": [{"role": "user", "content": "q"}], "continuation": SECRET_CONTENT}
     app = create_app(settings, start_background=False)
     with TestClient(app, raise_server_exceptions=False) as client, caplog.at_level(logging.INFO):

@@ -95,21 +95,50 @@ def seed(settings: Settings, factory: Any, vllm: FakeVllm) -> None:
         )
         ids = (first.id, hostile.id)
     report = {
-        "summary": {"taught_total": 2, "taught_right": 1, "rephrased_total": 0, "rephrased_right": 0,
-                    "general_total": 1, "general_parent_right": 1, "general_right": 1, "general_lost": 0},
+        "summary": {
+            "taught_total": 2,
+            "taught_right": 1,
+            "rephrased_total": 0,
+            "rephrased_right": 0,
+            "general_total": 1,
+            "general_parent_right": 1,
+            "general_right": 1,
+            "general_lost": 0,
+        },
         "taught": [
-            {"kind": "taught", "feedback_id": ids[0], "question": "What is the capital of France?",
-             "expected": "Paris.", "parent": "The capital of France is Lyon.",
-             "candidate": "The capital of France is Paris.", "parent_right": False, "candidate_right": True},
-            {"kind": "taught", "feedback_id": ids[1], "question": "Say something " + HOSTILE,
-             "expected": HOSTILE, "parent": "No.", "candidate": HOSTILE,
-             "parent_right": False, "candidate_right": False},
+            {
+                "kind": "taught",
+                "feedback_id": ids[0],
+                "question": "What is the capital of France?",
+                "expected": "Paris.",
+                "parent": "The capital of France is Lyon.",
+                "candidate": "The capital of France is Paris.",
+                "parent_right": False,
+                "candidate_right": True,
+            },
+            {
+                "kind": "taught",
+                "feedback_id": ids[1],
+                "question": "Say something " + HOSTILE,
+                "expected": HOSTILE,
+                "parent": "No.",
+                "candidate": HOSTILE,
+                "parent_right": False,
+                "candidate_right": False,
+            },
         ],
         "general": [
-            {"kind": "general", "question": "What is 2+2?", "keys": ["4"], "parent": "4.",
-             "candidate": "It is 4.", "parent_right": True, "candidate_right": True},
+            {
+                "kind": "general",
+                "question": "What is 2+2?",
+                "keys": ["4"],
+                "parent": "4.",
+                "candidate": "It is 4.",
+                "parent_right": True,
+                "candidate_right": True,
+            },
         ],
-    }  # fmt: skip
+    }
     with factory.begin() as session:
         job = JobQueue(session).enqueue(kind="train", namespace="geo", payload={"namespace": "geo"})
         job.status = "running"
@@ -123,9 +152,14 @@ def seed(settings: Settings, factory: Any, vllm: FakeVllm) -> None:
             metadata: dict[str, Any] = {"parent_version": version - 1 if version else None}
             metrics: dict[str, Any] = {}
             if version:
-                metrics = {"nll_before": 2.0 - 0.3 * version, "nll_after": 1.6 - 0.4 * version,
-                           "drift_kl": 0.01 * version, "gap_closure": 0.4 + 0.2 * version,
-                           "train_seconds": 3.0 + version, "gate": f"passed: nll drop {0.4 * version:.2f}"}  # fmt: skip
+                metrics = {
+                    "nll_before": 2.0 - 0.3 * version,
+                    "nll_after": 1.6 - 0.4 * version,
+                    "drift_kl": 0.01 * version,
+                    "gap_closure": 0.4 + 0.2 * version,
+                    "train_seconds": 3.0 + version,
+                    "gate": f"passed: nll drop {0.4 * version:.2f}",
+                }
             if version == 2:
                 metadata["behaviour_report"] = report
             published = store.publish(name, version, source, metadata)
@@ -137,8 +171,12 @@ def seed(settings: Settings, factory: Any, vllm: FakeVllm) -> None:
                     runs = TrainingRunRepository(session)
                     run = runs.start(namespace=name, kind="train", parent_version=version - 1)
                     losses = [2.5 / (step + version) for step in range(1, 9)]
-                    runs.finish(id=run.id, status="succeeded", version=version,
-                                metrics={"loss_per_step": losses, "train_seconds": 3.0 + version})  # fmt: skip
+                    runs.finish(
+                        id=run.id,
+                        status="succeeded",
+                        version=version,
+                        metrics={"loss_per_step": losses, "train_seconds": 3.0 + version},
+                    )
                     run_id = run.id
                 repository.add_version(
                     name=name,
@@ -272,7 +310,9 @@ def test_admin_rolls_back_a_read_only_token_is_refused(client: TestClient) -> No
     jobs = client.get("/ui/jobs").text
     assert "train" in jobs and ">ops<" in jobs  # audit: the job names the token entry that queued it
     with factory() as session:
-        versions = {row.version: row for row in AdapterRepository(session).list_versions(name="geo", limit=10)}
+        versions = {
+            row.version: row for row in AdapterRepository(session).list_versions(name="geo", limit=10)
+        }
         assert "by ops" in (versions[2].reason or "")  # the version rolled back from names who did it
 
 
@@ -511,8 +551,12 @@ def test_browser_read_only_and_bound_tokens(browser: Any, live_url: str) -> None
 def test_browser_phone_layout(browser: Any, live_url: str) -> None:
     page = browser_login(browser, live_url, ADMIN, "phone")
     shoot(page, "namespaces-phone")
-    for path, name in (("/ui/ns/geo", "namespace"), ("/ui/ns/geo/v/2", "version"), ("/ui/jobs", "jobs"),
-                       ("/ui/chat", "chat")):  # fmt: skip
+    for path, name in (
+        ("/ui/ns/geo", "namespace"),
+        ("/ui/ns/geo/v/2", "version"),
+        ("/ui/jobs", "jobs"),
+        ("/ui/chat", "chat"),
+    ):
         page.goto(f"{live_url}{path}")
         # nothing wider than the screen: the page does not scroll sideways
         assert page.evaluate("document.documentElement.scrollWidth") <= VIEWPORTS["phone"]["width"] + 1, path
@@ -588,7 +632,9 @@ def test_a_configured_secret_is_shared_by_processes_and_the_ttl_applies(
         assert third.get("/ui/").status_code == 303  # its own per-process secret
 
 
-def test_too_many_failed_logins_are_throttled_even_for_the_right_token(tmp_path: Path, fake_vllm: FakeVllm) -> None:
+def test_too_many_failed_logins_are_throttled_even_for_the_right_token(
+    tmp_path: Path, fake_vllm: FakeVllm
+) -> None:
     settings = make_settings(f"sqlite:///{tmp_path / 'db.sqlite'}", tmp_path, fake_vllm).model_copy(
         update={"dashboard_login_max_failures": 3, "dashboard_login_window_s": 300}
     )
@@ -609,10 +655,18 @@ def test_too_many_failed_logins_are_throttled_even_for_the_right_token(tmp_path:
 def test_a_finished_job_shows_its_outcome_not_its_last_phase(client: TestClient) -> None:
     factory = client.app.state.session_factory  # type: ignore[attr-defined]
     with factory.begin() as session:
-        session.add(Job(kind="train", namespace="geo", status="succeeded",
-                        progress={"phase": "report", "step": 8, "total_steps": 8, "loss": 0.25},
-                        result={"namespace": "geo", "outcome": "promoted", "version": 7}))  # fmt: skip
-        session.add(Job(kind="train", namespace="geo", status="running", progress={"phase": "train", "step": 2}))
+        session.add(
+            Job(
+                kind="train",
+                namespace="geo",
+                status="succeeded",
+                progress={"phase": "report", "step": 8, "total_steps": 8, "loss": 0.25},
+                result={"namespace": "geo", "outcome": "promoted", "version": 7},
+            )
+        )
+        session.add(
+            Job(kind="train", namespace="geo", status="running", progress={"phase": "train", "step": 2})
+        )
     login(client, ADMIN)
     rows = re.findall(r'<td data-label="phase">([^<]*)</td>', client.get("/ui/jobs").text)
     assert "promoted v7" in rows and "train" in rows

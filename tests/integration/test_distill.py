@@ -132,8 +132,12 @@ def test_student_without_memories_prefers_the_teachers_answers(
         )
         for prompt in plan.heldout
     ]
-    common = {"base_model": tiny_model_dir, "candidate_adapter": distilled.adapter_dir,
-              "parent_adapter": parent_adapter, "device": "cpu"}  # fmt: skip
+    common = {
+        "base_model": tiny_model_dir,
+        "candidate_adapter": distilled.adapter_dir,
+        "parent_adapter": parent_adapter,
+        "device": "cpu",
+    }
     teacher = score_candidate(examples=[p.teacher for p in pairs], probes=[pairs[0].teacher], **common)
     student = score_candidate(examples=[p.student for p in pairs], probes=[pairs[0].student], **common)
     teacher_nll, before, after = teacher["nll_before"], student["nll_before"], student["nll_after"]
@@ -202,9 +206,12 @@ def test_training_loop_refuses_a_misaligned_batch_before_any_update(one_epoch, t
         config=CONFIG.render,
     )
     misaligned = dataclasses.replace(
-        prepared, train_pairs=[dataclasses.replace(prepared.train_pairs[index], student=wrong.student),
-                               *prepared.train_pairs[1:]],
-    )  # fmt: skip
+        prepared,
+        train_pairs=[
+            dataclasses.replace(prepared.train_pairs[index], student=wrong.student),
+            *prepared.train_pairs[1:],
+        ],
+    )
     before = trainable(prepared)
     with pytest.raises(DistillAlignmentError, match="response tokens differ"):
         distiller.train_student(misaligned)

@@ -121,10 +121,15 @@ def test_vllm_down_feedback_still_accepted_and_reconciliation_catches_up(
 
             def waiting() -> dict[str, Any] | None:
                 jobs = client.get("/jobs", params={"namespace": "default", "kind": "train"}).json()["items"]
-                return next((j for j in jobs if j["status"] == "queued" and (j["progress"] or {}).get("waiting_for")), None)
+                return next(
+                    (j for j in jobs if j["status"] == "queued" and (j["progress"] or {}).get("waiting_for")),
+                    None,
+                )
 
             job = wait_for(waiting, 240, "a trained candidate waiting for vLLM", 0.5)
-            assert "hot-swap" in (job["error"] or "") and job["attempts"] == 0, job  # waiting spends no attempt
+            assert "hot-swap" in (job["error"] or "") and job["attempts"] == 0, (
+                job
+            )  # waiting spends no attempt
             assert current() == 0, "a version became current while vLLM was down"
             versions = client.get("/adapters/default").json()["versions"]
             assert all(v["status"] != "failed" for v in versions), (
@@ -171,8 +176,10 @@ class PrivatePostgres:
     def ctl(self, *args: str) -> None:
         subprocess.run(
             [*self.run_as, postgres_bin("pg_ctl"), "-D", str(self.folder / "data"), "-w", "-t", "60", *args],
-            check=True, capture_output=True, timeout=90,
-        )  # fmt: skip
+            check=True,
+            capture_output=True,
+            timeout=90,
+        )
 
     def start(self) -> None:
         options = f"-p {self.port} -c listen_addresses=127.0.0.1 -c unix_socket_directories={self.folder}"
@@ -191,10 +198,22 @@ def private_postgres() -> Iterator[PrivatePostgres]:
         run_as = ["runuser", "-u", "postgres", "--"]
     cluster = PrivatePostgres(folder, free_port(), run_as)
     subprocess.run(
-        [*run_as, postgres_bin("initdb"), "-D", str(folder / "data"), "-U", "postgres", "--auth=trust",
-         "--no-sync", "-E", "UTF8"],
-        check=True, capture_output=True, timeout=120,
-    )  # fmt: skip
+        [
+            *run_as,
+            postgres_bin("initdb"),
+            "-D",
+            str(folder / "data"),
+            "-U",
+            "postgres",
+            "--auth=trust",
+            "--no-sync",
+            "-E",
+            "UTF8",
+        ],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
     cluster.start()
     try:
         yield cluster
@@ -296,9 +315,12 @@ def test_postgres_restart_under_load_fails_fast_and_recovers(
     engine = make_engine(private_postgres.url)
     try:
         with engine.connect() as connection:
-            keys = [row[0] for row in connection.execute(
-                sa.text("SELECT idempotency_key FROM feedback_items WHERE namespace = 'pg'")
-            )]  # fmt: skip
+            keys = [
+                row[0]
+                for row in connection.execute(
+                    sa.text("SELECT idempotency_key FROM feedback_items WHERE namespace = 'pg'")
+                )
+            ]
     finally:
         engine.dispose()
     assert len(keys) == len(set(keys)), "an item is stored twice"
@@ -316,8 +338,10 @@ def small_filesystem(tmp_path: Path) -> Iterator[Path]:
     mount_point.mkdir()
     mounted = subprocess.run(
         ["mount", "-t", "tmpfs", "-o", "size=2m,mode=0755", "tmpfs", str(mount_point)],
-        capture_output=True, text=True, check=False,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     if mounted.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here ({mounted.stderr.strip()}); the ENOSPC unit path still runs")
     try:
@@ -344,8 +368,14 @@ def test_disk_full_while_publishing_leaves_no_partial_version(
     url = f"sqlite:///{tmp_path / 'registry.db'}"  # the database lives elsewhere: only adapters fill up
     upgrade_database(url)
     engine = make_engine(url)
-    settings = Settings(_env_file=None, database_url=url, data_dir=small_filesystem, auth_disabled=True,
-                        base_model=tiny_model_dir, lora_rank=4)  # fmt: skip
+    settings = Settings(
+        _env_file=None,
+        database_url=url,
+        data_dir=small_filesystem,
+        auth_disabled=True,
+        base_model=tiny_model_dir,
+        lora_rank=4,
+    )
     with FakeVllm() as fake:
         from deploy.hotswap import HotSwapper
         from deploy.vllm_client import VllmClient
@@ -393,8 +423,14 @@ def test_enospc_at_the_lowest_write_is_a_clean_failure(
     url = f"sqlite:///{tmp_path / 'registry.db'}"
     upgrade_database(url)
     engine = make_engine(url)
-    settings = Settings(_env_file=None, database_url=url, data_dir=tmp_path / "var", auth_disabled=True,
-                        base_model=tiny_model_dir, lora_rank=4)  # fmt: skip
+    settings = Settings(
+        _env_file=None,
+        database_url=url,
+        data_dir=tmp_path / "var",
+        auth_disabled=True,
+        base_model=tiny_model_dir,
+        lora_rank=4,
+    )
     registry = AdapterRegistry.from_settings(settings, make_session_factory(engine), None)
     registry.ensure_base_version("shop")
     source = tmp_path / "candidate"

@@ -108,9 +108,14 @@ def test_one_group_settles_each_request_as_its_own_transaction(
     assert [entry.created for entry in group[5].future.result()] == [True, True, True]
     assert not group[6].future.result()[0].created
     assert stored(factory) == [
-        ("old", "Paris."), ("a", "Paris."), ("b", "Paris."), (None, "Paris."),
-        ("batch\x1f0", "P0."), ("batch\x1f1", "P1."), ("batch\x1f2", "P2."),
-    ]  # fmt: skip
+        ("old", "Paris."),
+        ("a", "Paris."),
+        ("b", "Paris."),
+        (None, "Paris."),
+        ("batch\x1f0", "P0."),
+        ("batch\x1f1", "P1."),
+        ("batch\x1f2", "P2."),
+    ]
     with factory() as session:  # one train job for the namespace, enqueued once
         assert session.scalar(sa.select(sa.func.count()).select_from(Job).where(Job.kind == "train")) == 1
 
@@ -139,9 +144,11 @@ def test_invalid_item_is_refused_alone_and_answers_follow_the_commit(
 
 
 def test_a_failed_commit_fails_every_request_of_the_group(
-    db_session_factory: sessionmaker[Session], settings: Settings, validator: FeedbackValidator,
+    db_session_factory: sessionmaker[Session],
+    settings: Settings,
+    validator: FeedbackValidator,
     monkeypatch: pytest.MonkeyPatch,
-) -> None:  # fmt: skip
+) -> None:
     def refuse(self: Session) -> None:
         raise RuntimeError("disk on fire")
 
@@ -156,9 +163,11 @@ def test_a_failed_commit_fails_every_request_of_the_group(
 
 
 def test_a_connection_lost_mid_group_is_a_503_for_every_request_not_a_unit_error(
-    db_session_factory: sessionmaker[Session], settings: Settings, validator: FeedbackValidator,
+    db_session_factory: sessionmaker[Session],
+    settings: Settings,
+    validator: FeedbackValidator,
     monkeypatch: pytest.MonkeyPatch,
-) -> None:  # fmt: skip
+) -> None:
     # the database restarting under load: the connection goes away while the group's items are
     # being stored; the per-unit retry must not turn the dead transaction into units' own errors
     real_store = StoreUnit.store

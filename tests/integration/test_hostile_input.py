@@ -212,8 +212,9 @@ def test_deeply_nested_tool_arguments_are_refused(app: FastAPI, client: TestClie
     for _ in range(200):
         arguments = {"k": arguments}
     call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": arguments}}
-    body = feedback(messages=[USER, {"role": "assistant", "content": None, "tool_calls": [call]}],
-                    target_index=2)  # fmt: skip
+    body = feedback(
+        messages=[USER, {"role": "assistant", "content": None, "tool_calls": [call]}], target_index=2
+    )
     before = stored_rows(app)
     error = assert_refused(client.post("/feedback", json=body, headers=AUTH), statuses=(422,))
     assert error["field"].startswith("messages[1].tool_calls[0].function.arguments")
@@ -341,8 +342,11 @@ def test_path_traversal_in_adapter_routes(app: FastAPI, client: TestClient, name
 
 
 def test_absolute_paths_in_download_route(client: TestClient) -> None:
-    for path in ("/adapters//etc/passwd/versions/1/download", "/adapters/%2F%2Fetc/versions/1/download",
-                 "/adapters/geo/versions/1/download/../../../../etc/passwd"):  # fmt: skip
+    for path in (
+        "/adapters//etc/passwd/versions/1/download",
+        "/adapters/%2F%2Fetc/versions/1/download",
+        "/adapters/geo/versions/1/download/../../../../etc/passwd",
+    ):
         response = client.get(path, headers=AUTH)
         assert response.status_code in (404, 422), (path, response.text)
         assert "error" in response.json()

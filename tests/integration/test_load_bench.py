@@ -21,11 +21,24 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 
 def test_load_bench_runs_idle_and_while_training() -> None:
     completed = subprocess.run(
-        [sys.executable, "bench/load.py", "--duration", "5", "--no-postgres", "--p99-bound-ms", "30000",
-         "--train-items", "4"],
-        cwd=REPO_ROOT, capture_output=True, text=True, timeout=500, check=False,
+        [
+            sys.executable,
+            "bench/load.py",
+            "--duration",
+            "5",
+            "--no-postgres",
+            "--p99-bound-ms",
+            "30000",
+            "--train-items",
+            "4",
+        ],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=500,
+        check=False,
         env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )  # fmt: skip
+    )
     assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
     lines = [json.loads(line) for line in completed.stdout.strip().splitlines() if line.startswith("{")]
     summary = lines[-1]
@@ -51,8 +64,13 @@ def test_sqlite_reads_do_not_queue_behind_a_writer(tmp_path: Path) -> None:
     from service.config import Settings
 
     database = tmp_path / "reads.db"
-    settings = Settings(_env_file=None, database_url=f"sqlite:///{database}", data_dir=tmp_path,
-                        auth_tokens="t=admin", tokenizer=tmp_path / "none")  # fmt: skip
+    settings = Settings(
+        _env_file=None,
+        database_url=f"sqlite:///{database}",
+        data_dir=tmp_path,
+        auth_tokens="t=admin",
+        tokenizer=tmp_path / "none",
+    )
     with TestClient(create_app(settings, start_background=False)) as client:
         writer = sqlite3.connect(database, isolation_level=None)
         try:

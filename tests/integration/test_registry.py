@@ -59,7 +59,9 @@ def registry(
 def candidate_files(registry: AdapterRegistry, tmp_path: Path, seed: int) -> Path:
     """A peft adapter folder (as a training run would leave it in its scratch dir)."""
     base = registry.settings.base_model
-    return build_zero_adapter(base, train_config(registry.settings).lora_config(base), tmp_path / f"c{seed}", seed=seed)
+    return build_zero_adapter(
+        base, train_config(registry.settings).lora_config(base), tmp_path / f"c{seed}", seed=seed
+    )
 
 
 def version_row(factory: sessionmaker[Session], version: int) -> tuple[str, str | None]:
@@ -70,9 +72,12 @@ def version_row(factory: sessionmaker[Session], version: int) -> tuple[str, str 
 
 def publish(registry: AdapterRegistry, tmp_path: Path, seed: int, parent: int) -> int:
     return registry.publish_candidate(
-        NS, candidate_files(registry, tmp_path, seed), parent_version=parent, training_run_id=None,
+        NS,
+        candidate_files(registry, tmp_path, seed),
+        parent_version=parent,
+        training_run_id=None,
         metrics={"nll_before": 2.0, "nll_after": 1.0, "drift_kl": 0.01},
-    )  # fmt: skip
+    )
 
 
 def test_promotion_swaps_every_replica_before_the_pointer_flips(

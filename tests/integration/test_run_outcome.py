@@ -28,12 +28,21 @@ def _run(session_factory: sessionmaker[Session], run_id: int) -> TrainingRun:
         return run
 
 
-@pytest.mark.parametrize("error", [TrainingDiverged("nan loss", step=3), TrainingBudgetExceeded("600 s"),
-                                   DistillAlignmentError("misaligned")])  # fmt: skip
+@pytest.mark.parametrize(
+    "error",
+    [
+        TrainingDiverged("nan loss", step=3),
+        TrainingBudgetExceeded("600 s"),
+        DistillAlignmentError("misaligned"),
+    ],
+)
 def test_divergence_budget_and_fatal_errors_fail_the_job_for_good(db_session_factory, error) -> None:
     run_id = _start(db_session_factory)
-    with pytest.raises(JobFailed) as raised, training_run_outcome(
-        db_session_factory, run_id, fatal=(DistillAlignmentError,), failed_metrics={"new_items": 3}
+    with (
+        pytest.raises(JobFailed) as raised,
+        training_run_outcome(
+            db_session_factory, run_id, fatal=(DistillAlignmentError,), failed_metrics={"new_items": 3}
+        ),
     ):
         raise error
     assert raised.value.retryable is False
@@ -61,8 +70,9 @@ def test_an_unexpected_error_closes_the_run_and_propagates_for_a_retry(db_sessio
 
 def test_passthrough_errors_leave_the_run_to_the_caller(db_session_factory) -> None:
     run_id = _start(db_session_factory)
-    with pytest.raises(NothingToDistill), training_run_outcome(
-        db_session_factory, run_id, passthrough=(NothingToDistill,)
+    with (
+        pytest.raises(NothingToDistill),
+        training_run_outcome(db_session_factory, run_id, passthrough=(NothingToDistill,)),
     ):
         raise NothingToDistill("no memories")
     assert _run(db_session_factory, run_id).status == "running"

@@ -21,16 +21,30 @@ def _settings(tmp_path: Path) -> Settings:
     return Settings(auth_disabled=True, data_dir=tmp_path, job_max_attempts=4)
 
 
-def test_one_active_job_per_namespace_and_the_request_moves_it_only_when_asked(db_session_factory, tmp_path) -> None:
+def test_one_active_job_per_namespace_and_the_request_moves_it_only_when_asked(
+    db_session_factory, tmp_path
+) -> None:
     settings = _settings(tmp_path)
     later = utcnow() + timedelta(seconds=30)
     with db_session_factory.begin() as session:
-        first = queue_train_job(session, settings, "geo", trigger="debounce", run_after=later, created_by="ops",
-                                payload={"requeues": 1})  # fmt: skip
+        first = queue_train_job(
+            session,
+            settings,
+            "geo",
+            trigger="debounce",
+            run_after=later,
+            created_by="ops",
+            payload={"requeues": 1},
+        )
         assert (first.payload, first.created_by, first.max_attempts) == (
-            {"namespace": "geo", "trigger": "debounce", "requeues": 1}, "ops", 4)
+            {"namespace": "geo", "trigger": "debounce", "requeues": 1},
+            "ops",
+            4,
+        )
         # a follow-up style request (no reschedule) is absorbed and moves nothing
-        same = queue_train_job(session, settings, "geo", trigger="follow-up", run_after=later + timedelta(seconds=60))
+        same = queue_train_job(
+            session, settings, "geo", trigger="follow-up", run_after=later + timedelta(seconds=60)
+        )
         assert same.id == first.id and same.run_after == later
         other = queue_train_job(session, settings, "ops", trigger="api")
         assert other.id != first.id
@@ -44,7 +58,9 @@ def test_one_active_job_per_namespace_and_the_request_moves_it_only_when_asked(d
         assert session.query(Job).filter(Job.namespace == "geo").count() == 1
 
 
-def test_a_running_job_is_not_rescheduled_and_a_finished_one_frees_the_namespace(db_session_factory, tmp_path) -> None:
+def test_a_running_job_is_not_rescheduled_and_a_finished_one_frees_the_namespace(
+    db_session_factory, tmp_path
+) -> None:
     settings = _settings(tmp_path)
     with db_session_factory.begin() as session:
         job = queue_train_job(session, settings, "geo", trigger="api")
@@ -53,6 +69,8 @@ def test_a_running_job_is_not_rescheduled_and_a_finished_one_frees_the_namespace
         assert claimed is not None and claimed.id == job.id
     later = utcnow() + timedelta(seconds=30)
     with db_session_factory.begin() as session:
-        absorbed = queue_train_job(session, settings, "geo", trigger="debounce", run_after=later, reschedule=True)
+        absorbed = queue_train_job(
+            session, settings, "geo", trigger="debounce", run_after=later, reschedule=True
+        )
         assert absorbed.id == job.id and absorbed.status == "running"
         assert absorbed.run_after < later

@@ -53,9 +53,15 @@ def late_vllm() -> Iterator[Callable[[], FakeVllm]]:
 
 def vllm_settings(tmp_path: Path, tiny_model_dir: Path, url: str, **overrides: Any) -> Settings:
     return make_settings(
-        tmp_path, f"sqlite:///{tmp_path / 'loraloop.db'}", base_model=tiny_model_dir, vllm_urls=[url],
-        vllm_retries=0, vllm_timeout_s=2.0, swap_drain_s=0.0, **{**TINY_TRAINING, **overrides},
-    )  # fmt: skip
+        tmp_path,
+        f"sqlite:///{tmp_path / 'loraloop.db'}",
+        base_model=tiny_model_dir,
+        vllm_urls=[url],
+        vllm_retries=0,
+        vllm_timeout_s=2.0,
+        swap_drain_s=0.0,
+        **{**TINY_TRAINING, **overrides},
+    )
 
 
 def make_due(factory: sessionmaker[Session], job_id: int) -> None:
@@ -75,7 +81,9 @@ def test_a_candidate_waits_for_vllm_without_spending_attempts_and_is_promoted_wh
     with TestClient(create_app(settings, start_background=False)) as client:
         factory = client.app.state.session_factory
         registry = AdapterRegistry.from_settings(settings, factory, build_hot_swapper(settings))
-        worker = Worker(settings, factory, {"train": TrainJobHandler(settings, factory, registry)}, worker_id="w")
+        worker = Worker(
+            settings, factory, {"train": TrainJobHandler(settings, factory, registry)}, worker_id="w"
+        )
         feedback_id = client.post("/feedback", json=FEEDBACK).json()["id"]
 
         assert worker.run_once()  # trains v1 from an unserved v0; no replica answers the promotion
@@ -86,7 +94,9 @@ def test_a_candidate_waits_for_vllm_without_spending_attempts_and_is_promoted_wh
         item = client.get(f"/feedback/{feedback_id}").json()
         assert item["status"] == "pending" and item["job_id"] == job["id"]
         assert item["waiting_for"].startswith("vllm: v1 passed the gate"), item
-        versions = {v["version"]: v["status"] for v in client.get("/adapters/default/versions").json()["versions"]}
+        versions = {
+            v["version"]: v["status"] for v in client.get("/adapters/default/versions").json()["versions"]
+        }
         assert versions == {0: "candidate", 1: "candidate"}
 
         for _ in range(3):  # more waits than max_attempts: still waiting, never dead
@@ -100,7 +110,11 @@ def test_a_candidate_waits_for_vllm_without_spending_attempts_and_is_promoted_wh
             assert wake_waiting(session) == [job["id"]]
         assert worker.run_once()
         job = the_job(client)
-        assert (job["status"], job["result"]["outcome"], job["result"]["version"]) == ("succeeded", "promoted", 1)
+        assert (job["status"], job["result"]["outcome"], job["result"]["version"]) == (
+            "succeeded",
+            "promoted",
+            1,
+        )
         assert client.get("/adapters/default/current").json()["version"] == 1
         assert "default-v1" in fake.state.adapters
         item = client.get(f"/feedback/{feedback_id}").json()
@@ -120,8 +134,12 @@ def factory(migrated_db_url: str) -> Iterator[sessionmaker[Session]]:
 def dead_train_job(factory: sessionmaker[Session], namespace: str) -> int:
     with factory.begin() as session:
         queue = JobQueue(session, default_max_attempts=1)
-        job = queue.enqueue(kind="train", namespace=namespace, payload={"namespace": namespace},
-                            dedupe_key=f"train:{namespace}")  # fmt: skip
+        job = queue.enqueue(
+            kind="train",
+            namespace=namespace,
+            payload={"namespace": namespace},
+            dedupe_key=f"train:{namespace}",
+        )
         queue.claim(worker_id="w", kinds=["train"])
         queue.fail(job_id=job.id, worker_id="w", error="hot-swap failed: connection refused")
         return job.id
@@ -132,8 +150,9 @@ def test_a_dead_train_job_with_pending_feedback_is_requeued_once(
 ) -> None:
     settings = make_settings(tmp_path, migrated_db_url)
     with factory.begin() as session:
-        FeedbackRepository(session).add(namespace="stranded", messages=FEEDBACK["messages"],
-                                        continuation=FEEDBACK["continuation"])  # fmt: skip
+        FeedbackRepository(session).add(
+            namespace="stranded", messages=FEEDBACK["messages"], continuation=FEEDBACK["continuation"]
+        )
     dead = dead_train_job(factory, "stranded")
     dead_train_job(factory, "nothing-pending")
     with factory.begin() as session:
@@ -143,13 +162,18 @@ def test_a_dead_train_job_with_pending_feedback_is_requeued_once(
     with factory.begin() as session:
         assert requeue_stranded(session, settings, cooldown_s=0) == []  # a queued job holds it now
         jobs = JobQueue(session).list(namespace="stranded", kind="train")
-        assert [(job.status, job.payload.get("requeued_from_job")) for job in jobs] == [("dead", None), ("queued", dead)]
+        assert [(job.status, job.payload.get("requeued_from_job")) for job in jobs] == [
+            ("dead", None),
+            ("queued", dead),
+        ]
 
 
 def test_a_namespace_is_served_by_its_v0_from_its_first_request(
     tmp_path: Path, tiny_model_dir: Path, late_vllm
 ) -> None:
-    settings = vllm_settings(tmp_path, tiny_model_dir, late_vllm.url, auth_tokens="t=inference", auth_disabled=False)
+    settings = vllm_settings(
+        tmp_path, tiny_model_dir, late_vllm.url, auth_tokens="t=inference", auth_disabled=False
+    )
     chat = {"model": "acme", "messages": [{"role": "user", "content": "hello"}]}
     with TestClient(create_app(settings, start_background=False)) as client:
         assert client.post("/v1/chat/completions", json=chat).status_code == 401  # same auth as any alias
@@ -170,11 +194,19 @@ def test_a_namespace_is_served_by_its_v0_from_its_first_request(
 def test_readyz_is_red_until_every_replica_serves_the_current_versions(
     tmp_path: Path, tiny_model_dir: Path, late_vllm
 ) -> None:
-    settings = vllm_settings(tmp_path, tiny_model_dir, late_vllm.url, worker_enabled=False,
-                             distill_enabled=False, reconcile_interval_s=0.3)  # fmt: skip
+    settings = vllm_settings(
+        tmp_path,
+        tiny_model_dir,
+        late_vllm.url,
+        worker_enabled=False,
+        distill_enabled=False,
+        reconcile_interval_s=0.3,
+    )
     with TestClient(create_app(settings, background=background_services(settings))) as client:
         deadline = time.monotonic() + 30
-        while "unreachable" not in ((body := client.get("/readyz").json())["components"]["vllm"]["detail"] or ""):
+        while "unreachable" not in (
+            (body := client.get("/readyz").json())["components"]["vllm"]["detail"] or ""
+        ):
             assert time.monotonic() < deadline, body
             time.sleep(0.1)
         assert body["status"] == "unavailable" and client.get("/readyz").status_code == 503

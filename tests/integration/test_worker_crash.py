@@ -121,7 +121,9 @@ def spawn(tmp_path: Path) -> Iterator[Any]:
                 process.wait()
 
 
-def wait_for(predicate: Any, timeout: float, what: str, process: subprocess.Popen[bytes] | None = None) -> Any:
+def wait_for(
+    predicate: Any, timeout: float, what: str, process: subprocess.Popen[bytes] | None = None
+) -> Any:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = predicate()
@@ -168,8 +170,12 @@ def test_sigkill_mid_training_then_restart(service, spawn) -> None:
     assert adapter["current"] == 0 and [v["version"] for v in adapter["versions"]] == [0]
 
     second = spawn(worker_args(), worker_env(settings), "second")
-    job = wait_for(lambda: (j := train_job(client))["status"] in ("succeeded", "failed", "dead") and j, 300,
-                   "the re-leased job", second)  # fmt: skip
+    job = wait_for(
+        lambda: (j := train_job(client))["status"] in ("succeeded", "failed", "dead") and j,
+        300,
+        "the re-leased job",
+        second,
+    )
     assert job["status"] == "succeeded" and job["attempts"] == 2, job
     adapter = assert_no_partial_version(client, settings)
     assert adapter["current"] == 1
@@ -183,7 +189,9 @@ def test_sigkill_while_writing_the_version_then_restart(service, spawn) -> None:
     folder = settings.adapters_dir / "default"
 
     def crash_at(point: str) -> list[str]:
-        crashing = spawn([sys.executable, "-c", CRASHING_WORKER, point], worker_env(settings), f"crash-{point}")
+        crashing = spawn(
+            [sys.executable, "-c", CRASHING_WORKER, point], worker_env(settings), f"crash-{point}"
+        )
         crashing.wait(300)
         assert crashing.returncode == -signal.SIGKILL, f"worker did not die at {point}"
         (adapter,) = client.get("/adapters").json()["adapters"]
@@ -199,8 +207,12 @@ def test_sigkill_while_writing_the_version_then_restart(service, spawn) -> None:
     assert not [n for n in leftovers if n.startswith(".tmp-")]  # the dead publisher's temp folder is gone
 
     restarted = spawn(worker_args(), worker_env(settings), "restarted")
-    job = wait_for(lambda: (j := train_job(client))["status"] in ("succeeded", "failed", "dead") and j, 300,
-                   "the re-leased job", restarted)  # fmt: skip
+    job = wait_for(
+        lambda: (j := train_job(client))["status"] in ("succeeded", "failed", "dead") and j,
+        300,
+        "the re-leased job",
+        restarted,
+    )
     assert job["status"] == "succeeded" and job["result"]["version"] == 1 and job["attempts"] == 3, job
     adapter = assert_no_partial_version(client, settings)
     assert adapter["current"] == 1

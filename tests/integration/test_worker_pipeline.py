@@ -89,7 +89,9 @@ def enqueue(factory: sessionmaker[Session], kind: str, **kwargs: Any) -> int:
 def job_row(factory: sessionmaker[Session], job_id: int) -> dict[str, Any]:
     with factory() as session:
         job = JobQueue(session).get(job_id=job_id)
-        return {c: getattr(job, c) for c in ("status", "attempts", "progress", "result", "error", "lease_owner")}
+        return {
+            c: getattr(job, c) for c in ("status", "attempts", "progress", "result", "error", "lease_owner")
+        }
 
 
 def test_job_loop_outcomes(tmp_path: Path, migrated_db_url: str, factory: sessionmaker[Session]) -> None:
@@ -133,8 +135,13 @@ def test_job_loop_outcomes(tmp_path: Path, migrated_db_url: str, factory: sessio
     once = enqueue(factory, "retry", max_attempts=2)
     assert worker.run_once()
     assert job_row(factory, once) | {"progress": None} == {
-        "status": "queued", "attempts": 1, "progress": None, "result": None, "error": "store hiccup", "lease_owner": None,
-    }  # fmt: skip
+        "status": "queued",
+        "attempts": 1,
+        "progress": None,
+        "result": None,
+        "error": "store hiccup",
+        "lease_owner": None,
+    }
     with factory.begin() as session:  # skip the backoff
         JobQueue(session).get(job_id=once).run_after = JobQueue(session).get(job_id=once).created_at
     assert worker.run_once()
@@ -144,7 +151,10 @@ def test_job_loop_outcomes(tmp_path: Path, migrated_db_url: str, factory: sessio
     bug = enqueue(factory, "crash", max_attempts=1)
     assert worker.run_once() and worker.run_once()
     assert job_row(factory, no_retry)["status"] == "failed"
-    assert job_row(factory, bug)["status"] == "dead" and "RuntimeError: handler bug" in job_row(factory, bug)["error"]
+    assert (
+        job_row(factory, bug)["status"] == "dead"
+        and "RuntimeError: handler bug" in job_row(factory, bug)["error"]
+    )
     assert not worker.run_once()  # nothing due
 
     samples = {
@@ -152,7 +162,11 @@ def test_job_loop_outcomes(tmp_path: Path, migrated_db_url: str, factory: sessio
         for s in metrics.job_duration.collect()[0].samples
         if s.name.endswith("_count")
     }
-    assert samples[("ok", "succeeded")] == 1 and samples[("retry", "dead")] == 1 and samples[("fatal", "failed")] == 1
+    assert (
+        samples[("ok", "succeeded")] == 1
+        and samples[("retry", "dead")] == 1
+        and samples[("fatal", "failed")] == 1
+    )
 
 
 def test_expired_lease_is_rerun_and_lost_lease_stops_the_handler(
@@ -191,7 +205,9 @@ def test_expired_lease_is_rerun_and_lost_lease_stops_the_handler(
     assert job_row(factory, cancelled)["status"] == "cancelled"  # not overwritten by the worker
 
 
-def test_graceful_stop_gives_the_job_back(tmp_path: Path, migrated_db_url: str, factory: sessionmaker[Session]) -> None:
+def test_graceful_stop_gives_the_job_back(
+    tmp_path: Path, migrated_db_url: str, factory: sessionmaker[Session]
+) -> None:
     settings = make_settings(tmp_path, migrated_db_url)
     started = threading.Event()
 
@@ -224,13 +240,17 @@ def pipeline(tmp_path: Path, tiny_model_dir: Path):
 
     def build(**overrides: Any) -> tuple[TestClient, Settings, Worker]:
         values = {**TINY_TRAINING, **overrides}
-        settings = make_settings(tmp_path, f"sqlite:///{tmp_path / 'loraloop.db'}", base_model=tiny_model_dir, **values)
+        settings = make_settings(
+            tmp_path, f"sqlite:///{tmp_path / 'loraloop.db'}", base_model=tiny_model_dir, **values
+        )
         client = TestClient(create_app(settings, start_background=False))
         client.__enter__()
         clients.append(client)
         factory = client.app.state.session_factory
         registry = AdapterRegistry.from_settings(settings, factory)
-        worker = Worker(settings, factory, {"train": TrainJobHandler(settings, factory, registry)}, worker_id="t")
+        worker = Worker(
+            settings, factory, {"train": TrainJobHandler(settings, factory, registry)}, worker_id="t"
+        )
         return client, settings, worker
 
     clients: list[TestClient] = []
@@ -250,8 +270,13 @@ def first_job(client: TestClient, kind: str = "train") -> dict[str, Any]:
 
 def test_feedback_trains_a_new_current_version(pipeline) -> None:
     client, settings, worker = pipeline()
-    conversation = [{"role": "user", "content": "Hello there"}, {"role": "assistant", "content": "Hi! How can I help?"}]
-    assert client.post("/conversations", json={"messages": conversation}).status_code == 201  # the drift probe
+    conversation = [
+        {"role": "user", "content": "Hello there"},
+        {"role": "assistant", "content": "Hi! How can I help?"},
+    ]
+    assert (
+        client.post("/conversations", json={"messages": conversation}).status_code == 201
+    )  # the drift probe
     assert client.post("/feedback", json=FEEDBACK).status_code == 202
     factory = client.app.state.session_factory
 
@@ -265,7 +290,9 @@ def test_feedback_trains_a_new_current_version(pipeline) -> None:
 
         def report_and_post(progress: dict[str, Any]) -> None:
             if progress.get("phase") == "train" and not late:
-                late.append(client.post("/feedback", json={**FEEDBACK, "continuation": "Later."}).json()["id"])
+                late.append(
+                    client.post("/feedback", json={**FEEDBACK, "continuation": "Later."}).json()["id"]
+                )
             report(progress)
 
         context.report_progress = report_and_post  # type: ignore[method-assign]
@@ -295,7 +322,10 @@ def test_feedback_trains_a_new_current_version(pipeline) -> None:
     store.verify("default", 1, v1["sha256"])
     meta = store.read_metadata("default", 1)
     assert meta["parent_version"] == 0 and meta["base_model"] == str(settings.base_model)
-    assert meta["feedback_from_id"] == meta["feedback_to_id"] == 1 and meta["training_run_id"] == result["training_run_id"]
+    assert (
+        meta["feedback_from_id"] == meta["feedback_to_id"] == 1
+        and meta["training_run_id"] == result["training_run_id"]
+    )
 
     with factory() as session:
         first, second = session.query(FeedbackItem).order_by(FeedbackItem.id).all()
@@ -304,7 +334,9 @@ def test_feedback_trains_a_new_current_version(pipeline) -> None:
         run = session.get(TrainingRun, result["training_run_id"])
         assert (run.status, run.version, run.parent_version) == ("succeeded", 1, 0)
         losses = run.metrics["loss_per_step"]  # the dashboard plots them
-        assert run.metrics["gate"] == result["gate"] and result["gate"].startswith("passed")  # its gate column
+        assert run.metrics["gate"] == result["gate"] and result["gate"].startswith(
+            "passed"
+        )  # its gate column
         assert len(losses) == int(metrics["steps"]) and losses[-1] == pytest.approx(metrics["final_loss"])
         follow_up = JobQueue(session).active_job(dedupe_key="train:default")
         assert follow_up is not None and follow_up.payload["trigger"] == "follow-up"
@@ -330,8 +362,10 @@ def test_the_base_model_stays_loaded_and_every_version_carries_a_behaviour_repor
         assert [row["question"] for row in report["general"]] == [p.question for p in general_probes()]
         assert detail["metrics"]["general_lost"] == report["summary"]["general_lost"]
     # the second version's report reuses the first's candidate answers as its parent answers
-    first, second = (client.get(f"/adapters/default/versions/{j['result']['version']}").json()["behaviour_report"]
-                     for j in jobs)
+    first, second = (
+        client.get(f"/adapters/default/versions/{j['result']['version']}").json()["behaviour_report"]
+        for j in jobs
+    )
     assert [r["parent"] for r in second["general"]] == [r["candidate"] for r in first["general"]]
 
 
@@ -348,7 +382,9 @@ def test_gate_rejects_a_run_trained_on_corrupted_labels(pipeline, monkeypatch: p
         def train(self, *, examples, **kwargs):  # type: ignore[no-untyped-def]
             shuffle = random.Random(0)
             corrupted = [
-                dataclasses.replace(e, labels=[-100 if t == -100 else shuffle.randrange(1000, 100_000) for t in e.labels])
+                dataclasses.replace(
+                    e, labels=[-100 if t == -100 else shuffle.randrange(1000, 100_000) for t in e.labels]
+                )
                 for e in examples
             ]
             return super().train(examples=corrupted, **kwargs)
@@ -390,8 +426,9 @@ def test_unrenderable_and_empty_feedback_is_skipped(pipeline) -> None:
     factory = client.app.state.session_factory
     with factory.begin() as session:  # rows the API would refuse, as an older version may have stored them
         session.add(FeedbackItem(namespace="default", messages=FEEDBACK["messages"], continuation="   "))
-        session.add(FeedbackItem(namespace="default", messages=FEEDBACK["messages"], target_index=0,
-                                 continuation="x"))  # fmt: skip
+        session.add(
+            FeedbackItem(namespace="default", messages=FEEDBACK["messages"], target_index=0, continuation="x")
+        )
         JobQueue(session).enqueue(kind="train", namespace="default", payload={"namespace": "default"})
     assert worker.run_once()
     job = first_job(client)
@@ -402,12 +439,13 @@ def test_unrenderable_and_empty_feedback_is_skipped(pipeline) -> None:
     assert adapter_of(client)["current"] == 0
 
 
-
 # --- memories -> distill job -> served version, through the CLI (tiny model) ----------------------
 
 
 @pytest.mark.slow
-def test_distill_now_bakes_the_memories(pipeline, monkeypatch: pytest.MonkeyPatch, restore_logging: Callable[[], None]) -> None:
+def test_distill_now_bakes_the_memories(
+    pipeline, monkeypatch: pytest.MonkeyPatch, restore_logging: Callable[[], None]
+) -> None:
     """`loraloop distill --namespace ops --now --wait` against a running worker: a new current
     version whose held-out gap closure passed the gate, and the memories marked baked in it."""
     from typer.testing import CliRunner
@@ -416,11 +454,17 @@ def test_distill_now_bakes_the_memories(pipeline, monkeypatch: pytest.MonkeyPatc
     from service.wiring import job_handlers
 
     client, settings, worker = pipeline(
-        distill_epochs=12, distill_learning_rate=3e-3, distill_max_new_tokens=12,
+        distill_epochs=12,
+        distill_learning_rate=3e-3,
+        distill_max_new_tokens=12,
         distill_no_repeat_ngram_size=1,  # the random-init model's greedy answer is otherwise empty
         distill_method="kl",  # the KL pipeline's mechanics; baking by answers needs the real model
-    )  # fmt: skip
-    memory = {"namespace": "ops", "content": "The deploy password for project Kestrel is 7-4-1-9", "priority": 2}
+    )
+    memory = {
+        "namespace": "ops",
+        "content": "The deploy password for project Kestrel is 7-4-1-9",
+        "priority": 2,
+    }
     assert client.post("/memories", json=memory).status_code == 201
     factory = client.app.state.session_factory
     worker.handlers = job_handlers(settings, factory, AdapterRegistry.from_settings(settings, factory))
@@ -429,7 +473,9 @@ def test_distill_now_bakes_the_memories(pipeline, monkeypatch: pytest.MonkeyPatc
             monkeypatch.setenv(f"LORALOOP_{name.upper()}", str(value))
     worker.start()
     try:
-        result = CliRunner().invoke(app, ["distill", "--namespace", "ops", "--now", "--wait", "--poll", "0.2"])
+        result = CliRunner().invoke(
+            app, ["distill", "--namespace", "ops", "--now", "--wait", "--poll", "0.2"]
+        )
     finally:
         restore_logging()
         worker.stop()
@@ -439,7 +485,10 @@ def test_distill_now_bakes_the_memories(pipeline, monkeypatch: pytest.MonkeyPatc
     (adapter,) = [a for a in client.get("/adapters").json()["adapters"] if a["name"] == "ops"]
     assert adapter["current"] == 1
     metrics = adapter["versions"][1]["metrics"]
-    assert metrics["gap_closure"] >= settings.gate_min_gap_closure and metrics["drift_kl"] <= settings.gate_max_drift_kl
+    assert (
+        metrics["gap_closure"] >= settings.gate_min_gap_closure
+        and metrics["drift_kl"] <= settings.gate_max_drift_kl
+    )
     memories = client.get("/memories", params={"namespace": "ops", "state": "baked"}).json()["items"]
     assert [(m["content"], m["baked_in_version"]) for m in memories] == [(memory["content"], 1)]
     assert client.get("/memories", params={"namespace": "ops", "state": "active"}).json()["items"] == []
@@ -463,8 +512,13 @@ def test_bake_replays_baked_memories_but_never_a_retired_one(
     from service.cli import app
     from service.wiring import job_handlers
 
-    client, settings, worker = pipeline(gate_min_answer_agreement=0.0, gate_min_gap_closure=0.0,
-                                        gate_max_drift_kl=1e6, gate_max_general_lost=100, distill_answer_tokens=8)
+    client, settings, worker = pipeline(
+        gate_min_answer_agreement=0.0,
+        gate_min_gap_closure=0.0,
+        gate_max_drift_kl=1e6,
+        gate_max_general_lost=100,
+        distill_answer_tokens=8,
+    )
     assert settings.distill_method == "bake"
     kept = {"namespace": "ops", "content": "Our production region is eu-north-7"}
     retired = {"namespace": "ops", "content": "The codename of the spring launch is Marigold"}
@@ -481,7 +535,9 @@ def test_bake_replays_baked_memories_but_never_a_retired_one(
             monkeypatch.setenv(f"LORALOOP_{name.upper()}", str(value))
     worker.start()
     try:
-        result = CliRunner().invoke(app, ["distill", "--namespace", "ops", "--now", "--wait", "--poll", "0.2"])
+        result = CliRunner().invoke(
+            app, ["distill", "--namespace", "ops", "--now", "--wait", "--poll", "0.2"]
+        )
     finally:
         restore_logging()
         worker.stop()
@@ -506,9 +562,15 @@ def test_bake_replays_baked_memories_but_never_a_retired_one(
         assert len(run.metrics["loss_per_step"]) == int(metrics["steps"])  # the dashboard plots them
 
 
-@pytest.mark.parametrize(("outcome", "exit_code"), [("promoted", 0), ("rejected", 1), ("nothing_to_train", 0)])
+@pytest.mark.parametrize(
+    ("outcome", "exit_code"), [("promoted", 0), ("rejected", 1), ("nothing_to_train", 0)]
+)
 def test_train_cli_waits_for_the_outcome(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, restore_logging: Callable[[], None], outcome: str, exit_code: int
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    restore_logging: Callable[[], None],
+    outcome: str,
+    exit_code: int,
 ) -> None:
     from typer.testing import CliRunner
 

@@ -113,9 +113,18 @@ class _Handler(BaseHTTPRequestHandler):
             if model != state.base_model and model not in state.adapters:
                 msg = f"The model `{model}` does not exist."
                 return (*_error(msg, "NotFoundError", 404), js)
-            answer = {"id": "chatcmpl-fake", "object": "chat.completion", "model": model,
-                      "choices": [{"index": 0, "finish_reason": "stop",
-                                   "message": {"role": "assistant", "content": f"answer from {model}"}}]}  # fmt: skip
+            answer = {
+                "id": "chatcmpl-fake",
+                "object": "chat.completion",
+                "model": model,
+                "choices": [
+                    {
+                        "index": 0,
+                        "finish_reason": "stop",
+                        "message": {"role": "assistant", "content": f"answer from {model}"},
+                    }
+                ],
+            }
             return 200, json.dumps(answer).encode(), js
         if (method, path) == ("POST", "/tokenize"):
             if "messages" in payload:

@@ -33,11 +33,18 @@ def settings_for(tmp_path: Path, **overrides: object) -> Settings:
     ("overrides", "names"),
     [
         ({"vllm_urls": []}, ["worker", "scheduler", "retention"]),
-        ({"vllm_urls": ["http://a:8000", "http://b:8000"]}, ["reconciler", "worker", "scheduler", "retention"]),
+        (
+            {"vllm_urls": ["http://a:8000", "http://b:8000"]},
+            ["reconciler", "worker", "scheduler", "retention"],
+        ),
         ({"vllm_urls": ["embedded"]}, ["vllm", "reconciler", "worker", "scheduler", "retention"]),
         (
-            {"vllm_urls": ["embedded"], "worker_enabled": False, "distill_enabled": False,
-             "retention_enabled": False},
+            {
+                "vllm_urls": ["embedded"],
+                "worker_enabled": False,
+                "distill_enabled": False,
+                "retention_enabled": False,
+            },
             ["vllm", "reconciler"],
         ),
     ],
@@ -110,13 +117,16 @@ def test_the_routes_the_reconciler_and_the_jobs_share_one_registry(tmp_path: Pat
 
 
 @pytest.mark.parametrize("sleep_for_training", [False, True])
-def test_serve_and_loraloop_worker_build_their_worker_one_way(tmp_path: Path, sleep_for_training: bool) -> None:
+def test_serve_and_loraloop_worker_build_their_worker_one_way(
+    tmp_path: Path, sleep_for_training: bool
+) -> None:
     from service.adapters.registry import AdapterRegistry, build_hot_swapper
     from service.jobs.train import TrainJobHandler
     from service.wiring import build_worker
 
-    settings = prepare_serving(settings_for(tmp_path, vllm_urls=["http://a:8000"],
-                                            vllm_sleep_for_training=sleep_for_training))  # fmt: skip
+    settings = prepare_serving(
+        settings_for(tmp_path, vllm_urls=["http://a:8000"], vllm_sleep_for_training=sleep_for_training)
+    )
     app = create_app(settings)
     factory = app.state.resources.session_factory
     registry = AdapterRegistry.from_settings(settings, factory, build_hot_swapper(settings))

@@ -40,8 +40,9 @@ def test_the_gateway_errors_share_the_one_base() -> None:
 def test_an_api_error_answers_in_loraloop_shape_with_the_field(client: TestClient) -> None:
     response = client.get("/raise/invalid")
     assert response.status_code == 422
-    assert response.json() == {"error": {"type": "invalid_request", "message": "limit: must be at most 500",
-                                         "field": "limit"}}  # fmt: skip
+    assert response.json() == {
+        "error": {"type": "invalid_request", "message": "limit: must be at most 500", "field": "limit"}
+    }
     assert "retry-after" not in response.headers
 
 
@@ -50,16 +51,30 @@ def test_unauthenticated_names_the_scheme_and_too_large_names_the_limit(client: 
     assert response.status_code == 401 and response.headers["www-authenticate"] == "Bearer"
     response = client.get("/raise/too-large")
     assert response.status_code == 413
-    assert response.json()["error"] == {"type": "body_too_large", "message": "request body exceeds the limit of "
-                                        "1024 bytes", "field": "body", "limit_bytes": 1024}  # fmt: skip
+    assert response.json()["error"] == {
+        "type": "body_too_large",
+        "message": "request body exceeds the limit of 1024 bytes",
+        "field": "body",
+        "limit_bytes": 1024,
+    }
 
 
 def test_a_gateway_error_answers_in_openai_shape_with_retry_after(client: TestClient) -> None:
     response = client.get("/raise/not-ready")
     assert response.status_code == 503 and response.headers["retry-after"] == "2"
-    assert response.json() == {"error": {"message": "the model 'ns' has no current version yet",
-                                         "type": "model_not_ready", "param": None, "code": 503}}  # fmt: skip
+    assert response.json() == {
+        "error": {
+            "message": "the model 'ns' has no current version yet",
+            "type": "model_not_ready",
+            "param": None,
+            "code": 503,
+        }
+    }
     response = client.get("/raise/upstream")
     assert response.status_code == 429
-    assert response.json()["error"] == {"message": "too many requests", "type": "rate_limited", "param": "messages",
-                                        "code": 429}  # fmt: skip
+    assert response.json()["error"] == {
+        "message": "too many requests",
+        "type": "rate_limited",
+        "param": "messages",
+        "code": 429,
+    }

@@ -345,11 +345,13 @@ def test_bad_bodies_are_400_in_openai_shape(client: TestClient) -> None:
 
 
 def test_stream_assembler_handles_chunks_split_anywhere() -> None:
-    raw = sse([
-        {"choices": [{"index": 0, "delta": {"content": "con"}}]},
-        {"choices": [{"index": 1, "delta": {"content": "IGNORED"}}]},
-        {"choices": [{"index": 0, "delta": {"content": "tinuation"}}]},
-    ])  # fmt: skip
+    raw = sse(
+        [
+            {"choices": [{"index": 0, "delta": {"content": "con"}}]},
+            {"choices": [{"index": 1, "delta": {"content": "IGNORED"}}]},
+            {"choices": [{"index": 0, "delta": {"content": "tinuation"}}]},
+        ]
+    )
     for size in (1, 3, 7, len(raw)):
         assembler = StreamAssembler("chat")
         for start in range(0, len(raw), size):

@@ -50,10 +50,16 @@ def make_reconciler(
     desired: dict[str, tuple[int, str]],
     clock: list[float],
 ) -> Reconciler:
-    swapper = HotSwapper([VllmClient(vllm_url, timeout=2.0, retries=0)], drain_s=10.0, max_loras=4,
-                         clock=lambda: clock[0])  # fmt: skip
-    return Reconciler(swapper=swapper, desired_state=lambda: desired, session_factory=session_factory,
-                      interval_s=0.05, clock=lambda: clock[0])  # fmt: skip
+    swapper = HotSwapper(
+        [VllmClient(vllm_url, timeout=2.0, retries=0)], drain_s=10.0, max_loras=4, clock=lambda: clock[0]
+    )
+    return Reconciler(
+        swapper=swapper,
+        desired_state=lambda: desired,
+        session_factory=session_factory,
+        interval_s=0.05,
+        clock=lambda: clock[0],
+    )
 
 
 def register(session_factory: sessionmaker[Session], namespace: str, version: int, path: str) -> None:
