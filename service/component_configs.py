@@ -13,7 +13,8 @@ from pathlib import Path
 from deploy.embedded import EmbeddedVllmConfig, embedded_config_from_args
 from service.config import Settings
 from training.bake import BakeConfig
-from training.distill import DEFAULT_PROBE_TEMPLATES, DistillConfig
+from training.distill import DistillConfig
+from training.distill_data import DEFAULT_PROBE_TEMPLATES
 from training.evaluate import GateConfig
 from training.render import RenderConfig
 from training.trainer import TrainConfig

@@ -21,15 +21,13 @@ from typing import Any
 import torch
 
 from training.behaviour import _normalised, behaviour_report
-from training.distill import (
-    MemoryNote,
+from training.distill_data import MemoryNote, memory_topic, prefix_messages_from_memories
+from training.distill_teacher import (
     NothingToDistill,
     TeacherTargets,
     gap_closure,
     mean_teacher_student_kl,
-    memory_topic,
     precompute_teacher,
-    prefix_messages_from_memories,
 )
 from training.evaluate import AdapterView, drift_kl
 from training.generate import greedy_answers, user_prompt

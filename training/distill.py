@@ -1,10 +1,11 @@
 """Memory distillation (context baking): train an adapter so the model WITHOUT the memories in its
 context predicts what it predicts WITH them.
 
-Owns the distillation data (memories -> prefix messages, conversation and probe prompts, held-out
-split), teacher response generation, the teacher cache (probabilities computed once, full vocabulary or
-top-k plus a rest-mass bucket), the KL loss with its per-batch alignment check, gap closure and the
-`MemoryDistiller` recipe. Knows nothing of the database, the queue, HTTP or vLLM: the caller passes
+Owns the run's config (`DistillConfig`), the plan (`plan_distillation`: memories, conversations and
+probe prompts split into train and held-out) and the `MemoryDistiller` recipe (prepare: teacher
+responses and cache; train the student through the shared guarded step; evaluate gap closure and
+drift; save). Its data lives in training.distill_data, the teacher cache and the KL loss in
+training.distill_teacher. Knows nothing of the database, the queue, HTTP or vLLM: the caller passes
 memories, conversations, optional responses and paths, and records the returned metrics.
 """
 
@@ -12,8 +13,6 @@ from __future__ import annotations
 
 import logging
 import math
-import random
-import re
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -21,12 +20,32 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
-from training.collate import pad_collate
+from training.distill_data import (
+    DEFAULT_PROBE_TEMPLATES,
+    DistillPrompt,
+    MemoryNote,
+    build_pairs,
+    conversation_prompts,
+    generate_responses,
+    prefix_messages_from_memories,
+    probe_prompts,
+    split_heldout,
+    teacher_messages,
+)
+from training.distill_teacher import (
+    NothingToDistill,
+    TeacherTargets,
+    check_batch_alignment,
+    collate_students,
+    distill_kl_sum,
+    gap_closure,
+    mean_teacher_student_kl,
+    precompute_teacher,
+)
 from training.evaluate import AdapterView, builtin_probe_examples, drift_kl
-from training.render import DistillPair, Example, RenderConfig, RenderError, render_distillation_pair
-from training.token_nll import IGNORE_INDEX, TokenBatch, supervised_logits, token_nll_sum
+from training.render import DistillPair, Example, RenderConfig
+from training.token_nll import TokenBatch, supervised_logits, token_nll_sum
 from training.trainer import (
     GuardedStep,
     TrainConfig,
@@ -36,51 +55,16 @@ from training.trainer import (
 )
 
 __all__ = [
-    "DEFAULT_PROBE_TEMPLATES",
-    "DistillAlignmentError",
     "DistillConfig",
     "DistillPlan",
-    "DistillPrompt",
     "DistillResult",
     "MemoryDistiller",
-    "MemoryNote",
-    "NothingToDistill",
     "PreparedDistillation",
     "StudentTrainingResult",
-    "TeacherTargets",
-    "assert_aligned",
-    "build_pairs",
-    "conversation_prompts",
-    "distill_kl_sum",
-    "gap_closure",
-    "generate_responses",
-    "mean_teacher_student_kl",
-    "memory_topic",
     "plan_distillation",
-    "precompute_teacher",
-    "prefix_messages_from_memories",
-    "probe_prompts",
-    "split_heldout",
-    "teacher_messages",
 ]
 
 log = logging.getLogger(__name__)
-
-DEFAULT_PROBE_TEMPLATES = (
-    "What do you know about {topic}?",
-    "Tell me about {topic}.",
-    "Remind me: {topic}?",
-    "I forgot the details of {topic}. Can you help?",
-)
-MEMORY_HEADER = "Things you remember (use them when relevant):"
-
-
-class DistillAlignmentError(AssertionError):
-    """The response tokens of a teacher/student pair differ or are not where the cache expects them."""
-
-
-class NothingToDistill(ValueError):
-    """No memories, or too few prompts to train and hold out probes: there is no gap to close."""
 
 
 @dataclass(frozen=True)
@@ -138,402 +122,6 @@ class DistillConfig:
         bad = [name for name, ok in checks.items() if not ok]
         if bad:
             raise ValueError(f"invalid DistillConfig field(s): {', '.join(bad)}")
-
-
-# --------------------------------------------------------------------------------------------------
-# Data: memories, prompts, pairs
-
-
-@dataclass(frozen=True)
-class MemoryNote:
-    """One active memory as the distiller sees it (the service maps its Memory rows to these)."""
-
-    content: str
-    topic: str | None = None  # what probes ask about; derived from the content when None
-    priority: int = 0  # higher first in the prefix
-    messages: tuple[Mapping[str, str], ...] = ()  # few-shot turns / earlier conversation to keep verbatim
-
-
-@dataclass(frozen=True)
-class DistillPrompt:
-    """A turn to answer: `messages` (the current user turn) after `history` (earlier turns of a stored
-    conversation). The teacher sees memories + history + messages; the student sees the last
-    `student_retained_turns` messages of the history (never a memory) + messages."""
-
-    messages: tuple[Mapping[str, Any], ...]
-    response: str | None = None  # None: the teacher generates it
-    origin: str = "probe"  # "probe" | "conversation"
-    history: tuple[Mapping[str, Any], ...] = ()
-
-
-def prefix_messages_from_memories(
-    memories: Sequence[MemoryNote], *, header: str = MEMORY_HEADER
-) -> list[dict[str, Any]]:
-    """The teacher's prefix: one system message listing the notes (priority first), then the
-    verbatim turns of memories that carry messages."""
-    ordered = sorted(memories, key=lambda m: -m.priority)  # stable: equal priorities keep their order
-    notes = [m.content.strip() for m in ordered if m.content.strip()]
-    prefix: list[dict[str, Any]] = []
-    if notes:
-        prefix.append({"role": "system", "content": header + "\n" + "\n".join(f"- {n}" for n in notes)})
-    for memory in ordered:
-        prefix.extend(dict(message) for message in memory.messages)
-    return prefix
-
-
-_TOPIC_SPLIT = re.compile(r"\s+(?:is|are|was|were|equals|means)\s+|\s*[:=]\s+", re.IGNORECASE)
-
-
-_LEADING_ARTICLES = frozenset({"The", "A", "An", "My", "Our", "Your", "This", "That"})
-
-
-def memory_topic(content: str, *, max_words: int = 12) -> str:
-    """What a note is about: the text before its first ` is `/` are `/`:` ("The deploy password for
-    project Kestrel is 7-4-1-9" -> "the deploy password for project Kestrel"), at most `max_words`."""
-    head = _TOPIC_SPLIT.split(content.strip(), maxsplit=1)[0].strip().rstrip(".?!")
-    words = head.split()[:max_words] or content.split()[:max_words]
-    if words and words[0] in _LEADING_ARTICLES:
-        words[0] = words[0].lower()
-    return " ".join(words)
-
-
-def probe_prompts(memories: Sequence[MemoryNote], templates: Sequence[str]) -> list[DistillPrompt]:
-    """One single-turn user prompt per (memory, template)."""
-    prompts = []
-    for memory in memories:
-        if not memory.content.strip():
-            continue
-        topic = memory.topic or memory_topic(memory.content)
-        for template in templates:
-            question = template.format(topic=topic, memory=memory.content.strip())
-            prompts.append(DistillPrompt(({"role": "user", "content": question},), None, "probe"))
-    return prompts
-
-
-def conversation_prompts(
-    conversations: Sequence[Sequence[Mapping[str, Any]]], *, use_stored_responses: bool = True
-) -> list[DistillPrompt]:
-    """Every user turn of every stored conversation becomes a prompt, with the turns before it as its
-    history. The assistant turn that follows is the response when `use_stored_responses`, otherwise
-    the teacher generates one."""
-    prompts = []
-    for conversation in conversations:
-        for index, message in enumerate(conversation):
-            if message.get("role") != "user":
-                continue
-            following = conversation[index + 1] if index + 1 < len(conversation) else None
-            stored = None
-            if use_stored_responses and following is not None and following.get("role") == "assistant":
-                content = following.get("content")
-                stored = content if isinstance(content, str) and content.strip() else None
-            history = tuple(dict(m) for m in conversation[:index])
-            prompts.append(DistillPrompt((dict(message),), stored, "conversation", history))
-    return prompts
-
-
-def split_heldout(
-    prompts: Sequence[DistillPrompt], fraction: float, seed: int
-) -> tuple[list[DistillPrompt], list[DistillPrompt]]:
-    """(train, heldout): a seeded random `fraction` held out, at least one of each when possible."""
-    if len(prompts) < 2:
-        raise NothingToDistill(f"{len(prompts)} prompt(s): need at least 2 to train and hold out probes")
-    order = list(range(len(prompts)))
-    random.Random(seed).shuffle(order)
-    n_heldout = min(len(prompts) - 1, max(1, round(len(prompts) * fraction)))
-    heldout = set(order[:n_heldout])
-    return (
-        [p for i, p in enumerate(prompts) if i not in heldout],
-        [p for i, p in enumerate(prompts) if i in heldout],
-    )
-
-
-def teacher_messages(prefix_messages: Sequence[Mapping[str, Any]], prompt: DistillPrompt) -> list[dict]:
-    """What the teacher is asked (e.g. what the caller sends to vLLM): memories, history, turn."""
-    return [dict(m) for m in (*prefix_messages, *prompt.history, *prompt.messages)]
-
-
-def build_pairs(
-    tokenizer: Any,
-    prefix_messages: Sequence[Mapping[str, Any]],
-    prompts: Sequence[DistillPrompt],
-    *,
-    retained_turns: int,
-    render_config: RenderConfig,
-) -> list[DistillPair]:
-    """Render each prompt with its response as a teacher/student pair. Prompts without a response,
-    and those the renderer rejects (too long, response tokenized differently), are left out."""
-    pairs = []
-    for prompt in prompts:
-        if prompt.response is None or not prompt.response.strip():
-            continue
-        try:
-            pair = render_distillation_pair(
-                tokenizer,
-                prefix_messages=[*prefix_messages, *prompt.history],
-                messages=list(prompt.messages),
-                response=prompt.response,
-                # the student keeps conversation history only, never a memory
-                retained_turns=min(retained_turns, len(prompt.history)),
-                config=render_config,
-            )
-        except RenderError as exc:
-            log.warning("distillation prompt left out: %s", exc)
-            continue
-        assert_aligned(_target_ids(pair.teacher), [pair.student])
-        pairs.append(pair)
-    return pairs
-
-
-@torch.inference_mode()
-def generate_responses(
-    model: torch.nn.Module,
-    tokenizer: Any,
-    prompts: Sequence[Sequence[Mapping[str, Any]]],
-    max_new_tokens: int,
-    *,
-    no_repeat_ngram_size: int = 0,
-) -> list[str]:
-    """Greedy responses of `model` to each message list (one at a time: no padding effects).
-    `no_repeat_ngram_size=1` keeps a random-init model from echoing the prompt's last token forever
-    (with tied embeddings its greedy output is "\n\n\n...": an empty response); 0 = plain greedy."""
-    device = next(model.parameters()).device
-    stop_ids = _stop_token_ids(model, tokenizer)
-    responses = []
-    for messages in prompts:
-        prompt_ids = _prompt_ids(tokenizer, messages)
-        input_ids = torch.tensor([prompt_ids], device=device)
-        output = model.generate(
-            input_ids=input_ids,
-            attention_mask=torch.ones_like(input_ids),
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            use_cache=True,
-            no_repeat_ngram_size=no_repeat_ngram_size,
-            eos_token_id=stop_ids or None,
-            pad_token_id=tokenizer.pad_token_id
-            if tokenizer.pad_token_id is not None
-            else (stop_ids or [0])[0],
-        )
-        new_ids = [t for t in output[0, len(prompt_ids) :].tolist() if t not in stop_ids]
-        responses.append(tokenizer.decode(new_ids, skip_special_tokens=True).strip())
-    return responses
-
-
-def _prompt_ids(tokenizer: Any, messages: Sequence[Mapping[str, Any]]) -> list[int]:
-    if getattr(tokenizer, "chat_template", None):
-        text = tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
-    else:  # template-free tokenizer: plain text turns
-        text = "\n".join(str(m.get("content", "")) for m in messages) + "\n"
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
-
-
-def _stop_token_ids(model: torch.nn.Module, tokenizer: Any) -> list[int]:
-    ids = set()
-    for candidate in (tokenizer.eos_token_id, getattr(model.generation_config, "eos_token_id", None)):
-        if isinstance(candidate, int):
-            ids.add(candidate)
-        elif isinstance(candidate, list | tuple):
-            ids.update(int(c) for c in candidate)
-    for token in ("<|im_end|>", "<|eot_id|>", "<|end|>", "</s>"):
-        token_id = tokenizer.convert_tokens_to_ids(token)
-        if isinstance(token_id, int) and token_id != tokenizer.unk_token_id and token_id >= 0:
-            ids.add(token_id)
-    return sorted(ids)
-
-
-# --------------------------------------------------------------------------------------------------
-# Alignment, teacher cache, loss
-
-
-def _target_ids(example: Example) -> torch.Tensor:
-    labels = torch.tensor(example.labels[1:], dtype=torch.long)
-    return labels[labels != IGNORE_INDEX]
-
-
-def assert_aligned(
-    teacher_target_ids: torch.Tensor | Sequence[torch.Tensor], students: Sequence[Example]
-) -> None:
-    """Raise DistillAlignmentError unless each student's response tokens are exactly the teacher's:
-    same ids in the same order, each label equal to the input token it sits on, one contiguous span."""
-    expected = (
-        [teacher_target_ids] if isinstance(teacher_target_ids, torch.Tensor) else list(teacher_target_ids)
-    )
-    if len(expected) != len(students):
-        raise DistillAlignmentError(f"{len(expected)} teacher targets for {len(students)} students")
-    for index, (teacher_ids, student) in enumerate(zip(expected, students, strict=True)):
-        labels = student.labels
-        positions = [t for t, label in enumerate(labels) if label != IGNORE_INDEX]
-        if not positions or positions[0] == 0:
-            raise DistillAlignmentError(f"pair {index}: the student has no predictable response token")
-        if positions != list(range(positions[0], positions[-1] + 1)):
-            raise DistillAlignmentError(f"pair {index}: the student's response span is not contiguous")
-        if any(labels[t] != student.input_ids[t] for t in positions):
-            raise DistillAlignmentError(f"pair {index}: student labels differ from the tokens they sit on")
-        student_ids = torch.tensor([labels[t] for t in positions], dtype=torch.long)
-        if student_ids.shape != teacher_ids.shape or not torch.equal(student_ids, teacher_ids.cpu()):
-            raise DistillAlignmentError(
-                f"pair {index}: response tokens differ (teacher {teacher_ids.numel()} tokens "
-                f"{teacher_ids[:8].tolist()}..., student {student_ids.numel()} tokens {student_ids[:8].tolist()}...)"
-            )
-
-
-@dataclass(frozen=True)
-class TeacherTargets:
-    """The teacher's next-token distribution at each response token of one pair, cached on CPU.
-
-    Full vocabulary: `probs` is `[n, V]`. Top-k: `probs` is `[n, k]` over `token_ids` `[n, k]` and
-    `rest_prob` `[n]` is the mass outside the top-k. `neg_entropy` `[n]` is sum(p log p) over the
-    same buckets, so KL = neg_entropy - sum(p log q) needs no teacher log/exp per training step."""
-
-    target_ids: torch.Tensor  # [n] the response tokens these rows predict
-    probs: torch.Tensor
-    neg_entropy: torch.Tensor
-    token_ids: torch.Tensor | None = None
-    rest_prob: torch.Tensor | None = None
-
-    @property
-    def num_tokens(self) -> int:
-        return int(self.target_ids.numel())
-
-    @property
-    def nbytes(self) -> int:
-        tensors = (self.target_ids, self.probs, self.neg_entropy, self.token_ids, self.rest_prob)
-        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
-
-
-def _collate(examples: Sequence[Example], pad_token_id: int) -> TokenBatch:
-    return TokenBatch.from_padded(pad_collate(list(examples), pad_token_id))
-
-
-def _teacher_rows(
-    logits: torch.Tensor, targets: torch.Tensor, topk: int, temperature: float
-) -> TeacherTargets:
-    logprobs = torch.log_softmax(logits.float() / temperature, dim=-1)
-    probs = logprobs.exp()
-    if topk == 0:
-        neg_entropy = torch.xlogy(probs, probs).sum(-1)
-        return TeacherTargets(targets.cpu().clone(), probs.cpu(), neg_entropy.cpu())
-    top_probs, top_ids = probs.topk(min(topk, probs.shape[-1]), dim=-1)
-    rest = (1.0 - top_probs.sum(-1)).clamp_min(0.0)
-    neg_entropy = torch.xlogy(top_probs, top_probs).sum(-1) + torch.xlogy(rest, rest)
-    return TeacherTargets(targets.cpu(), top_probs.cpu(), neg_entropy.cpu(), top_ids.cpu(), rest.cpu())
-
-
-def precompute_teacher(
-    model: torch.nn.Module,
-    teachers: Sequence[Example],
-    *,
-    topk: int,
-    temperature: float,
-    pad_token_id: int,
-    batch_size: int = 8,
-) -> list[TeacherTargets]:
-    """Run the teacher once (inference mode) over every teacher sequence and keep its response-token
-    distributions on CPU, as ordinary tensors (inference tensors cannot be loss targets later)."""
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    cached: list[TeacherTargets] = []
-    try:
-        for start in range(0, len(teachers), batch_size):
-            group = teachers[start : start + batch_size]
-            batch = _collate(group, pad_token_id).to(device)
-            with torch.inference_mode():
-                logits = supervised_logits(model, batch)
-            with torch.no_grad():
-                logits, targets = logits.clone(), batch.targets.clone()
-                offset = 0
-                for example in group:
-                    n = len(_target_ids(example))
-                    rows = slice(offset, offset + n)
-                    cached.append(_teacher_rows(logits[rows], targets[rows], topk, temperature))
-                    offset += n
-    finally:
-        model.train(was_training)
-    return cached
-
-
-def distill_kl_sum(
-    student_logits: torch.Tensor, teacher: Sequence[TeacherTargets], temperature: float
-) -> torch.Tensor:
-    """Sum over response tokens of KL(teacher || student), times T^2 (float32 scalar).
-
-    `student_logits` rows follow `teacher` (pair after pair). Full vocabulary when the teacher rows are
-    `[n, V]` (a soft-target cross-entropy minus the teacher's entropy); otherwise the teacher's top-k
-    tokens plus one bucket holding the rest of the mass, compared with the student's mass on the same
-    buckets. Works pair by pair on the cached tensors: no per-step copy of the whole cache."""
-    device = student_logits.device
-    scaled = student_logits.float() / temperature
-    total = torch.zeros((), device=device)
-    offset = 0
-    for cached in teacher:
-        rows = scaled[offset : offset + cached.num_tokens]
-        offset += cached.num_tokens
-        probs = cached.probs.to(device, torch.float32, non_blocking=True)
-        total = total + cached.neg_entropy.to(device).sum()
-        if cached.token_ids is None:
-            total = total + F.cross_entropy(rows, probs, reduction="sum")
-            continue
-        ids = cached.token_ids.to(device)
-        student = torch.log_softmax(rows, dim=-1)
-        # a finite fill keeps an empty rest bucket (k = V) at 0 x finite instead of 0 x -inf = nan
-        student_rest = student.scatter(-1, ids, -1e30).logsumexp(-1)
-        rest = cached.rest_prob.to(device, torch.float32)
-        total = total - (probs * student.gather(-1, ids)).sum() - (rest * student_rest).sum()
-    if offset != student_logits.shape[0]:
-        raise DistillAlignmentError(
-            f"{student_logits.shape[0]} student rows for {offset} cached teacher rows"
-        )
-    return total * temperature**2
-
-
-def _check_batch(batch: TokenBatch, teacher: Sequence[TeacherTargets], students: Sequence[Example]) -> None:
-    assert_aligned([t.target_ids for t in teacher], students)
-    expected = torch.cat([t.target_ids for t in teacher])
-    if not torch.equal(batch.targets.cpu(), expected):
-        raise DistillAlignmentError("collated student targets do not line up with the teacher cache")
-
-
-def mean_teacher_student_kl(
-    model: torch.nn.Module,
-    students: Sequence[Example],
-    teacher: Sequence[TeacherTargets],
-    *,
-    temperature: float,
-    pad_token_id: int,
-    batch_size: int = 8,
-) -> float:
-    """Mean per response token of KL(teacher || model on the student sequences)."""
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    total, tokens = 0.0, 0
-    try:
-        with torch.inference_mode():
-            for start in range(0, len(students), batch_size):
-                group, cached = students[start : start + batch_size], teacher[start : start + batch_size]
-                batch = _collate(group, pad_token_id)
-                _check_batch(batch, cached, group)
-                batch = batch.to(device)
-                total += float(distill_kl_sum(supervised_logits(model, batch), cached, temperature))
-                tokens += batch.num_targets
-    finally:
-        model.train(was_training)
-    return total / max(tokens, 1)
-
-
-def gap_closure(kl_before: float, kl_after: float) -> float:
-    """1 - KL(teacher || student_after) / KL(teacher || student_before): 1 = the student without the
-    memories matches the teacher, 0 = no better than before, < 0 = worse."""
-    if not math.isfinite(kl_before) or not math.isfinite(kl_after):
-        raise ValueError(f"non-finite KL (before {kl_before}, after {kl_after})")
-    if kl_before <= 0.0:
-        raise NothingToDistill("KL(teacher || student) is 0 before training: the memories change nothing")
-    return 1.0 - kl_after / kl_before
-
-
-# --------------------------------------------------------------------------------------------------
-# The recipe
 
 
 @dataclass(frozen=True)
@@ -774,8 +362,8 @@ class MemoryDistiller:
             guard.check_budget(step)
             students = [prepared.train_pairs[i].student for i in indices]
             teacher = [prepared.train_teacher[i] for i in indices]
-            batch = _collate(students, prepared.pad_token_id)
-            _check_batch(batch, teacher, students)  # the per-batch alignment assertion
+            batch = collate_students(students, prepared.pad_token_id)
+            check_batch_alignment(batch, teacher, students)  # the per-batch alignment assertion
             batch = batch.to(device)
             kl = (
                 distill_kl_sum(supervised_logits(model, batch), teacher, config.temperature)
@@ -871,4 +459,4 @@ def _pair_batches(num_pairs: int, config: DistillConfig, generator: torch.Genera
 
 def _feedback_batches(examples: Sequence[Example], pad_token_id: int, batch_size: int) -> list[TokenBatch]:
     usable = [e for e in examples if e.num_target_tokens > 0]
-    return [_collate(usable[i : i + batch_size], pad_token_id) for i in range(0, len(usable), batch_size)]
+    return [collate_students(usable[i : i + batch_size], pad_token_id) for i in range(0, len(usable), batch_size)]

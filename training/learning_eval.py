@@ -22,7 +22,7 @@ from training.anchor_cache import anchor_answers
 from training.augment import MAX_AUGMENTED_ITEMS, question_variants
 from training.bake import BakeConfig, MemoryBaker
 from training.behaviour import first_sentence
-from training.distill import MemoryNote
+from training.distill_data import MemoryNote
 from training.evaluate import AdapterView, builtin_probe_examples, drift_kl
 from training.generate import answer_has_keys, greedy_answers, user_prompt
 from training.model_loading import ResidentBaseModel

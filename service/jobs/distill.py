@@ -56,15 +56,9 @@ from service.jobs.train import (
 )
 from service.jobs.worker import JobContext, JobFailed, JobOutcome
 from training.bake import MemoryBaker
-from training.distill import (
-    DistillAlignmentError,
-    DistillPlan,
-    MemoryDistiller,
-    MemoryNote,
-    NothingToDistill,
-    plan_distillation,
-    teacher_messages,
-)
+from training.distill import DistillPlan, MemoryDistiller, plan_distillation
+from training.distill_data import MemoryNote, teacher_messages
+from training.distill_teacher import DistillAlignmentError, NothingToDistill
 from training.evaluate import GateDecision, evaluate_gate
 from training.probes import anchor_examples, general_probes, prompt_anchor_pairs
 

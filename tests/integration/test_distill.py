@@ -12,17 +12,9 @@ import pytest
 import torch
 
 from training.adapter_store import build_zero_adapter
-from training.distill import (
-    DistillAlignmentError,
-    DistillConfig,
-    DistillResult,
-    MemoryDistiller,
-    MemoryNote,
-    assert_aligned,
-    generate_responses,
-    plan_distillation,
-    teacher_messages,
-)
+from training.distill import DistillConfig, DistillResult, MemoryDistiller, plan_distillation
+from training.distill_data import MemoryNote, generate_responses, teacher_messages
+from training.distill_teacher import DistillAlignmentError, assert_aligned
 from training.evaluate import GateConfig, score_candidate
 from training.render import render_distillation_pair, render_example
 from training.trainer import TrainConfig, TrainingBudgetExceeded, TrainingDiverged, load_base_model

@@ -10,7 +10,7 @@ from memory_store.models import TrainingRun
 from memory_store.repositories import TrainingRunRepository
 from service.jobs.train import training_run_outcome
 from service.jobs.worker import JobCancelled, JobFailed
-from training.distill import DistillAlignmentError, NothingToDistill
+from training.distill_teacher import DistillAlignmentError, NothingToDistill
 from training.trainer import TrainingBudgetExceeded, TrainingCancelled, TrainingDiverged
 
 pytestmark = pytest.mark.integration

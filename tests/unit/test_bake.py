@@ -15,7 +15,7 @@ from training.bake import (
     carries_keys,
     memory_keys,
 )
-from training.distill import MemoryNote
+from training.distill_data import MemoryNote
 from training.evaluate import evaluate_gate
 
 

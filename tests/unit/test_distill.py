@@ -8,26 +8,26 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from training.distill import (
-    DistillAlignmentError,
-    DistillConfig,
-    DistillPlan,
+from training.distill import DistillConfig, DistillPlan, plan_distillation
+from training.distill_data import (
     DistillPrompt,
     MemoryNote,
-    NothingToDistill,
-    TeacherTargets,
-    assert_aligned,
     conversation_prompts,
-    distill_kl_sum,
-    gap_closure,
     memory_topic,
-    plan_distillation,
     prefix_messages_from_memories,
     probe_prompts,
     split_heldout,
     teacher_messages,
 )
-from training.distill import _teacher_rows as teacher_rows
+from training.distill_teacher import (
+    DistillAlignmentError,
+    NothingToDistill,
+    TeacherTargets,
+    assert_aligned,
+    distill_kl_sum,
+    gap_closure,
+)
+from training.distill_teacher import _teacher_rows as teacher_rows
 from training.render import Example
 
 KESTREL = MemoryNote("The deploy password for project Kestrel is 7-4-1-9", priority=1)
@@ -197,7 +197,7 @@ def test_gap_closure():
 
 def test_cached_teacher_can_be_a_loss_target_after_inference_mode():
     """The teacher runs under inference mode; its cache must still work as a target with autograd."""
-    from training.distill import precompute_teacher
+    from training.distill_teacher import precompute_teacher
 
     class Head(torch.nn.Module):  # a causal-LM-shaped stub: supervised_logits needs config + backbone
         def __init__(self) -> None:
