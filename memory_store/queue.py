@@ -321,6 +321,12 @@ class JobQueue:
         )
         return self.session.scalars(stmt).first()
 
+    def recent(self, *, limit: int) -> Sequence[Job]:
+        """The `limit` most recent jobs of any kind and namespace, newest first."""
+        if limit < 1:
+            raise ValueError(f"limit must be >= 1, got {limit}")
+        return self.session.scalars(select(Job).order_by(Job.id.desc()).limit(limit)).all()
+
     def dead_namespaces(self, *, kind: str, finished_before: datetime, limit: int = 50) -> list[str]:
         """Namespaces with a `dead` job of `kind` that finished before `finished_before`, oldest
         deaths first (the candidates for a re-queue once the cause is gone)."""

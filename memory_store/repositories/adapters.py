@@ -193,6 +193,28 @@ class AdapterRepository:
             return None
         return self.get_version(name=name, version=adapter.current_version)
 
+    def current_versions(self) -> list[tuple[str, int, str]]:
+        """(adapter, current version, its folder) of every adapter whose current version has files,
+        by adapter name: what every vLLM replica must serve."""
+        rows = self.session.execute(
+            select(AdapterVersion.adapter_name, AdapterVersion.version, AdapterVersion.path)
+            .join(Adapter, Adapter.name == AdapterVersion.adapter_name)
+            .where(AdapterVersion.version == Adapter.current_version, AdapterVersion.path.is_not(None))
+            .order_by(AdapterVersion.adapter_name)
+        ).all()
+        return [(str(name), int(version), str(path)) for name, version, path in rows]
+
+    def recorded_versions(self, *, name: str, versions: Sequence[int]) -> set[int]:
+        """Which of `versions` have a row for adapter `name` (queried 500 at a time)."""
+        recorded: set[int] = set()
+        wanted = list(versions)
+        for start in range(0, len(wanted), 500):
+            stmt = select(AdapterVersion.version).where(
+                AdapterVersion.adapter_name == name, AdapterVersion.version.in_(wanted[start : start + 500])
+            )
+            recorded.update(int(v) for v in self.session.scalars(stmt))
+        return recorded
+
     def get_version(self, *, name: str, version: int) -> AdapterVersion:
         row = self.session.scalars(
             select(AdapterVersion).where(
@@ -262,6 +284,52 @@ class AdapterRepository:
         if namespace_patterns is not None:
             stmt = stmt.where(namespace_matches(Adapter.name, namespace_patterns))
         return self.session.scalars(stmt).all()
+
+    def lineage(self, *, name: str) -> list[tuple[int, int | None, str, bool]]:
+        """(version, parent_version, status, pinned) of every version of `name`, newest first:
+        the few columns retention decides on, without loading the rows' metrics."""
+        columns = (
+            AdapterVersion.version,
+            AdapterVersion.parent_version,
+            AdapterVersion.status,
+            AdapterVersion.pinned,
+        )
+        rows = self.session.execute(
+            select(*columns)
+            .where(AdapterVersion.adapter_name == name)
+            .order_by(AdapterVersion.version.desc())
+        ).all()
+        return [
+            (int(version), None if parent is None else int(parent), str(status), bool(pinned))
+            for version, parent, status, pinned in rows
+        ]
+
+    def versions_with_deletable_files(self, *, name: str) -> Sequence[AdapterVersion]:
+        """Versions of `name` retention may delete the files of (retired, rejected or failed, files
+        still there, not pinned), by version; which of them go is the caller's policy."""
+        return self.session.scalars(
+            select(AdapterVersion)
+            .where(
+                AdapterVersion.adapter_name == name,
+                AdapterVersion.status.in_(DELETABLE_STATUSES),
+                AdapterVersion.path.is_not(None),
+                AdapterVersion.pinned.is_(False),
+            )
+            .order_by(AdapterVersion.version)
+        ).all()
+
+    def tombstones(self) -> list[tuple[str, int]]:
+        """(adapter, version) of every version whose files were deleted."""
+        rows = self.session.execute(
+            select(AdapterVersion.adapter_name, AdapterVersion.version).where(
+                AdapterVersion.files_deleted_at.is_not(None)
+            )
+        ).all()
+        return [(str(name), int(version)) for name, version in rows]
+
+    def all_adapters(self) -> Sequence[Adapter]:
+        """Every adapter by name (without versions): for whole-store passes such as retention."""
+        return self.session.scalars(select(Adapter).order_by(Adapter.name)).all()
 
     def set_pinned(self, *, name: str, version: int, pinned: bool) -> AdapterVersion:
         """Pin a version (retention never deletes its files) or unpin it. A version whose files are

@@ -91,6 +91,17 @@ class DeploymentRepository:
             stmt = stmt.where(Deployment.state == state)
         return self.session.scalars(stmt.order_by(Deployment.id)).all()
 
+    def versions_in_states(self, *, adapter_name: str, states: Sequence[str]) -> set[int]:
+        """Versions of `adapter_name` that some replica has in one of `states`."""
+        return {
+            int(v)
+            for v in self.session.scalars(
+                select(Deployment.version).where(
+                    Deployment.adapter_name == adapter_name, Deployment.state.in_(tuple(states))
+                )
+            )
+        }
+
     def delete(self, *, id: int) -> None:
         self.session.delete(self.get(id=id))
         self.session.flush()

@@ -80,6 +80,11 @@ class MemoryRepository:
             self.session.flush()
         return memory
 
+    def namespaces_with_active(self) -> list[str]:
+        """Namespaces with at least one active memory, by name."""
+        stmt = select(Memory.namespace).where(Memory.state == "active").distinct().order_by(Memory.namespace)
+        return list(self.session.scalars(stmt))
+
     def mark_baked(self, *, ids: Iterable[int], version: int) -> int:
         """Mark active memories as baked into adapter `version`; returns how many changed."""
         id_list = sorted(set(ids))

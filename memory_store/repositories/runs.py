@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from sqlalchemy import select
@@ -15,7 +15,7 @@ from memory_store.models import (
     TrainingRun,
     utcnow,
 )
-from memory_store.repositories._common import DEFAULT_PAGE_SIZE, _check_choice, _page
+from memory_store.repositories._common import DEFAULT_PAGE_SIZE, _check_choice, _page, _positive
 
 
 class TrainingRunRepository:
@@ -92,6 +92,20 @@ class TrainingRunRepository:
         if kind is not None:
             stmt = stmt.where(TrainingRun.kind == kind)
         return self.session.scalars(_page(stmt, TrainingRun.id, after_id=after_id, limit=limit)).all()
+
+    def recent(self, *, namespace: str, limit: int) -> Sequence[TrainingRun]:
+        """The namespace's `limit` most recent runs of any kind, newest first."""
+        stmt = select(TrainingRun).where(TrainingRun.namespace == namespace)
+        return self.session.scalars(stmt.order_by(TrainingRun.id.desc()).limit(_positive(limit))).all()
+
+    def by_ids(self, ids: Iterable[int]) -> Sequence[TrainingRun]:
+        """The runs of these ids (those that exist), by id."""
+        wanted = sorted(set(ids))
+        if not wanted:
+            return []
+        return self.session.scalars(
+            select(TrainingRun).where(TrainingRun.id.in_(wanted)).order_by(TrainingRun.id)
+        ).all()
 
     def latest(
         self, *, namespace: str, kind: str | None = None, status: str | None = None

@@ -19,13 +19,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from deploy.hotswap import HotSwapper, SwapFailed, served_name
 from deploy.vllm_client import VllmClient, VllmError, VllmUnavailable
 from memory_store.errors import Conflict, NotFound
-from memory_store.models import Adapter, AdapterVersion
 from memory_store.repositories import SERVABLE_STATUSES, AdapterRepository, files_deleted_message
 from service.component_configs import train_config
 from service.config import Settings
@@ -126,11 +124,11 @@ class AdapterRegistry:
     # --- reading -------------------------------------------------------------------------------
     def current(self, namespace: str) -> CurrentAdapter | None:
         with self.session_factory() as session:
-            adapter = session.get(Adapter, namespace)
-            if adapter is None or adapter.current_version is None:
+            try:
+                row = AdapterRepository(session).current(name=namespace)
+            except NotFound:
                 return None
-            row = AdapterRepository(session).get_version(name=namespace, version=adapter.current_version)
-            if row.path is None:
+            if row is None or row.path is None:
                 return None
             return CurrentAdapter(namespace, row.version, Path(row.path))
 
@@ -138,13 +136,8 @@ class AdapterRegistry:
         """{namespace: (current version, its folder)} for every namespace with a current version:
         what every vLLM replica must serve (the reconciler's input)."""
         with self.session_factory() as session:
-            rows = session.execute(
-                select(AdapterVersion.adapter_name, AdapterVersion.version, AdapterVersion.path)
-                .join(Adapter, Adapter.name == AdapterVersion.adapter_name)
-                .where(AdapterVersion.version == Adapter.current_version, AdapterVersion.path.is_not(None))
-                .order_by(AdapterVersion.adapter_name)
-            ).all()
-        return {name: (int(version), str(path)) for name, version, path in rows}
+            rows = AdapterRepository(session).current_versions()
+        return {name: (version, path) for name, version, path in rows}
 
     def ensure_base_version(self, namespace: str) -> CurrentAdapter:
         """The namespace's current version, creating and promoting v0 (a zero adapter, identical to
@@ -272,13 +265,8 @@ class AdapterRegistry:
         committed (crash between rename and commit). The caller holds the adapter row lock, so no
         other publish of this namespace is in flight."""
         on_disk = self.store.versions(namespace)
-        recorded: set[int] = set()
-        for start in range(0, len(on_disk), 500):  # only the folders present: bounded by retention
-            chunk = on_disk[start : start + 500]
-            stmt = select(AdapterVersion.version).where(
-                AdapterVersion.adapter_name == namespace, AdapterVersion.version.in_(chunk)
-            )
-            recorded.update(session.scalars(stmt))
+        # only the folders present are asked about: bounded by retention
+        recorded = AdapterRepository(session).recorded_versions(name=namespace, versions=on_disk)
         orphans = [v for v in on_disk if v not in recorded]
         for version in orphans:
             folder = self.store.path(namespace, version)

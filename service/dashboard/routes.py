@@ -26,12 +26,12 @@ from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 from markupsafe import Markup
-from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from deploy.hotswap import parse_served_name
 from memory_store.errors import NotFound, StoreError
-from memory_store.models import AdapterVersion, Job, TrainingRun
+from memory_store.models import AdapterVersion
+from memory_store.queue import JobQueue
 from memory_store.repositories import AdapterRepository, FeedbackRepository, TrainingRunRepository
 from service.api.auth import ANONYMOUS_ADMIN, Principal, TokenSource
 from service.api.schemas import check_namespace
@@ -339,23 +339,10 @@ def namespace_page(request: Request, name: str) -> Response:
             raise refused(404, "no such namespace", viewer) from None
         versions = list(repository.list_versions(name=name, limit=200, newest_first=True))[::-1]
         run_ids = {row.training_run_id for row in versions if row.training_run_id is not None}
-        recent_runs = list(
-            session.scalars(
-                select(TrainingRun)
-                .where(TrainingRun.namespace == name)
-                .order_by(TrainingRun.id.desc())
-                .limit(MAX_LOSS_CHARTS)
-            )
-        )
+        run_repository = TrainingRunRepository(session)
+        recent_runs = run_repository.recent(namespace=name, limit=MAX_LOSS_CHARTS)
         runs = {run.id: run for run in recent_runs}
-        missing = run_ids - set(runs)
-        if missing:
-            runs.update(
-                {
-                    run.id: run
-                    for run in session.scalars(select(TrainingRun).where(TrainingRun.id.in_(missing)))
-                }
-            )
+        runs.update({run.id: run for run in run_repository.by_ids(run_ids - set(runs))})
         rows = version_rows(versions, runs)
         nll_chart = line_chart(
             "held-out NLL and drift by version",
@@ -474,7 +461,7 @@ def version_page(request: Request, name: str, version: int) -> Response:
 def jobs_page(request: Request) -> Response:
     viewer = viewer_of(request, "adapters:read")
     with read_session(request) as session:
-        newest = session.scalars(select(Job).order_by(Job.id.desc()).limit(MAX_JOBS_SCANNED))
+        newest = JobQueue(session).recent(limit=MAX_JOBS_SCANNED)
         jobs = [
             job
             for job in newest

@@ -21,11 +21,10 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from deploy.vllm_client import VllmClient, VllmError
-from memory_store.models import Job, Memory
+from memory_store.models import Job
 from memory_store.queue import JobQueue
 from memory_store.repositories import (
     FeedbackRepository,
@@ -485,12 +484,7 @@ def enqueue_distill(
 
 def last_scheduled_slot(session: Session, namespace: str) -> datetime | None:
     """The slot of the namespace's latest distillation job (its creation time when it had no slot)."""
-    job = session.scalars(
-        select(Job)
-        .where(Job.kind == DISTILL_JOB_KIND, Job.namespace == namespace)
-        .order_by(Job.id.desc())
-        .limit(1)
-    ).first()
+    job = JobQueue(session).newest(kind=DISTILL_JOB_KIND, namespace=namespace)
     if job is None:
         return None
     slot = (job.payload or {}).get("scheduled_for")
@@ -499,11 +493,7 @@ def last_scheduled_slot(session: Session, namespace: str) -> datetime | None:
 
 def distill_namespaces(session: Session) -> list[str]:
     """Namespaces with at least one active memory (the only ones a distillation can change)."""
-    return list(
-        session.scalars(
-            select(Memory.namespace).where(Memory.state == "active").distinct().order_by(Memory.namespace)
-        )
-    )
+    return MemoryRepository(session).namespaces_with_active()
 
 
 def scheduler_callables(

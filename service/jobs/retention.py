@@ -20,12 +20,11 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from memory_store.errors import Conflict
-from memory_store.models import Adapter, AdapterVersion, Deployment, utcnow
-from memory_store.repositories import DELETABLE_STATUSES, AdapterRepository, ConversationRepository
+from memory_store.models import Adapter, AdapterVersion, utcnow
+from memory_store.repositories import AdapterRepository, ConversationRepository, DeploymentRepository
 from service.config import Settings
 
 __all__ = [
@@ -150,19 +149,10 @@ def _folder_bytes(path: Path) -> int:
 
 def versions_to_keep(session: Session, adapter: Adapter, policy: RetentionPolicy) -> set[int]:
     """Every version of `adapter` whose files must stay (see the module docstring)."""
-    rows = session.execute(
-        select(
-            AdapterVersion.version,
-            AdapterVersion.parent_version,
-            AdapterVersion.status,
-            AdapterVersion.pinned,
-        )
-        .where(AdapterVersion.adapter_name == adapter.name)
-        .order_by(AdapterVersion.version.desc())
-    ).all()
-    parents = {int(v): (None if p is None else int(p)) for v, p, _s, _pin in rows}
+    rows = AdapterRepository(session).lineage(name=adapter.name)
+    parents = {v: p for v, p, _s, _pin in rows}
     keep = {0}
-    keep.update(int(v) for v, _p, status, pinned in rows if pinned or status in ("current", "candidate"))
+    keep.update(v for v, _p, status, pinned in rows if pinned or status in ("current", "candidate"))
     current = adapter.current_version
     if current is not None:
         keep.add(current)
@@ -171,32 +161,20 @@ def versions_to_keep(session: Session, adapter: Adapter, policy: RetentionPolicy
             seen.add(ancestor)
             keep.add(ancestor)
             ancestor = parents.get(ancestor)
-    retired = [int(v) for v, _p, status, _pin in rows if status == "retired"]
+    retired = [v for v, _p, status, _pin in rows if status == "retired"]
     keep.update(retired[: policy.keep_versions])  # rows are newest first: the rollback targets
-    serving = session.scalars(
-        select(Deployment.version).where(
-            Deployment.adapter_name == adapter.name, Deployment.state.in_(SERVING_STATES)
-        )
-    )
-    keep.update(int(v) for v in serving)
+    deployments = DeploymentRepository(session)
+    keep.update(deployments.versions_in_states(adapter_name=adapter.name, states=SERVING_STATES))
     return keep
 
 
 def _deletable(session: Session, policy: RetentionPolicy, now: datetime) -> list[AdapterVersion]:
     grace_end = now - timedelta(days=policy.version_grace_days)
     found: list[AdapterVersion] = []
-    for adapter in session.scalars(select(Adapter).order_by(Adapter.name)):
+    adapters = AdapterRepository(session)
+    for adapter in adapters.all_adapters():
         keep = versions_to_keep(session, adapter, policy)
-        rows = session.scalars(
-            select(AdapterVersion)
-            .where(
-                AdapterVersion.adapter_name == adapter.name,
-                AdapterVersion.status.in_(DELETABLE_STATUSES),
-                AdapterVersion.path.is_not(None),
-                AdapterVersion.pinned.is_(False),
-            )
-            .order_by(AdapterVersion.version)
-        )
+        rows = adapters.versions_with_deletable_files(name=adapter.name)
         for row in rows:
             since = row.retired_at or row.created_at
             if row.version not in keep and since <= grace_end:
@@ -228,11 +206,7 @@ def prune_versions(
             )
             for row in _deletable(session, policy, now)
         ]
-        tombstones = session.execute(
-            select(AdapterVersion.adapter_name, AdapterVersion.version).where(
-                AdapterVersion.files_deleted_at.is_not(None)
-            )
-        ).all()
+        tombstones = AdapterRepository(session).tombstones()
     swept = [
         str(adapters_dir / name / f"v{version}")
         for name, version in tombstones

@@ -572,3 +572,62 @@ def test_bounded_queries_use_indexes_on_sqlite(tmp_path):
             assert "ix_conversations_namespace_created_at" in plan(aged)
     finally:
         engine.dispose()
+
+
+def test_the_queries_jobs_and_pages_read_through_the_repositories(db_session_factory):
+    """What retention, the registry, the scheduler and the dashboard ask the store (no raw SQL in service/)."""
+    from memory_store.queue import JobQueue
+
+    with db_session_factory.begin() as session:
+        adapters = AdapterRepository(session)
+        for name in ("b", "a", "idle"):
+            adapters.ensure_adapter(name=name)
+        adapters.add_version(name="a", path="/a/a/v0")
+        adapters.set_current(name="a", version=0)
+        adapters.add_version(name="a", path="/a/a/v1", parent_version=0)
+        adapters.set_current(name="a", version=1)
+        adapters.add_version(name="a", path="/a/a/v2", parent_version=1)
+        adapters.set_status(name="a", version=2, status="rejected", reason="gate")
+        adapters.set_pinned(name="a", version=2, pinned=True)
+        adapters.add_version(name="a", path="/a/a/v3", parent_version=1)
+        adapters.set_status(name="a", version=3, status="failed", reason="crash")
+        adapters.add_version(name="b", path="/a/b/v0")
+        adapters.set_current(name="b", version=0)
+        adapters.mark_files_deleted(name="a", version=0)
+        deployments = DeploymentRepository(session)
+        deployments.upsert(adapter_name="a", version=1, replica_url="http://r", served_name="a-v1", state="loaded")
+        deployments.upsert(adapter_name="a", version=3, replica_url="http://r", served_name="a-v3", state="failed")
+        memories = MemoryRepository(session)
+        memories.add(namespace="z", content="kept")
+        memories.add(namespace="a", content="kept too")
+        gone = memories.add(namespace="y", content="retired")
+        memories.delete(id=gone.id)
+        runs = TrainingRunRepository(session)
+        run_ids = [runs.start(namespace="a", kind="train").id for _ in range(4)]
+        runs.start(namespace="b", kind="train")
+        queue = JobQueue(session)
+        job_ids = [queue.enqueue(kind="train", namespace=ns, payload={}).id for ns in ("a", "b", "a")]
+    with db_session_factory() as session:
+        adapters = AdapterRepository(session)
+        assert adapters.lineage(name="a") == [
+            (3, 1, "failed", False),
+            (2, 1, "rejected", True),
+            (1, 0, "current", False),
+            (0, None, "retired", False),
+        ]
+        # v0 is a tombstone already, v2 pinned, v1 current: only v3's files may go
+        assert [v.version for v in adapters.versions_with_deletable_files(name="a")] == [3]
+        assert adapters.tombstones() == [("a", 0)]
+        assert [a.name for a in adapters.all_adapters()] == ["a", "b", "idle"]
+        assert adapters.current_versions() == [("a", 1, "/a/a/v1"), ("b", 0, "/a/b/v0")]
+        assert adapters.recorded_versions(name="a", versions=[1, 2, 7, *range(100, 1200)]) == {1, 2}
+        deployments = DeploymentRepository(session)
+        assert deployments.versions_in_states(adapter_name="a", states=("loading", "loaded")) == {1}
+        assert MemoryRepository(session).namespaces_with_active() == ["a", "z"]
+        runs = TrainingRunRepository(session)
+        assert [r.id for r in runs.recent(namespace="a", limit=2)] == run_ids[:1:-1]
+        assert [r.id for r in runs.by_ids([run_ids[0], run_ids[0], 10**6])] == [run_ids[0]]
+        assert runs.by_ids([]) == []
+        assert [j.id for j in JobQueue(session).recent(limit=2)] == job_ids[:0:-1]
+        with pytest.raises(ValueError):
+            JobQueue(session).recent(limit=0)
