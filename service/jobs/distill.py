@@ -43,12 +43,10 @@ from service.component_configs import bake_config, distill_config, gate_config, 
 from service.config import Settings
 from service.jobs.train import (
     TrainJobHandler,
-    drift_probes,
     feedback_item_dict,
     finish_run,
     recent_conversations,
     record_run_losses,
-    render_feedback,
     scratch_dir,
     training_run_outcome,
     worker_tokenizer,
@@ -59,6 +57,7 @@ from training.distill import DistillPlan, MemoryDistiller, plan_distillation
 from training.distill_data import MemoryNote, teacher_messages
 from training.distill_teacher import DistillAlignmentError, NothingToDistill
 from training.evaluate import GateDecision, evaluate_gate
+from training.feedback_examples import drift_probes, render_feedback
 from training.probes import anchor_examples, general_probes, prompt_anchor_pairs
 
 __all__ = [

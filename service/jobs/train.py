@@ -9,7 +9,6 @@ code; knows nothing about HTTP or how vLLM is driven (the registry does that).
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import shutil
@@ -17,7 +16,6 @@ import tempfile
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from datetime import timedelta
 from functools import lru_cache
 from pathlib import Path
@@ -42,21 +40,24 @@ from training.adapter_store import AdapterStoreError
 from training.anchor_cache import anchor_answers
 from training.augment import question_variants
 from training.behaviour import TaughtItem, behaviour_report
-from training.evaluate import AdapterView, builtin_probe_examples, evaluate_gate, score_views
+from training.evaluate import AdapterView, evaluate_gate, score_views
+from training.feedback_examples import (
+    RenderedFeedback,
+    conversations_not_taught,
+    drift_probes,
+    render_feedback,
+    taught_item,
+)
 from training.model_loading import ResidentBaseModel
 from training.probes import anchor_examples, general_probes, prompt_anchor_pairs
-from training.render import Example, RenderConfig, RenderError, render_example, resolve_target_index
+from training.render import Example, RenderError, resolve_target_index
 from training.trainer import LoraTrainer, TrainingBudgetExceeded, TrainingCancelled, TrainingDiverged
 
 __all__ = [
     "MAX_PROBE_CONVERSATIONS",
-    "RenderedFeedback",
     "TrainJobHandler",
-    "conversation_probes",
-    "drift_probes",
     "feedback_item_dict",
     "recent_conversations",
-    "render_feedback",
     "scratch_dir",
     "worker_tokenizer",
 ]
@@ -87,106 +88,6 @@ def feedback_item_dict(item: FeedbackItem) -> dict[str, Any]:
     return {"messages": item.messages, "target_index": item.target_index, "continuation": item.continuation}
 
 
-def taught_item(item_id: int, item: Mapping[str, Any]) -> TaughtItem | None:
-    """The question a chat feedback item teaches (its prompt) and the taught text, for the
-    behaviour report; None for template-free items (raw context, segments)."""
-    messages = item.get("messages")
-    if not isinstance(messages, list) or not messages:
-        return None
-    try:
-        index = resolve_target_index(messages, item.get("target_index"))
-    except (RenderError, ValueError, TypeError):
-        return None
-    prompt = list(messages[:index])
-    if not prompt or prompt[-1].get("role") != "user":
-        return None
-    return TaughtItem(id=item_id, messages=prompt, continuation=str(item.get("continuation", "")))
-
-
-@dataclass(frozen=True)
-class RenderedFeedback:
-    examples: list[Example]
-    example_ids: list[int]  # feedback id of each example
-    skipped: dict[int, str]  # feedback id -> why it produced no example
-
-
-def render_feedback(
-    tokenizer: Any, items: Sequence[tuple[int, Mapping[str, Any]]], config: RenderConfig
-) -> RenderedFeedback:
-    """Render each `(feedback id, item)`; an item that fails to render or has an empty target is
-    skipped with the reason."""
-    examples: list[Example] = []
-    ids: list[int] = []
-    skipped: dict[int, str] = {}
-    for item_id, item in items:
-        try:
-            example = render_example(tokenizer, item, config)
-        except RenderError as error:
-            skipped[item_id] = f"{error.field}: {error.reason}"
-            continue
-        if example is None or example.num_target_tokens == 0:
-            skipped[item_id] = "empty target: no supervised token"
-            continue
-        examples.append(example)
-        ids.append(item_id)
-    return RenderedFeedback(examples, ids, skipped)
-
-
-def conversation_probes(
-    tokenizer: Any, conversations: Sequence[Sequence[Mapping[str, Any]]], config: RenderConfig
-) -> list[Example]:
-    """Drift probes from stored conversations: each one's last non-empty assistant turn as the target."""
-    probes = []
-    for messages in conversations:
-        index = next(
-            (
-                i
-                for i in range(len(messages) - 1, -1, -1)
-                if messages[i].get("role") == "assistant"
-                and isinstance(messages[i].get("content"), str)
-                and messages[i]["content"].strip()
-            ),
-            None,
-        )
-        if index is None or index == 0:
-            continue
-        item = {
-            "messages": list(messages[: index + 1]),
-            "target_index": index,
-            "continuation": messages[index]["content"],
-        }
-        try:
-            example = render_example(tokenizer, item, config)
-        except RenderError:
-            continue
-        if example is not None and example.num_target_tokens > 0:
-            probes.append(example)
-    return probes
-
-
-def conversations_not_taught(
-    conversations: Sequence[Sequence[Mapping[str, Any]]], items: Sequence[tuple[int, Mapping[str, Any]]]
-) -> list[Sequence[Mapping[str, Any]]]:
-    """The conversations whose prompt (everything before their last assistant turn) is not the prompt
-    of an item being taught: an answer the feedback corrects must change, so it is no drift probe."""
-    taught = set()
-    for item_id, item in items:
-        found = taught_item(item_id, item)
-        if found is not None:
-            taught.add(json.dumps(_plain(found.messages), sort_keys=True))
-    kept = []
-    for messages in conversations:
-        last = max((i for i, m in enumerate(messages) if m.get("role") == "assistant"), default=None)
-        prompt = list(messages[:last]) if last is not None else list(messages)
-        if json.dumps(_plain(prompt), sort_keys=True) not in taught:
-            kept.append(messages)
-    return kept
-
-
-def _plain(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    return [{"role": m.get("role"), "content": m.get("content")} for m in messages]
-
-
 def recent_conversations(session: Session, namespace: str, limit: int) -> list[list[dict[str, Any]]]:
     """The messages of the namespace's `limit` most recent stored conversations, oldest first
     (ordered and limited in SQL: reads `limit` rows however many are stored)."""
@@ -194,16 +95,6 @@ def recent_conversations(session: Session, namespace: str, limit: int) -> list[l
         return []
     rows = ConversationRepository(session).recent(namespace=namespace, limit=limit)
     return [list(row.messages) for row in rows]
-
-
-def drift_probes(
-    tokenizer: Any, conversations: Sequence[Sequence[Mapping[str, Any]]], config: RenderConfig
-) -> tuple[list[Example], str]:
-    """(probes, source): the stored conversations rendered as probes, else the built-in prompts."""
-    probes = conversation_probes(tokenizer, conversations, config)
-    if probes:
-        return probes, "conversations"
-    return builtin_probe_examples(tokenizer, config), "builtin"
 
 
 def scratch_dir(settings: Settings) -> Path:

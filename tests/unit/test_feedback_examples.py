@@ -1,8 +1,8 @@
-"""service.jobs.train.conversations_not_taught: a conversation the feedback corrects is no drift probe."""
+"""training.feedback_examples.conversations_not_taught: a conversation the feedback corrects is no drift probe."""
 
 from __future__ import annotations
 
-from service.jobs.train import conversations_not_taught
+from training.feedback_examples import conversations_not_taught
 
 QUESTION = [{"role": "user", "content": "Where is the DR site?"}]
 
