@@ -383,20 +383,37 @@ class DistillJobHandler:
             "teacher": teacher_source,
         }
         if not decision.passed:
-            self._finish_run(run_id, "rejected", version=version, error=decision.reason, metrics=metrics)
+            finish_run(
+                self.session_factory,
+                run_id,
+                "rejected",
+                version=version,
+                error=decision.reason,
+                metrics=metrics,
+            )
             return JobOutcome({**outcome, "outcome": "rejected", "seconds": time.perf_counter() - started})
         context.report_progress({"phase": "promote", "version": version})
         try:
             self.registry.promote(namespace, version, expected_parent=parent.version)
         except StaleParent as error:
-            self._finish_run(run_id, "rejected", version=version, error=str(error), metrics=metrics)
+            finish_run(
+                self.session_factory, run_id, "rejected", version=version, error=str(error), metrics=metrics
+            )
             raise JobFailed(str(error)) from error  # retried from the new current version
         except PromotionFailed as error:
-            self._finish_run(run_id, "failed", version=version, error=str(error), metrics=metrics)
+            finish_run(
+                self.session_factory, run_id, "failed", version=version, error=str(error), metrics=metrics
+            )
             raise JobFailed(str(error)) from error
         with self.session_factory.begin() as session:
             baked = MemoryRepository(session).mark_baked(ids=memory_ids, version=version)
-        self._finish_run(run_id, "succeeded", version=version, metrics={**metrics, "gate": decision.reason})
+        finish_run(
+            self.session_factory,
+            run_id,
+            "succeeded",
+            version=version,
+            metrics={**metrics, "gate": decision.reason},
+        )
         log.info(
             "distill %s: v%d is current, %d memories baked (%s)", namespace, version, baked, decision.reason
         )
@@ -431,17 +448,6 @@ class DistillJobHandler:
             return plan.with_responses(responses), "vllm"
         return plan, "local"
 
-    def _finish_run(
-        self,
-        run_id: int,
-        status: str,
-        *,
-        version: int | None = None,
-        error: str | None = None,
-        metrics: Mapping[str, Any] | None = None,
-    ) -> None:
-        finish_run(self.session_factory, run_id, status, version=version, error=error, metrics=metrics)
-
     def _training_outcome(self, run_id: int):
         """The shared ending of a failed training step (service.jobs.train.training_run_outcome);
         `NothingToDistill` is left to the caller, which closes the run as cancelled."""
@@ -450,7 +456,7 @@ class DistillJobHandler:
         )
 
     def _nothing_distilled(self, namespace: str, run_id: int, error: NothingToDistill) -> JobOutcome:
-        self._finish_run(run_id, "cancelled", error=str(error))
+        finish_run(self.session_factory, run_id, "cancelled", error=str(error))
         return JobOutcome(
             {"namespace": namespace, "outcome": "nothing_to_distill", "version": None, "reason": str(error)}
         )

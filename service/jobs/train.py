@@ -319,7 +319,14 @@ class TrainJobHandler:
             **counts,
         }
         if not decision.passed:
-            self._finish_run(run_id, "rejected", version=version, error=decision.reason, metrics=metrics)
+            finish_run(
+                self.session_factory,
+                run_id,
+                "rejected",
+                version=version,
+                error=decision.reason,
+                metrics=metrics,
+            )
             log.warning("train %s: v%d rejected: %s", namespace, version, decision.reason)
             return self._outcome(
                 namespace, to_id, {**result, "outcome": "rejected", "timings": timings, "started": started}
@@ -354,7 +361,9 @@ class TrainJobHandler:
         try:
             self.registry.promote(namespace, version, expected_parent=int(pending["parent_version"]))
         except (StaleParent, Conflict) as error:  # Conflict: decided meanwhile (rejected, files deleted)
-            self._finish_run(run_id, "rejected", version=version, error=str(error), metrics=metrics)
+            finish_run(
+                self.session_factory, run_id, "rejected", version=version, error=str(error), metrics=metrics
+            )
             return self._outcome(
                 namespace, to_id, {**result, "outcome": "stale", "timings": timings, "started": started}
             )
@@ -368,7 +377,9 @@ class TrainJobHandler:
                     delay_s=delay,
                     payload={**context.payload, "promote": {**pending, "waits": waits + 1}},
                 ) from error
-            self._finish_run(run_id, "failed", version=version, error=str(error), metrics=metrics)
+            finish_run(
+                self.session_factory, run_id, "failed", version=version, error=str(error), metrics=metrics
+            )
             raise JobFailed(str(error)) from error
         timings["promote_seconds"] = time.perf_counter() - clock
         with self.session_factory.begin() as session:
@@ -376,8 +387,12 @@ class TrainJobHandler:
                 ids=[int(i) for i in pending["feedback_ids"]], version=version
             )
         # the gate's decision stays with the run (the dashboard's "gate" column, next to the metrics)
-        self._finish_run(
-            run_id, "succeeded", version=version, metrics={**metrics, **timings, "gate": result["gate"]}
+        finish_run(
+            self.session_factory,
+            run_id,
+            "succeeded",
+            version=version,
+            metrics={**metrics, **timings, "gate": result["gate"]},
         )
         log.info("train %s: v%d is current (%s)", namespace, version, result.get("gate"))
         return self._outcome(
@@ -396,7 +411,8 @@ class TrainJobHandler:
                 FeedbackRepository(session).mark_trained(
                     ids=[int(i) for i in pending["feedback_ids"]], version=version
                 )
-            self._finish_run(
+            finish_run(
+                self.session_factory,
                 int(pending["training_run_id"]),
                 "succeeded",
                 version=version,
@@ -540,17 +556,6 @@ class TrainJobHandler:
 
     def _record_losses(self, run_id: int, losses: Sequence[float]) -> None:
         record_run_losses(self.session_factory, run_id, losses)
-
-    def _finish_run(
-        self,
-        run_id: int,
-        status: str,
-        *,
-        version: int | None = None,
-        error: str | None = None,
-        metrics: Mapping[str, Any] | None = None,
-    ) -> None:
-        finish_run(self.session_factory, run_id, status, version=version, error=error, metrics=metrics)
 
     def _nothing_to_train(self, namespace: str, skipped: Mapping[int, str]) -> JobOutcome:
         return JobOutcome(
