@@ -81,10 +81,6 @@ def distill_config(settings: Settings) -> DistillConfig:
         probe_templates=templates,
         max_new_tokens=settings.distill_max_new_tokens,
         no_repeat_ngram_size=settings.distill_no_repeat_ngram_size,
-        lora_rank=settings.lora_rank,
-        lora_alpha=settings.lora_alpha,
-        lora_dropout=settings.lora_dropout,
-        lora_target_modules=tuple(settings.lora_target_modules),
         render=render_config(settings),
     )
 

@@ -87,19 +87,6 @@ class DistillConfig:
     probe_templates: tuple[str, ...] = DEFAULT_PROBE_TEMPLATES  # `{topic}` and `{memory}` fields
     heldout_fraction: float = 0.25  # of the prompts, kept out of training for gap closure
     use_stored_responses: bool = True  # conversation prompts keep their stored assistant reply
-    # LoRA shape when there is no parent adapter to warm-start from
-    lora_rank: int = 8
-    lora_alpha: int = 16
-    lora_dropout: float = 0.0
-    lora_target_modules: tuple[str, ...] = (
-        "q_proj",
-        "k_proj",
-        "v_proj",
-        "o_proj",
-        "gate_proj",
-        "up_proj",
-        "down_proj",
-    )
     render: RenderConfig = field(default_factory=RenderConfig)
 
     def __post_init__(self) -> None:
