@@ -14,18 +14,49 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
+from functools import lru_cache
 from typing import Any
 
-from sqlalchemy import Select, func, select, update
+from sqlalchemy import Integer, Select, Update, bindparam, case, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from memory_store.errors import NotFound
 from memory_store.filters import namespace_matches
-from memory_store.models import JOB_ACTIVE_STATUSES, JOB_STATUSES, Job, utcnow
+from memory_store.models import JOB_ACTIVE_STATUSES, JOB_STATUSES, FeedbackItem, Job, utcnow
 
 DEFAULT_LEASE_S = 60.0
 TERMINAL_STATUSES = ("succeeded", "failed", "dead", "cancelled")
+
+
+# built once: constructing a statement costs more than executing it (the hot path of ingestion)
+_RESCHEDULE_QUEUED = (
+    update(Job)
+    .where(Job.dedupe_key == bindparam("key"), Job.status == "queued")
+    .values(run_after=bindparam("due_at", type_=Job.__table__.c.run_after.type))
+    .execution_options(synchronize_session=False)
+)
+
+
+@lru_cache(maxsize=1)
+def _reschedule_queued_by_pending() -> Update:
+    run_after_type = Job.__table__.c.run_after.type
+    pending = (
+        select(FeedbackItem.id)
+        .where(FeedbackItem.status == "pending", FeedbackItem.namespace == bindparam("pending_namespace"))
+        .limit(bindparam("pending_count", type_=Integer()))
+        .subquery()
+    )
+    reached = select(func.count()).select_from(pending).scalar_subquery() >= bindparam("pending_count")
+    due = case(
+        (reached, bindparam("now", type_=run_after_type)), else_=bindparam("due_at", type_=run_after_type)
+    )
+    return (
+        update(Job)
+        .where(Job.dedupe_key == bindparam("key"), Job.status == "queued")
+        .values(run_after=due)
+        .execution_options(synchronize_session=False)
+    )
 
 
 class JobQueue:
@@ -106,6 +137,29 @@ class JobQueue:
             .values(run_after=run_after)
             .execution_options(synchronize_session=False)
         )
+        return result.rowcount == 1
+
+    def reschedule_queued(
+        self, *, dedupe_key: str, run_after: datetime, now_if_pending: tuple[str, int] | None = None
+    ) -> bool:
+        """`reschedule` of the queued job holding `dedupe_key` to `run_after`, in one statement;
+        with `now_if_pending=(namespace, n)`, to now instead when `namespace` holds at least `n`
+        pending feedback items, decided in the same statement. False when no job of that key is
+        queued (none, or it runs already)."""
+        if now_if_pending is None:
+            result = self.session.execute(_RESCHEDULE_QUEUED, {"key": dedupe_key, "due_at": run_after})
+        else:
+            namespace, count = now_if_pending
+            result = self.session.execute(
+                _reschedule_queued_by_pending(),
+                {
+                    "key": dedupe_key,
+                    "due_at": run_after,
+                    "now": self._clock(),
+                    "pending_namespace": namespace,
+                    "pending_count": max(count, 0),
+                },
+            )
         return result.rowcount == 1
 
     def cancel(self, *, job_id: int) -> Job:

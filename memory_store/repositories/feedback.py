@@ -6,13 +6,13 @@ import hashlib
 import json
 import random
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import func, select, union_all, update
+from sqlalchemy import func, insert, select, union_all, update
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, make_transient_to_detached
 
 from memory_store.errors import IdempotencyConflict, NotFound
 from memory_store.filters import namespace_matches
@@ -50,9 +50,16 @@ class NewFeedback:
 
     def request_hash(self) -> str:
         """sha256 of the canonical JSON of the body (not the key, not the writer's label)."""
-        body = asdict(self)
-        body.pop("idempotency_key")
-        body.pop("created_by")
+        body = {  # the fields of asdict(self) but the two above, without its deep copy
+            "namespace": self.namespace,
+            "continuation": self.continuation,
+            "messages": self.messages,
+            "target_index": self.target_index,
+            "reason": self.reason,
+            "memories": self.memories,
+            "tags": self.tags,
+            "conversation_id": self.conversation_id,
+        }
         canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
         return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
@@ -104,14 +111,30 @@ class FeedbackRepository:
     def add_many(self, *, items: Sequence[NewFeedback]) -> list[tuple[FeedbackItem, bool]]:
         """Store several items in the caller's transaction; results in input order, as `add`.
 
-        Bulk path: one lookup for every idempotency key of the batch, one flush for all new rows.
-        When that flush loses a race (a concurrent request stored one of the keys meanwhile, or the
-        batch repeats a key), it falls back to the item-by-item path, which settles each key."""
+        Fast path, for items that are all new (the usual case): one INSERT of every row and no
+        lookup; the unique (namespace, idempotency_key) constraint catches a replay. When it does
+        (a replayed key, a key the batch repeats, or one a concurrent request stored meanwhile),
+        the INSERT is undone and the keys are looked up: replays are answered, the rest inserted.
+        When that loses a race too, each item is settled on its own."""
+        if not items:
+            return []
+        hashes = [new.request_hash() for new in items]
+        fresh = [self._new_item(new, request_hash) for new, request_hash in zip(items, hashes, strict=True)]
+        try:
+            with self.session.begin_nested():
+                self._insert(fresh)
+        except IntegrityError:
+            return self._add_looked_up(items, hashes)
+        return [(item, True) for item in fresh]
+
+    def _add_looked_up(
+        self, items: Sequence[NewFeedback], hashes: Sequence[str]
+    ) -> list[tuple[FeedbackItem, bool]]:
+        """`add_many` with one lookup of every idempotency key first."""
         stored = self._by_keys([(new.namespace, new.idempotency_key) for new in items if new.idempotency_key])
         results: list[tuple[FeedbackItem, bool] | None] = []
         fresh: list[FeedbackItem] = []
-        for new in items:
-            request_hash = new.request_hash()
+        for new, request_hash in zip(items, hashes, strict=True):
             hit = stored.get((new.namespace, new.idempotency_key)) if new.idempotency_key else None
             if hit is not None:
                 results.append((self._replayed(hit, request_hash), False))
@@ -121,12 +144,24 @@ class FeedbackRepository:
         if fresh:
             try:
                 with self.session.begin_nested():
-                    self.session.add_all(fresh)
-                    self.session.flush()
+                    self._insert(fresh)
             except IntegrityError:
                 return [self._add_one(new) for new in items]
         created = iter(fresh)
         return [result if result is not None else (next(created), True) for result in results]
+
+    def _insert(self, fresh: Sequence[FeedbackItem]) -> None:
+        """INSERT the rows of `fresh` in one statement (one multi-row VALUES per chunk) and mark
+        them persistent with their ids, without the unit of work's per-object bookkeeping."""
+        table = FeedbackItem.__table__
+        columns = [column.key for column in table.columns if column.key != "id"]
+        rows = [{key: getattr(item, key) for key in columns} for item in fresh]
+        statement = insert(table).returning(table.c.id, sort_by_parameter_order=True)
+        ids = self.session.connection().execute(statement, rows).scalars().all()
+        for item, item_id in zip(fresh, ids, strict=True):
+            item.id = item_id
+            make_transient_to_detached(item)  # as if loaded: added below as persistent, not INSERTed again
+            self.session.add(item)
 
     def _add_one(self, new: NewFeedback) -> tuple[FeedbackItem, bool]:
         request_hash = new.request_hash()
@@ -170,6 +205,7 @@ class FeedbackRepository:
             idempotency_key=new.idempotency_key,
             request_hash=request_hash,
             status="pending",
+            trained_in_version=None,
             created_at=utcnow(),
             created_by=new.created_by,
         )
@@ -180,13 +216,18 @@ class FeedbackRepository:
         by_namespace: dict[str, set[str]] = {}
         for namespace, key in keys:
             by_namespace.setdefault(namespace, set()).add(key)
+        table = FeedbackItem.__table__
+        hits: list[int] = []
         for namespace, namespace_keys in by_namespace.items():
-            stmt = select(FeedbackItem).where(
-                FeedbackItem.namespace == namespace, FeedbackItem.idempotency_key.in_(sorted(namespace_keys))
+            # ids first, on the connection (nearly always none): only hits are loaded as objects
+            stmt = select(table.c.id).where(
+                table.c.namespace == namespace, table.c.idempotency_key.in_(sorted(namespace_keys))
             )
-            for item in self.session.scalars(stmt):
+            hits.extend(self.session.connection().execute(stmt).scalars())
+        if hits:
+            for item in self.session.scalars(select(FeedbackItem).where(FeedbackItem.id.in_(hits))):
                 assert item.idempotency_key is not None
-                found[(namespace, item.idempotency_key)] = item
+                found[(item.namespace, item.idempotency_key)] = item
         return found
 
     def _by_key(self, namespace: str, key: str) -> FeedbackItem | None:

@@ -237,13 +237,23 @@ def queue_train_job(
 
 def enqueue_training(session: Session, namespaces: set[str], settings: Settings) -> None:
     """Trigger a namespace's `train` run: at once when `train_trigger_count` items are pending,
-    otherwise `train_debounce_s` after the LAST item (each new item pushes a queued run back)."""
+    otherwise `train_debounce_s` after the LAST item (each new item pushes a queued run back).
+    The common case, a run of the namespace queued already, is one UPDATE that moves it (the
+    pending count decided in the same statement)."""
     feedback = FeedbackRepository(session)
+    queue = JobQueue(session)
     now = utcnow()
+    later = now + timedelta(seconds=settings.train_debounce_s)
+    trigger = settings.train_trigger_count
     for namespace in sorted(namespaces):
-        trigger = settings.train_trigger_count
+        if queue.reschedule_queued(
+            dedupe_key=train_dedupe_key(namespace),
+            run_after=later,
+            now_if_pending=(namespace, trigger),
+        ):
+            continue
         enough = feedback.count_pending(namespace=namespace, at_most=trigger) >= trigger
-        run_after = now if enough else now + timedelta(seconds=settings.train_debounce_s)
+        run_after = now if enough else later
         queue_train_job(
             session,
             settings,

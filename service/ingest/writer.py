@@ -1,7 +1,10 @@
 """Group commit for feedback ingestion: one writer thread stores the items of every request.
 
 `FeedbackWriter.submit(unit)` hands a request's `StoreUnit` to the writer thread and blocks until
-it is committed. The thread takes every unit waiting (at most `max_group`) and stores them in ONE
+it is committed. The thread takes every unit waiting (at most `max_group`); when the previous
+group held several units (requests are concurrent), it first waits `linger_s` (1 ms) for more, as
+PostgreSQL's `commit_delay` does: a group's fixed cost, about 1.5 ms of CPU, is then paid once for
+more requests (a lone client is not delayed). It stores them in ONE
 transaction: the items of all units with one `FeedbackRepository.add_many` (one idempotency-key
 lookup, one insert) in a savepoint; when that fails (an idempotency conflict, a key repeated in the
 group), each unit again in its own savepoint, which settles each as a transaction of its own
@@ -27,6 +30,7 @@ import asyncio
 import logging
 import queue
 import threading
+import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
@@ -85,11 +89,18 @@ class FeedbackWriter:
     first `submit` and runs until `close()`; a later `submit` starts it again."""
 
     def __init__(
-        self, session_factory: sessionmaker[Session], settings: Settings, *, max_group: int = 256
+        self,
+        session_factory: sessionmaker[Session],
+        settings: Settings,
+        *,
+        max_group: int = 256,
+        linger_s: float = 0.001,
     ) -> None:
         self._session_factory = session_factory
         self._settings = settings
         self._max_group = max_group
+        self._linger_s = linger_s
+        self._last_group = 1
         self._queue: queue.SimpleQueue[_Pending | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._start_lock = threading.Lock()
@@ -131,15 +142,23 @@ class FeedbackWriter:
                 return
             group = [first]
             stop = False
+            deadline = time.monotonic() + (self._linger_s if self._last_group > 1 else 0.0)
             while len(group) < self._max_group:
                 try:
                     more = self._queue.get_nowait()
                 except queue.Empty:
-                    break
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        break
+                    try:  # concurrent requests: the next one is likely a moment away
+                        more = self._queue.get(timeout=remaining)
+                    except queue.Empty:
+                        break
                 if more is None:
                     stop = True
                     break
                 group.append(more)
+            self._last_group = len(group)
             self._write(group)
             if stop:
                 return

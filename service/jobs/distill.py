@@ -17,6 +17,7 @@ import logging
 import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -102,6 +103,21 @@ def vllm_teacher_responses(
             except VllmError as error:
                 log.warning("teacher answers from %s failed (%s); trying the next replica", url, error)
     return None
+
+
+@dataclass(frozen=True)
+class Distilled:
+    """A distilled candidate version, as either recipe (KL or bake) leaves it for `_promote`."""
+
+    namespace: str
+    parent: CurrentAdapter
+    run_id: int
+    version: int
+    decision: GateDecision
+    metrics: dict[str, float]
+    memory_ids: list[int]
+    teacher_source: str
+    started: float
 
 
 class DistillJobHandler:
@@ -232,15 +248,17 @@ class DistillJobHandler:
             )
         return self._promote(
             context,
-            namespace,
-            parent,
-            run_id,
-            version,
-            decision,
-            metrics,
-            memory_ids,
-            teacher_source,
-            started,
+            Distilled(
+                namespace=namespace,
+                parent=parent,
+                run_id=run_id,
+                version=version,
+                decision=decision,
+                metrics=metrics,
+                memory_ids=memory_ids,
+                teacher_source=teacher_source,
+                started=started,
+            ),
         )
 
     def _bake(
@@ -346,79 +364,94 @@ class DistillJobHandler:
             )
         return self._promote(
             context,
-            namespace,
-            parent,
-            run_id,
-            version,
-            decision,
-            metrics,
-            memory_ids,
-            teacher_source["value"],
-            started,
+            Distilled(
+                namespace=namespace,
+                parent=parent,
+                run_id=run_id,
+                version=version,
+                decision=decision,
+                metrics=metrics,
+                memory_ids=memory_ids,
+                teacher_source=teacher_source["value"],
+                started=started,
+            ),
         )
 
-    def _promote(
-        self,
-        context: JobContext,
-        namespace: str,
-        parent: CurrentAdapter,
-        run_id: int,
-        version: int,
-        decision: GateDecision,
-        metrics: dict[str, float],
-        memory_ids: list[int],
-        teacher_source: str,
-        started: float,
-    ) -> JobOutcome:
+    def _promote(self, context: JobContext, candidate: Distilled) -> JobOutcome:
+        """Gate's verdict applied to a distilled version: rejected, or promoted and its memories
+        marked baked; the run is closed either way."""
         outcome = {
-            "namespace": namespace,
-            "version": version,
-            "parent_version": parent.version,
-            "training_run_id": run_id,
-            "gate": decision.reason,
-            "memories": len(memory_ids),
-            "gap_closure": metrics.get("gap_closure"),
-            "drift_kl": metrics.get("drift_kl"),
-            "answer_agreement": metrics.get("answer_agreement"),
-            "teacher": teacher_source,
+            "namespace": candidate.namespace,
+            "version": candidate.version,
+            "parent_version": candidate.parent.version,
+            "training_run_id": candidate.run_id,
+            "gate": candidate.decision.reason,
+            "memories": len(candidate.memory_ids),
+            "gap_closure": candidate.metrics.get("gap_closure"),
+            "drift_kl": candidate.metrics.get("drift_kl"),
+            "answer_agreement": candidate.metrics.get("answer_agreement"),
+            "teacher": candidate.teacher_source,
         }
-        if not decision.passed:
+        if not candidate.decision.passed:
             finish_run(
                 self.session_factory,
-                run_id,
+                candidate.run_id,
                 "rejected",
-                version=version,
-                error=decision.reason,
-                metrics=metrics,
+                version=candidate.version,
+                error=candidate.decision.reason,
+                metrics=candidate.metrics,
             )
-            return JobOutcome({**outcome, "outcome": "rejected", "seconds": time.perf_counter() - started})
-        context.report_progress({"phase": "promote", "version": version})
+            return JobOutcome(
+                {**outcome, "outcome": "rejected", "seconds": time.perf_counter() - candidate.started}
+            )
+        context.report_progress({"phase": "promote", "version": candidate.version})
         try:
-            self.registry.promote(namespace, version, expected_parent=parent.version)
+            self.registry.promote(
+                candidate.namespace, candidate.version, expected_parent=candidate.parent.version
+            )
         except StaleParent as error:
             finish_run(
-                self.session_factory, run_id, "rejected", version=version, error=str(error), metrics=metrics
+                self.session_factory,
+                candidate.run_id,
+                "rejected",
+                version=candidate.version,
+                error=str(error),
+                metrics=candidate.metrics,
             )
             raise JobFailed(str(error)) from error  # retried from the new current version
         except PromotionFailed as error:
             finish_run(
-                self.session_factory, run_id, "failed", version=version, error=str(error), metrics=metrics
+                self.session_factory,
+                candidate.run_id,
+                "failed",
+                version=candidate.version,
+                error=str(error),
+                metrics=candidate.metrics,
             )
             raise JobFailed(str(error)) from error
         with self.session_factory.begin() as session:
-            baked = MemoryRepository(session).mark_baked(ids=memory_ids, version=version)
+            baked = MemoryRepository(session).mark_baked(ids=candidate.memory_ids, version=candidate.version)
         finish_run(
             self.session_factory,
-            run_id,
+            candidate.run_id,
             "succeeded",
-            version=version,
-            metrics={**metrics, "gate": decision.reason},
+            version=candidate.version,
+            metrics={**candidate.metrics, "gate": candidate.decision.reason},
         )
         log.info(
-            "distill %s: v%d is current, %d memories baked (%s)", namespace, version, baked, decision.reason
+            "distill %s: v%d is current, %d memories baked (%s)",
+            candidate.namespace,
+            candidate.version,
+            baked,
+            candidate.decision.reason,
         )
         return JobOutcome(
-            {**outcome, "outcome": "promoted", "baked": baked, "seconds": time.perf_counter() - started}
+            {
+                **outcome,
+                "outcome": "promoted",
+                "baked": baked,
+                "seconds": time.perf_counter() - candidate.started,
+            }
         )
 
     def _mix_feedback_items(self, session: Session, namespace: str) -> list[tuple[int, dict[str, Any]]]:

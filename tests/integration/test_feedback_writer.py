@@ -4,6 +4,7 @@ each request as its own transaction would, and answers only after the commit."""
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -205,3 +206,39 @@ def test_a_request_cancelled_while_waiting_is_not_stored_and_the_writer_keeps_go
     assert writer.submit(unit(validator, settings, "after"))[0].created
     writer.close()
     assert [key for key, _ in stored(db_session_factory)] == ["kept", "after"]
+
+
+def test_after_a_group_of_several_the_writer_waits_a_moment_for_more_and_a_lone_client_is_not_delayed(
+    db_session_factory: sessionmaker[Session], settings: Settings, validator: FeedbackValidator
+) -> None:
+    writer = FeedbackWriter(db_session_factory, settings, linger_s=0.5)
+    groups: list[list[str]] = []
+    write = writer._write
+
+    def recording_write(group: list[_Pending]) -> None:
+        groups.append(
+            [entry.unit.prepared[0].idempotency_key or "" for entry in group if entry.unit.prepared]
+        )
+        write(group)
+
+    writer._write = recording_write  # type: ignore[method-assign]
+    first, second = _Pending(unit(validator, settings, "a")), _Pending(unit(validator, settings, "b"))
+    writer._queue.put(first)
+    writer._queue.put(second)  # both wait before the thread starts: one group of two
+    writer._ensure_started()
+    first.future.result(timeout=5)
+    second.future.result(timeout=5)
+
+    later: list[Any] = []
+    thread = threading.Thread(target=lambda: later.append(writer.submit(unit(validator, settings, "c"))))
+    thread.start()
+    time.sleep(0.1)  # within the 0.5 s the writer waits after a group of several
+    writer.submit(unit(validator, settings, "d"))
+    thread.join()
+    writer.submit(unit(validator, settings, "e"))  # alone, after a group of two: waited for company
+    started = time.monotonic()
+    writer.submit(unit(validator, settings, "f"))  # alone after a lone one: not delayed
+    assert time.monotonic() - started < 0.4
+    writer.close()
+    assert groups == [["a", "b"], ["c", "d"], ["e"], ["f"]]
+    assert [key for key, _ in stored(db_session_factory)] == ["a", "b", "c", "d", "e", "f"]

@@ -11,8 +11,11 @@ import pytest
 
 from memory_store.models import Job, utcnow
 from memory_store.queue import JobQueue
+from memory_store.repositories import FeedbackRepository, NewFeedback
 from service.config import Settings
-from service.ingest.intake import queue_train_job
+from service.ingest.intake import enqueue_training, queue_train_job
+
+MESSAGES = [{"role": "user", "content": "Capital of France?"}]
 
 pytestmark = pytest.mark.integration
 
@@ -74,3 +77,45 @@ def test_a_running_job_is_not_rescheduled_and_a_finished_one_frees_the_namespace
         )
         assert absorbed.id == job.id and absorbed.status == "running"
         assert absorbed.run_after < later
+
+
+def test_feedback_pushes_the_queued_job_back_until_the_count_trigger_makes_it_due_now(
+    db_session_factory, tmp_path
+) -> None:
+    # enqueue_training's one-statement path (the pending count decided inside the UPDATE) must
+    # behave as the count-then-queue path: debounce after the last item, due now at the trigger
+    settings = Settings(auth_disabled=True, data_dir=tmp_path, train_debounce_s=60, train_trigger_count=3)
+
+    def feed(key: str) -> Job:
+        with db_session_factory.begin() as session:
+            FeedbackRepository(session).add_many(
+                items=[
+                    NewFeedback(
+                        namespace="geo", continuation="Paris.", messages=MESSAGES, idempotency_key=key
+                    )
+                ]
+            )
+            enqueue_training(session, {"geo"}, settings)
+        with db_session_factory() as session:
+            [job] = (
+                session.query(Job).filter(Job.namespace == "geo", Job.status.in_(["queued", "running"])).all()
+            )
+            return job
+
+    before = utcnow()
+    first = feed("a")
+    assert first.run_after >= before + timedelta(seconds=59)  # debounced
+    second = feed("b")
+    assert second.id == first.id and second.run_after >= first.run_after  # pushed back, not a new job
+    third = feed("c")  # 3 pending: the trigger count
+    assert third.id == first.id and third.run_after <= utcnow()
+    with db_session_factory.begin() as session:
+        assert JobQueue(session).claim(worker_id="w", lease_s=60, kinds=["train"]).id == first.id
+    running = feed("d")  # the running job is left alone, and absorbs the new item
+    assert running.id == first.id and running.status == "running" and running.run_after == third.run_after
+    with db_session_factory.begin() as session:
+        queue = JobQueue(session)
+        assert not queue.reschedule_queued(dedupe_key="train:geo", run_after=utcnow())
+        assert not queue.reschedule_queued(
+            dedupe_key="train:nobody", run_after=utcnow(), now_if_pending=("x", 1)
+        )
