@@ -4,12 +4,12 @@
 it is committed. The thread takes every unit waiting (at most `max_group`); when the previous
 group held several units (requests are concurrent), it first waits `linger_s` (1 ms) for more, as
 PostgreSQL's `commit_delay` does: a group's fixed cost, about 1.5 ms of CPU, is then paid once for
-more requests (a lone client is not delayed). It stores them in ONE
-transaction: the items of all units with one `FeedbackRepository.add_many` (one idempotency-key
-lookup, one insert) in a savepoint; when that fails (an idempotency conflict, a key repeated in the
-group), each unit again in its own savepoint, which settles each as a transaction of its own
-would. It then enqueues training once per namespace that got new items, commits, checks that the
-SQLite file is still the pinned one, and only then answers the units. So:
+more requests (a lone client is not delayed). It stores them in ONE transaction: the items of all
+units with one `FeedbackRepository.add_many` (one multi-row insert; the idempotency keys are
+looked up only when it conflicts) in a savepoint; when that fails (an idempotency conflict, a key
+repeated in the group), each unit again in its own savepoint, which settles each as a transaction
+of its own would. It then enqueues training once per namespace that got new items, commits,
+checks that the SQLite file is still the pinned one, and only then answers the units. So:
 
 * every answer follows the commit that holds its items (a 202 is durable, as with a per-request
   transaction);
