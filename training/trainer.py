@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 
 from training.model_loading import attach_lora, load_base_model, resolve_device, resolve_dtype
+from training.reference_cache import BASE_REFERENCES
 from training.token_nll import (
     DEFAULT_LOGITS_CHUNK,
     TokenBatch,
@@ -304,6 +305,7 @@ class LoraTrainer:
 
     def __init__(self, config: TrainConfig) -> None:
         self.config = config
+        self.references_cached = False  # the last train()'s anchor references came from BASE_REFERENCES
 
     def train(
         self,
@@ -327,6 +329,7 @@ class LoraTrainer:
         `PeftModel` is then returned in `TrainResult.model` for scoring, and the caller strips it."""
         started = time.perf_counter()
         config = self.config
+        self.references_cached = False
         out_dir = Path(out_dir)
         if out_dir.exists() and any(out_dir.iterdir()):
             raise FileExistsError(f"out_dir {out_dir} is not empty")
@@ -359,6 +362,7 @@ class LoraTrainer:
         saving = time.perf_counter()
         self._save_adapter(model, out_dir)
         metrics["setup_seconds"] = setup_seconds
+        metrics["anchor_references_cached"] = float(self.references_cached)
         metrics["save_seconds"] = time.perf_counter() - saving
         metrics["train_seconds"] = time.perf_counter() - started
         if base is not None:
@@ -403,21 +407,29 @@ class LoraTrainer:
         self, model: PeftModel, anchors: Sequence[Example], device: torch.device
     ) -> list[tuple[TokenBatch, TopK]]:
         """Anchor batches with the reference's top-k at each position: the parent (the model before
-        any step) or, with `anchor_reference="base"`, the base model with the adapter switched off."""
+        any step) or, with `anchor_reference="base"`, the base model with the adapter switched off,
+        computed once per loaded base model and anchor set (`training/reference_cache.py`)."""
         config = self.config
         anchors = [example for example in anchors if example.num_target_tokens > 0]
         if config.anchor_weight <= 0 or not anchors:
             return []
         groups = [anchors[i : i + config.anchors_per_step] for i in range(0, len(anchors), config.anchors_per_step)]
         batches = [batch.to(device) for batch in batches_from_groups(groups, self._pad_id(model))]
-        was_training = model.training
-        model.eval()
-        try:
-            reference_model = model.disable_adapter() if config.anchor_reference == "base" else nullcontext()
-            with torch.inference_mode(), reference_model:
-                references = [topk_of(supervised_logits(model, batch), config.anchor_topk) for batch in batches]
-        finally:
-            model.train(was_training)
+        def compute() -> list[TopK]:
+            was_training = model.training
+            model.eval()
+            try:
+                reference_model = model.disable_adapter() if config.anchor_reference == "base" else nullcontext()
+                with torch.inference_mode(), reference_model:
+                    return [topk_of(supervised_logits(model, batch), config.anchor_topk) for batch in batches]
+            finally:
+                model.train(was_training)
+
+        if config.anchor_reference == "base":  # the same for every job on this base: computed once
+            references, self.references_cached = BASE_REFERENCES.get(model.get_base_model(), batches,
+                                                                      config.anchor_topk, compute)
+        else:
+            references = compute()
         return list(zip(batches, references, strict=True))
 
     # --- loop ------------------------------------------------------------------------------------

@@ -474,3 +474,42 @@ def test_the_anchor_pulls_towards_the_chosen_reference(
 def test_anchor_reference_must_be_base_or_parent() -> None:
     with pytest.raises(ValueError, match="TrainConfig.anchor_reference"):
         TrainConfig(anchor_reference="teacher")  # type: ignore[arg-type]
+
+
+def test_base_references_are_computed_once_per_resident_base_and_the_updates_stay_the_same(
+    tiny_model_dir: Path, example, other_example, probes, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Anchored to the base, a second job on the same resident base reuses the first job's anchor
+    references and trains the same adapter; another anchor set, or the parent reference, computes its own."""
+    from training.model_loading import ResidentBaseModel
+    from training.reference_cache import BaseReferenceCache
+
+    cache = BaseReferenceCache()
+    monkeypatch.setattr(trainer_module, "BASE_REFERENCES", cache)
+    resident = ResidentBaseModel(tiny_model_dir, device="cpu")
+    config = TrainConfig(max_steps=3, anchor_weight=1.0, anchors_per_step=2, **FAST)
+
+    def run(name: str, anchors, run_config: TrainConfig = config, parent: Path | None = None):
+        with resident.lend() as holder:
+            result = LoraTrainer(run_config).train(
+                base_model=tiny_model_dir, examples=[example], out_dir=tmp_path / name,
+                anchors=anchors, base=holder.model, parent_adapter=parent,
+            )
+            holder.model = result.model
+        return result
+
+    first, second = run("first", probes), run("second", probes)
+    assert (first.metrics["anchor_references_cached"], second.metrics["anchor_references_cached"]) == (0.0, 1.0)
+    assert (cache.misses, cache.hits) == (1, 1)
+    assert second.loss_history == first.loss_history
+    first_weights, second_weights = weights_of(first.adapter_dir), weights_of(second.adapter_dir)
+    assert all(torch.equal(first_weights[name], second_weights[name]) for name in first_weights)
+    warm = run("warm", probes, parent=first.adapter_dir)  # a warm start: same base, same references
+    assert warm.metrics["anchor_references_cached"] == 1.0
+
+    other = run("other", [other_example, *probes[:2]])
+    assert other.metrics["anchor_references_cached"] == 0.0 and cache.misses == 2
+    parent_reference = run("parent", probes, dataclasses.replace(config, anchor_reference="parent"))
+    assert parent_reference.metrics["anchor_references_cached"] == 0.0
+    assert (cache.misses, cache.hits) == (2, 2), "the parent reference is never cached"
+    assert resident.loads == 1
