@@ -7,7 +7,8 @@ job was a full forward pass over every anchor (a quarter of an update's time on 
 `BaseReferenceCache` keeps them per base model object (weakly: they go when the model does) and
 per fingerprint of the anchor batches, the reference's k and the base weights' storage and in-place
 version counters (a LoRA's own weights left out), so a different anchor set, another k, or a base
-whose weights were changed in place is recomputed. Knows nothing of data sources, training or the service.
+whose weights were changed in place is recomputed. Knows nothing of data sources, training or the
+service.
 """
 
 from __future__ import annotations
@@ -73,14 +74,10 @@ class BaseReferenceCache:
         with self._lock:
             self.misses += 1
             entries = self._by_model.setdefault(base, OrderedDict())
-            entries[key] = [TopK(ref.indices.detach(), ref.logprobs.detach()) for ref in references]
+            entries[key] = list(references)
             while len(entries) > self.per_model:
                 entries.popitem(last=False)
         return references, False
-
-    def clear(self) -> None:
-        with self._lock:
-            self._by_model = weakref.WeakKeyDictionary()
 
 
 BASE_REFERENCES = BaseReferenceCache()

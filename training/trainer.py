@@ -305,7 +305,6 @@ class LoraTrainer:
 
     def __init__(self, config: TrainConfig) -> None:
         self.config = config
-        self.references_cached = False  # the last train()'s anchor references came from BASE_REFERENCES
 
     def train(
         self,
@@ -329,7 +328,6 @@ class LoraTrainer:
         `PeftModel` is then returned in `TrainResult.model` for scoring, and the caller strips it."""
         started = time.perf_counter()
         config = self.config
-        self.references_cached = False
         out_dir = Path(out_dir)
         if out_dir.exists() and any(out_dir.iterdir()):
             raise FileExistsError(f"out_dir {out_dir} is not empty")
@@ -353,7 +351,7 @@ class LoraTrainer:
                     model = attach_lora(base, parent_adapter, config.lora_config(base_model),
                                         gradient_checkpointing=config.gradient_checkpointing)
                 batches, learn_rows = self._setup_batches(model, examples, learn_count, device)
-                anchor_set = self._setup_anchors(model, anchors, device)
+                anchor_set, references_cached = self._setup_anchors(model, anchors, device)
                 setup_seconds = time.perf_counter() - started
                 metrics, losses = self._run(model, batches, learn_rows, anchor_set, started, on_progress,
                                             should_stop)
@@ -362,7 +360,7 @@ class LoraTrainer:
         saving = time.perf_counter()
         self._save_adapter(model, out_dir)
         metrics["setup_seconds"] = setup_seconds
-        metrics["anchor_references_cached"] = float(self.references_cached)
+        metrics["anchor_references_cached"] = float(references_cached)
         metrics["save_seconds"] = time.perf_counter() - saving
         metrics["train_seconds"] = time.perf_counter() - started
         if base is not None:
@@ -405,14 +403,15 @@ class LoraTrainer:
 
     def _setup_anchors(
         self, model: PeftModel, anchors: Sequence[Example], device: torch.device
-    ) -> list[tuple[TokenBatch, TopK]]:
+    ) -> tuple[list[tuple[TokenBatch, TopK]], bool]:
         """Anchor batches with the reference's top-k at each position: the parent (the model before
         any step) or, with `anchor_reference="base"`, the base model with the adapter switched off,
-        computed once per loaded base model and anchor set (`training/reference_cache.py`)."""
+        computed once per loaded base model and anchor set (`training/reference_cache.py`); and
+        whether the references came from that cache."""
         config = self.config
         anchors = [example for example in anchors if example.num_target_tokens > 0]
         if config.anchor_weight <= 0 or not anchors:
-            return []
+            return [], False
         groups = [anchors[i : i + config.anchors_per_step] for i in range(0, len(anchors), config.anchors_per_step)]
         batches = [batch.to(device) for batch in batches_from_groups(groups, self._pad_id(model))]
         def compute() -> list[TopK]:
@@ -426,11 +425,10 @@ class LoraTrainer:
                 model.train(was_training)
 
         if config.anchor_reference == "base":  # the same for every job on this base: computed once
-            references, self.references_cached = BASE_REFERENCES.get(model.get_base_model(), batches,
-                                                                      config.anchor_topk, compute)
+            references, cached = BASE_REFERENCES.get(model.get_base_model(), batches, config.anchor_topk, compute)
         else:
-            references = compute()
-        return list(zip(batches, references, strict=True))
+            references, cached = compute(), False
+        return list(zip(batches, references, strict=True)), cached
 
     # --- loop ------------------------------------------------------------------------------------
     def _run(
