@@ -117,6 +117,9 @@ class Settings(BaseSettings):
     # --- job queue / worker ------------------------------------------------------------------------
     worker_enabled: bool = True  # `serve` runs the worker in-process
     worker_poll_s: float = Field(0.5, gt=0)
+    # load the base model, its anchor answers and anchor references when the worker starts, so the
+    # first update after a start costs what later ones do
+    worker_warm_start: bool = True
     job_lease_s: float = Field(60.0, gt=0)
     job_heartbeat_s: float = Field(10.0, gt=0)
     job_max_attempts: int = Field(3, ge=1)

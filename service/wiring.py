@@ -280,11 +280,16 @@ def build_worker(
     handlers, each inside the vLLM sleep window of the registry's replicas."""
     swapper = registry.swapper
     window = VllmSleepWindow(swapper.clients if swapper else [], enabled=settings.vllm_sleep_for_training)
-    handlers = {
-        kind: window.wrap(handler)
-        for kind, handler in job_handlers(settings, session_factory, registry).items()
-    }
-    return Worker(settings, session_factory, handlers, metrics=metrics, worker_id=worker_id)
+    handlers = job_handlers(settings, session_factory, registry)
+    warm_up = [handlers["train"].warm] if settings.worker_warm_start else []
+    return Worker(
+        settings,
+        session_factory,
+        {kind: window.wrap(handler) for kind, handler in handlers.items()},
+        metrics=metrics,
+        worker_id=worker_id,
+        warm_up=warm_up,
+    )
 
 
 def background_services(settings: Settings) -> Callable[[AppResources], Sequence[BackgroundService]]:

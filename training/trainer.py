@@ -293,6 +293,19 @@ def load_lora_model(
                        gradient_checkpointing=config.gradient_checkpointing)
 
 
+def _reference_topk(model: Any, batches: Sequence[TokenBatch], k: int, *, adapter_off: bool) -> list[TopK]:
+    """`model`'s top-k at every supervised position of `batches`, in eval mode and without grad;
+    `adapter_off`: with the PeftModel's adapter switched off (the base model's distribution)."""
+    was_training = model.training
+    model.eval()
+    try:
+        reference_model = model.disable_adapter() if adapter_off else nullcontext()
+        with torch.inference_mode(), reference_model:
+            return [topk_of(supervised_logits(model, batch), k) for batch in batches]
+    finally:
+        model.train(was_training)
+
+
 class LoraTrainer:
     """Recipe: setup (model, adapter, batches, anchors, optimizer) -> train loop -> save, in `train()`.
 
@@ -401,6 +414,13 @@ class LoraTrainer:
         rows = [torch.tensor([id(example) in must for example in group], device=device) for group in groups]
         return batches, rows
 
+    def _anchor_batches(self, anchors: Sequence[Example], pad_id: int, device: torch.device) -> list[TokenBatch]:
+        """The anchor examples with a supervised token, `anchors_per_step` to a batch, in order."""
+        anchors = [example for example in anchors if example.num_target_tokens > 0]
+        size = self.config.anchors_per_step
+        groups = [anchors[i : i + size] for i in range(0, len(anchors), size)]
+        return [batch.to(device) for batch in batches_from_groups(groups, pad_id)]
+
     def _setup_anchors(
         self, model: PeftModel, anchors: Sequence[Example], device: torch.device
     ) -> tuple[list[tuple[TokenBatch, TopK]], bool]:
@@ -409,26 +429,42 @@ class LoraTrainer:
         computed once per loaded base model and anchor set (`training/reference_cache.py`); and
         whether the references came from that cache."""
         config = self.config
-        anchors = [example for example in anchors if example.num_target_tokens > 0]
-        if config.anchor_weight <= 0 or not anchors:
+        if config.anchor_weight <= 0:
             return [], False
-        groups = [anchors[i : i + config.anchors_per_step] for i in range(0, len(anchors), config.anchors_per_step)]
-        batches = [batch.to(device) for batch in batches_from_groups(groups, self._pad_id(model))]
-        def compute() -> list[TopK]:
-            was_training = model.training
-            model.eval()
-            try:
-                reference_model = model.disable_adapter() if config.anchor_reference == "base" else nullcontext()
-                with torch.inference_mode(), reference_model:
-                    return [topk_of(supervised_logits(model, batch), config.anchor_topk) for batch in batches]
-            finally:
-                model.train(was_training)
-
+        batches = self._anchor_batches(anchors, self._pad_id(model), device)
+        if not batches:
+            return [], False
         if config.anchor_reference == "base":  # the same for every job on this base: computed once
-            references, cached = BASE_REFERENCES.get(model.get_base_model(), batches, config.anchor_topk, compute)
+            references, cached = BASE_REFERENCES.get(
+                model.get_base_model(), batches, config.anchor_topk,
+                lambda: _reference_topk(model, batches, config.anchor_topk, adapter_off=True),
+            )
         else:
-            references, cached = compute(), False
+            references, cached = _reference_topk(model, batches, config.anchor_topk, adapter_off=False), False
         return list(zip(batches, references, strict=True)), cached
+
+    def warm_base_references(self, base: Any, anchors: Sequence[Example]) -> bool:
+        """Put the plain `base` model's references at the positions of `anchors` into the process
+        cache, exactly what the first `train(base=base, anchors=anchors)` would compute there, so
+        that run finds them; returns whether they were cached already. Nothing to do (False) when
+        this recipe has no base-model anchor."""
+        config = self.config
+        if config.anchor_weight <= 0 or config.anchor_reference != "base":
+            return False
+        batches = self._anchor_batches(anchors, self._pad_id(base), next(base.parameters()).device)
+        if not batches:
+            return False
+        previous_threads = torch.get_num_threads()
+        try:
+            if config.num_threads is not None:
+                torch.set_num_threads(config.num_threads)
+            _, cached = BASE_REFERENCES.get(
+                base, batches, config.anchor_topk,
+                lambda: _reference_topk(base, batches, config.anchor_topk, adapter_off=False),
+            )
+        finally:
+            torch.set_num_threads(previous_threads)
+        return cached
 
     # --- loop ------------------------------------------------------------------------------------
     def _run(

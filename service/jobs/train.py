@@ -192,6 +192,19 @@ class TrainJobHandler:
         self.resident = ResidentBaseModel(settings.base_model, device=settings.device)
         self._anchor_answers: list[str] | None = None
 
+    def warm(self) -> None:
+        """Load what every update needs before the first one asks: the resident base model, its
+        answers to the anchor prompts and its distributions at their positions (the KL reference,
+        `training/reference_cache.py`). The worker calls this when it starts, so the first update
+        after a restart costs what later ones do."""
+        started = time.perf_counter()
+        tokenizer = worker_tokenizer(self.settings.tokenizer_path)
+        with self.resident.lend() as holder:
+            anchors = self._anchors(holder.model, tokenizer)
+            cached = LoraTrainer(train_config(self.settings)).warm_base_references(holder.model, anchors)
+        log.info("train handler warm in %.1fs (%d anchors, references %s)", time.perf_counter() - started,
+                 len(anchors), "already cached" if cached else "computed")
+
     def __call__(self, context: JobContext) -> JobOutcome:
         namespace = context.payload.get("namespace") or context.namespace
         if not namespace:
@@ -455,11 +468,7 @@ class TrainJobHandler:
 
         with self.resident.lend() as holder:
             clock = time.perf_counter()
-            anchors = anchor_examples(
-                tokenizer,
-                prompt_anchor_pairs(self._base_anchor_answers(holder.model, tokenizer)),
-                self.render_config,
-            )
+            anchors = self._anchors(holder.model, tokenizer)
             timings["anchor_seconds"] = time.perf_counter() - clock
             clock = time.perf_counter()
             trained = LoraTrainer(train_config(self.settings)).train(
@@ -531,6 +540,11 @@ class TrainJobHandler:
                 continue
             framed.extend((item_id, variant) for variant in question_variants(item, index))
         return render_feedback(tokenizer, framed, self.render_config).examples
+
+    def _anchors(self, base: Any, tokenizer: Any) -> list[Example]:
+        """The built-in anchor prompts with the base model's answers, rendered."""
+        answers = self._base_anchor_answers(base, tokenizer)
+        return anchor_examples(tokenizer, prompt_anchor_pairs(answers), self.render_config)
 
     def _base_anchor_answers(self, base: Any, tokenizer: Any) -> list[str]:
         """The base model's greedy answers to the built-in anchor prompts (training.anchor_cache:

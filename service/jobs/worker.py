@@ -16,7 +16,7 @@ import threading
 import time
 import traceback
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -140,6 +140,7 @@ class Worker:
         *,
         worker_id: str | None = None,
         metrics: ServiceMetrics | None = None,
+        warm_up: Sequence[Callable[[], None]] = (),
     ) -> None:
         if settings.job_heartbeat_s >= settings.job_lease_s:
             raise ValueError(
@@ -151,6 +152,7 @@ class Worker:
         self.handlers = dict(handlers)
         self.worker_id = worker_id or default_worker_id()
         self.metrics = metrics
+        self.warm_up = tuple(warm_up)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._current: JobContext | None = None
@@ -184,6 +186,7 @@ class Worker:
 
     def run_forever(self) -> None:
         log.info("worker %s started (kinds: %s)", self.worker_id, ", ".join(sorted(self.handlers)))
+        self._warm_up()
         while not self._stop.is_set():
             try:
                 ran = self.run_once()
@@ -193,6 +196,18 @@ class Worker:
             if not ran:
                 self._stop.wait(self.settings.worker_poll_s)
         log.info("worker %s stopped", self.worker_id)
+
+    def _warm_up(self) -> None:
+        """The `warm_up` callables, in order, before the first claim (a failed one is logged: the
+        jobs then load what they need themselves)."""
+        for warm in self.warm_up:
+            if self._stop.is_set():
+                return
+            try:
+                warm()
+            except Exception:
+                log.exception("worker %s: warm-up %s failed; jobs will load what they need", self.worker_id,
+                              getattr(warm, "__qualname__", warm))
 
     # --- one job -------------------------------------------------------------------------------
     def claim(self) -> JobContext | None:

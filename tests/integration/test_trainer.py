@@ -513,3 +513,49 @@ def test_base_references_are_computed_once_per_resident_base_and_the_updates_sta
     assert parent_reference.metrics["anchor_references_cached"] == 0.0
     assert (cache.misses, cache.hits) == (2, 2), "the parent reference is never cached"
     assert resident.loads == 1
+
+
+def test_references_warmed_on_the_plain_base_are_the_first_update_s_and_train_the_same_adapter(
+    tiny_model_dir: Path, example, probes, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`warm_base_references` on the plain resident base stores what the first anchored update would
+    compute with its adapter switched off: that update finds them (no forward of its own) and trains
+    the adapter a cold run trains, bit for bit."""
+    from training.model_loading import ResidentBaseModel
+    from training.reference_cache import BaseReferenceCache
+
+    config = TrainConfig(max_steps=3, anchor_weight=1.0, anchors_per_step=2, **FAST)
+
+    def first_update(name: str, *, warm: bool):
+        cache = BaseReferenceCache()
+        monkeypatch.setattr(trainer_module, "BASE_REFERENCES", cache)
+        resident = ResidentBaseModel(tiny_model_dir, device="cpu")
+        with resident.lend() as holder:
+            if warm:
+                assert LoraTrainer(config).warm_base_references(holder.model, probes) is False
+                assert LoraTrainer(config).warm_base_references(holder.model, probes) is True
+            result = LoraTrainer(config).train(
+                base_model=tiny_model_dir, examples=[example], out_dir=tmp_path / name,
+                anchors=probes, base=holder.model,
+            )
+            holder.model = result.model
+        return result, cache
+
+    cold, cold_cache = first_update("cold", warm=False)
+    warmed, warm_cache = first_update("warmed", warm=True)
+    assert cold.metrics["anchor_references_cached"] == 0.0 and cold_cache.misses == 1
+    assert warmed.metrics["anchor_references_cached"] == 1.0
+    assert (warm_cache.misses, warm_cache.hits) == (1, 2)
+    assert warmed.loss_history == cold.loss_history
+    cold_weights, warm_weights = weights_of(cold.adapter_dir), weights_of(warmed.adapter_dir)
+    assert all(torch.equal(cold_weights[name], warm_weights[name]) for name in cold_weights)
+
+
+def test_warming_is_a_no_op_without_a_base_anchor(tiny_model_dir: Path, probes) -> None:
+    from training.model_loading import load_base_model
+
+    base = load_base_model(tiny_model_dir, device=torch.device("cpu"), dtype=torch.float32)
+    for config in (TrainConfig(anchor_weight=0.0, **FAST),
+                   TrainConfig(anchor_weight=1.0, anchor_reference="parent", **FAST)):
+        assert LoraTrainer(config).warm_base_references(base, probes) is False
+    assert LoraTrainer(TrainConfig(anchor_weight=1.0, **FAST)).warm_base_references(base, []) is False

@@ -27,6 +27,7 @@ from service.app import create_app
 from service.config import Settings
 from service.jobs.train import TrainJobHandler
 from service.jobs.worker import JobCancelled, JobContext, JobFailed, JobOutcome, Worker
+from service.wiring import build_worker
 from training.adapter_store import AdapterStore
 from training.probes import general_probes
 
@@ -226,6 +227,36 @@ def test_graceful_stop_gives_the_job_back(
     assert row["status"] == "queued" and row["lease_owner"] is None and "interrupted" in row["error"]
 
 
+def test_warm_up_runs_before_the_first_claim_and_a_failing_one_does_not_stop_the_worker(
+    tmp_path: Path, migrated_db_url: str, factory: sessionmaker[Session], caplog: pytest.LogCaptureFixture
+) -> None:
+    settings = make_settings(tmp_path, migrated_db_url)
+    order: list[str] = []
+
+    def warm() -> None:
+        order.append("warm")
+
+    def broken_warm() -> None:
+        order.append("broken")
+        raise RuntimeError("no model here")
+
+    def record(context: JobContext) -> JobOutcome:
+        order.append("job")
+        return JobOutcome({})
+
+    job_id = enqueue(factory, "record")
+    worker = Worker(settings, factory, {"record": record}, worker_id="w5", warm_up=[broken_warm, warm])
+    with caplog.at_level(logging.ERROR, logger="service.jobs.worker"):
+        worker.start()
+        deadline = time.monotonic() + 10
+        while job_row(factory, job_id)["status"] != "succeeded" and time.monotonic() < deadline:
+            time.sleep(0.02)
+        worker.stop(timeout_s=10)
+    assert order == ["broken", "warm", "job"]
+    assert job_row(factory, job_id)["status"] == "succeeded"
+    assert any("warm-up" in record.getMessage() and "broken_warm" in record.getMessage() for record in caplog.records)
+
+
 # --- feedback -> train job -> served version (tiny model, SQLite) ---------------------------------
 
 # The random-init tiny model's logits span about +-1.3 (tied 64-d embeddings, std 0.02), so no
@@ -367,6 +398,31 @@ def test_the_base_model_stays_loaded_and_every_version_carries_a_behaviour_repor
         for j in jobs
     )
     assert [r["parent"] for r in second["general"]] == [r["candidate"] for r in first["general"]]
+
+
+def test_the_worker_of_serve_warms_the_base_so_the_first_update_finds_its_anchor_references(
+    pipeline,
+) -> None:
+    """`build_worker` (what `serve` and `loraloop worker` run) loads the base model and its anchor
+    references when it starts: the first update then loads nothing and computes no reference."""
+    client, settings, _worker = pipeline()
+    factory = client.app.state.session_factory
+    worker = build_worker(settings, factory, AdapterRegistry.from_settings(settings, factory))
+    (warm,) = worker.warm_up
+    handler = warm.__self__
+    assert not handler.resident.loaded
+    warm()
+    assert handler.resident.loaded and handler.resident.loads == 1
+    assert client.post("/feedback", json=FEEDBACK).status_code == 202
+    assert worker.run_once()
+    job = first_job(client)
+    assert job["status"] == "succeeded", job
+    metrics = client.get(f"/adapters/default/versions/{job['result']['version']}").json()["metrics"]
+    assert metrics["anchor_references_cached"] == 1.0
+    assert handler.resident.loads == 1
+    unwarmed = build_worker(settings.model_copy(update={"worker_warm_start": False}), factory,
+                            AdapterRegistry.from_settings(settings, factory))
+    assert unwarmed.warm_up == ()
 
 
 def test_gate_rejects_a_run_trained_on_corrupted_labels(pipeline, monkeypatch: pytest.MonkeyPatch) -> None:
