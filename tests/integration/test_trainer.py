@@ -559,3 +559,61 @@ def test_warming_is_a_no_op_without_a_base_anchor(tiny_model_dir: Path, probes) 
                    TrainConfig(anchor_weight=1.0, anchor_reference="parent", **FAST)):
         assert LoraTrainer(config).warm_base_references(base, probes) is False
     assert LoraTrainer(TrainConfig(anchor_weight=1.0, **FAST)).warm_base_references(base, []) is False
+
+
+def test_running_the_shared_prefix_once_gives_the_full_forward_s_logits_and_gradients(
+    tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Rows with a common system-prompt-like prefix (right-padded, of different lengths): the
+    decoder runs the prefix once for all rows; logits and LoRA gradients match one full forward."""
+    from training import token_nll
+    from training.model_loading import attach_lora, load_base_model
+    from training.token_nll import TokenBatch, shared_prefix_length, supervised_logits
+
+    base = load_base_model(tiny_model_dir, device=torch.device("cpu"), dtype=torch.float32)
+    model = attach_lora(base, None, TrainConfig(**FAST).lora_config())
+    generator = torch.Generator().manual_seed(3)
+    for name, parameter in model.named_parameters():
+        if "lora_B" in name:  # a non-zero adapter, so its gradients through the prefix count
+            parameter.data.normal_(0.0, 0.05, generator=generator)
+    vocab = model.config.vocab_size
+    prefix = torch.randint(1, vocab, (12,), generator=generator).tolist()
+    lengths, starts = [7, 3, 11], [2, 1, 5]
+    width = 12 + max(lengths)
+    input_ids = torch.zeros(3, width, dtype=torch.long)
+    labels = torch.full((3, width), -100)
+    attention = torch.zeros(3, width, dtype=torch.long)
+    for row, (length, start) in enumerate(zip(lengths, starts, strict=True)):
+        tokens = prefix + torch.randint(1, vocab, (length,), generator=generator).tolist()
+        input_ids[row, : len(tokens)] = torch.tensor(tokens)
+        attention[row, : len(tokens)] = 1
+        labels[row, 12 + start : len(tokens)] = input_ids[row, 12 + start : len(tokens)]
+    batch = TokenBatch.from_padded({"input_ids": input_ids, "labels": labels, "attention_mask": attention})
+    assert shared_prefix_length(batch) >= 12
+
+    calls: list[tuple[int, ...]] = []
+    backbone = token_nll.causal_lm_of(model).base_model
+    hook = backbone.register_forward_pre_hook(
+        lambda module, args, kwargs: calls.append(tuple(kwargs["input_ids"].shape)), with_kwargs=True
+    )
+
+    def logits_and_grads(shared: bool):
+        monkeypatch.setattr(token_nll, "MIN_SHARED_PREFIX", 8 if shared else 10**9)
+        model.zero_grad()
+        calls.clear()
+        logits = supervised_logits(model, batch)
+        (logits.logsumexp(-1) - logits[:, 0]).sum().backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        return logits.detach(), grads, list(calls)
+
+    full_logits, full_grads, full_calls = logits_and_grads(shared=False)
+    shared_logits, shared_grads, shared_calls = logits_and_grads(shared=True)
+    hook.remove()
+    prefix_length = shared_prefix_length(batch)
+    assert full_calls == [(3, width)]
+    assert shared_calls == [(1, prefix_length), (3, width - prefix_length)]  # the prefix ran once
+    assert shared_logits.shape == full_logits.shape == (batch.num_targets, vocab)
+    assert torch.allclose(shared_logits, full_logits, rtol=1e-4, atol=1e-5)
+    assert full_grads.keys() == shared_grads.keys() and any("lora_A" in name for name in full_grads)
+    for name, grad in full_grads.items():
+        assert torch.allclose(shared_grads[name], grad, rtol=1e-3, atol=1e-7), name

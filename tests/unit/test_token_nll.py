@@ -55,3 +55,29 @@ def test_unpadded_batch_drops_the_attention_mask() -> None:
         "attention_mask": torch.ones(1, 3, dtype=torch.long),
     }
     assert TokenBatch.from_padded(padded).attention_mask is None
+
+
+def _batch(rows: list[list[int]], supervised_from: list[int]) -> TokenBatch:
+    """Right-padded rows; each row's labels from `supervised_from[i]` on."""
+    width = max(len(row) for row in rows)
+    input_ids = torch.zeros(len(rows), width, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE_INDEX)
+    attention = torch.zeros(len(rows), width, dtype=torch.long)
+    for i, (row, start) in enumerate(zip(rows, supervised_from, strict=True)):
+        input_ids[i, : len(row)] = torch.tensor(row)
+        attention[i, : len(row)] = 1
+        labels[i, start : len(row)] = torch.tensor(row[start:])
+    return TokenBatch.from_padded({"input_ids": input_ids, "labels": labels, "attention_mask": attention})
+
+
+def test_the_shared_prefix_is_the_leading_tokens_every_row_has_before_any_supervised_one() -> None:
+    from training.token_nll import shared_prefix_length
+
+    prefix = [1, 2, 3, 4, 5]
+    batch = _batch([prefix + [6, 7, 8], prefix + [9, 10], prefix + [6, 11, 12, 13]], [6, 6, 7])
+    assert shared_prefix_length(batch) == 5  # rows part at position 5
+    # a supervised token inside the common part cuts it: hidden state 3 predicts token 4
+    assert shared_prefix_length(_batch([prefix + [6], prefix + [7]], [4, 6])) == 3
+    assert shared_prefix_length(_batch([prefix + [6]], [5])) == 0  # one row: nothing to share
+    # a padded position is never shared, even where the pad id equals the tokens
+    assert shared_prefix_length(_batch([[0, 0, 0, 1], [0, 0]], [3, 1])) == 0
