@@ -3,7 +3,8 @@
 Gathers the pending feedback (plus a replay sample of older trained items), renders it, trains a
 LoRA warm-started from the current version, scores it against its parent (feedback NLL, drift on
 probes), publishes it through the registry (`candidate` -> promoted, or `rejected` with the reason)
-and records the training run and the feedback's new status. Knows the database and the training
+and records the training run and the feedback's new status; `warm()` loads the resident base model and
+its anchor references before the first job. Knows the database and the training
 code; knows nothing about HTTP or how vLLM is driven (the registry does that).
 """
 

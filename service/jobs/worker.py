@@ -2,7 +2,8 @@
 
 Owns the claim loop (expired leases requeued first), the heartbeat thread that extends the lease
 and publishes the handler's progress into the job row, the outcome (succeeded, retried, failed,
-dead after max_attempts; waiting for a dependency without spending an attempt), graceful stop and the job-duration metric. A worker that dies mid-job
+dead after max_attempts; waiting for a dependency without spending an attempt), graceful stop, the job-duration metric
+and the warm-up callables run before the first claim (so a job does not pay for loading). A worker that dies mid-job
 simply stops heartbeating: the lease expires and the next worker re-runs the job. Knows nothing
 about what a job does: handlers are given by kind.
 """
