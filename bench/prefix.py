@@ -68,7 +68,7 @@ def main() -> int:
             return time.perf_counter() - started, logits.detach()
 
         try:
-            largest = max(float((step(b, "shared")[1] - step(b, "full")[1]).abs().max()) for b in batches[:1])
+            largest = float((step(batches[0], "shared")[1] - step(batches[0], "full")[1]).abs().max())
             for repeat in range(args.repeats):
                 for batch in batches:
                     order = ("shared", "full") if repeat % 2 == 0 else ("full", "shared")

@@ -13,8 +13,8 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Mapping, Sequence
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -293,6 +293,18 @@ def load_lora_model(
                        gradient_checkpointing=config.gradient_checkpointing)
 
 
+@contextmanager
+def _torch_threads(count: int | None) -> Iterator[None]:
+    """torch's CPU threads set to `count` inside the block (None: left as is), restored after."""
+    previous = torch.get_num_threads()
+    try:
+        if count is not None:
+            torch.set_num_threads(count)
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
 def _reference_topk(model: Any, batches: Sequence[TokenBatch], k: int, *, adapter_off: bool) -> list[TopK]:
     """`model`'s top-k at every supervised position of `batches`, in eval mode and without grad;
     `adapter_off`: with the PeftModel's adapter switched off (the base model's distribution)."""
@@ -352,24 +364,18 @@ class LoraTrainer:
         learn_count = len(examples) if must_learn is None else max(0, min(must_learn, len(examples)))
         device = resolve_device(config.device) if base is None else next(base.parameters()).device
         devices = [device.index or 0] if device.type == "cuda" else []
-        previous_threads = torch.get_num_threads()
-        try:
-            if config.num_threads is not None:
-                torch.set_num_threads(config.num_threads)
-            with torch.random.fork_rng(devices=devices):
-                torch.manual_seed(config.seed)
-                if base is None:
-                    model = load_lora_model(Path(base_model), parent_adapter, self.config, device)
-                else:
-                    model = attach_lora(base, parent_adapter, config.lora_config(base_model),
-                                        gradient_checkpointing=config.gradient_checkpointing)
-                batches, learn_rows = self._setup_batches(model, examples, learn_count, device)
-                anchor_set, references_cached = self._setup_anchors(model, anchors, device)
-                setup_seconds = time.perf_counter() - started
-                metrics, losses = self._run(model, batches, learn_rows, anchor_set, started, on_progress,
-                                            should_stop)
-        finally:
-            torch.set_num_threads(previous_threads)
+        with _torch_threads(config.num_threads), torch.random.fork_rng(devices=devices):
+            torch.manual_seed(config.seed)
+            if base is None:
+                model = load_lora_model(Path(base_model), parent_adapter, self.config, device)
+            else:
+                model = attach_lora(base, parent_adapter, config.lora_config(base_model),
+                                    gradient_checkpointing=config.gradient_checkpointing)
+            batches, learn_rows = self._setup_batches(model, examples, learn_count, device)
+            anchor_set, references_cached = self._setup_anchors(model, anchors, device)
+            setup_seconds = time.perf_counter() - started
+            metrics, losses = self._run(model, batches, learn_rows, anchor_set, started, on_progress,
+                                        should_stop)
         saving = time.perf_counter()
         self._save_adapter(model, out_dir)
         metrics["setup_seconds"] = setup_seconds
@@ -454,16 +460,11 @@ class LoraTrainer:
         batches = self._anchor_batches(anchors, self._pad_id(base), next(base.parameters()).device)
         if not batches:
             return False
-        previous_threads = torch.get_num_threads()
-        try:
-            if config.num_threads is not None:
-                torch.set_num_threads(config.num_threads)
+        with _torch_threads(config.num_threads):
             _, cached = BASE_REFERENCES.get(
                 base, batches, config.anchor_topk,
                 lambda: _reference_topk(base, batches, config.anchor_topk, adapter_off=False),
             )
-        finally:
-            torch.set_num_threads(previous_threads)
         return cached
 
     # --- loop ------------------------------------------------------------------------------------
